@@ -1,0 +1,1 @@
+"""predictor: the best serving configuration for a trace, learned from twin sweeps."""

@@ -1,0 +1,74 @@
+"""Shared command-line plumbing: one clear error line and a non-zero exit, no traceback."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+
+from tracekit.schema import TracekitError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def user_errors(fn: F) -> F:
+    """Turn TracekitError (and unreadable files) into `error: ...` and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except TracekitError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def parse_csv_floats(value: str, flag: str) -> list[float]:
+    try:
+        out = [float(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise TracekitError(f"{flag}: expected comma-separated numbers, got {value!r}") from None
+    if not out:
+        raise TracekitError(f"{flag}: expected at least one number")
+    return out
+
+
+def parse_csv_ints(value: str, flag: str) -> list[int]:
+    try:
+        out = [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise TracekitError(f"{flag}: expected comma-separated integers, got {value!r}") from None
+    if not out:
+        raise TracekitError(f"{flag}: expected at least one integer")
+    return out
+
+
+class LazyGroup(click.Group):
+    """A click group whose subcommands live in modules imported only when used,
+    so `--help` and quick commands start fast and packages stay decoupled.
+
+    `lazy` maps a command name to "module:attribute" of a click command."""
+
+    def __init__(self, *args: Any, lazy: dict[str, str] | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.lazy = dict(lazy or {})
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(self.lazy))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.lazy:
+            import importlib
+
+            module, attr = self.lazy[cmd_name].split(":")
+            return getattr(importlib.import_module(module), attr)
+        return super().get_command(ctx, cmd_name)
