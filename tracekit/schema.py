@@ -302,7 +302,7 @@ def _check_values(t: pa.Table, kind: str, source: str) -> None:
             fail(_first_bad(pc.is_null(t.column(name))) or 0, f"{name} is null")
     if kind in (KIND_TRACE, KIND_RESULTS):
         arr = t.column("arrival_s")
-        bad = _first_bad(pc.or_(pc.less(arr, 0.0), pc.is_nan(arr)))
+        bad = _first_bad(pc.or_(pc.less(arr, 0.0), pc.invert(pc.is_finite(arr))))
         if bad is not None:
             fail(bad, f"arrival_s must be a non-negative number, got {arr[bad].as_py()}")
         for name in ("prompt_tokens", "output_tokens"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ import numpy as np
 
 from tracekit.schema import TracekitError
 from twin.api import ServingConfig
+from twin.memory import KVEstimate, estimate_kv
+from twin.timing import LinearStepTime, step_time_model
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
 GIB = 1024**3
@@ -32,34 +35,62 @@ class Profile:
     JSON layout (all sections readable and documented in place):
       name, description, hardware{gpu, gpu_memory_gib}, model{name, weights_gib,
       kv_bytes_per_token, lora_bytes_per_rank_slot},
-      memory{kind, ...}, step_time{kind, features, coef, intercept_s, ...},
-      adapter_load{kind, ms_by_rank or base_ms/per_rank_ms},
-      fitted_from, fit_error."""
+      memory{kind: fitted|fixed, ...} (twin.memory), step_time{kind: linear, coef,
+      features, fit_error, ...} (twin.timing), adapter_load{kind, ms_by_rank or
+      base_ms/per_rank_ms}, fitted_from (which data, which script)."""
 
     name: str
     data: dict[str, Any] = field(default_factory=dict)
+    _step_model: LinearStepTime | None = field(default=None, init=False, repr=False, compare=False)
 
     # --- memory ---------------------------------------------------------------------
-    def kv_capacity_tokens(self, config: ServingConfig) -> int:
-        """KV-cache tokens vLLM would report for this configuration; 0 means OOM."""
+    def kv_estimate(self, config: ServingConfig) -> KVEstimate:
+        """The memory model's full answer (tokens, free GiB, whether vLLM would start)."""
         if config.kv_capacity_tokens is not None:
-            return int(config.kv_capacity_tokens)
+            tokens = int(config.kv_capacity_tokens)
+            return KVEstimate(tokens, float("nan"), tokens > 0, "" if tokens > 0 else "kv_capacity_tokens <= 0")
+        mem = dict(self.data.get("memory", {}))
+        if mem.get("kind") not in ("fixed", "fitted"):
+            mem = self._legacy_memory()
+        return estimate_kv(
+            mem,
+            max_loras=config.max_loras,
+            max_lora_rank=config.max_lora_rank,
+            enable_lora=config.enable_lora,
+            max_num_seqs=config.max_num_seqs,
+            block_size=config.block_size,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            max_model_len=config.max_model_len or mem.get("max_model_len"),
+        )
+
+    def kv_capacity_tokens(self, config: ServingConfig) -> int:
+        """KV-cache tokens vLLM would report for this configuration; 0 means OOM (the
+        server would not start: no room, or less than one max_model_len request)."""
+        est = self.kv_estimate(config)
+        return est.kv_tokens if est.starts else 0
+
+    def _legacy_memory(self) -> dict[str, Any]:
+        # The lead's first layout: model{weights_gib, kv_bytes_per_token, lora_bytes_per_rank_slot}.
+        model = self.data.get("model", {})
+        hw = self.data.get("hardware", {})
         mem = self.data.get("memory", {})
-        if mem.get("kind") == "fixed":
-            return int(mem["kv_tokens"])
-        model = self.data["model"]
-        hw = self.data["hardware"]
-        usable = hw["gpu_memory_gib"] * GIB * config.gpu_memory_utilization
-        lora = 0.0
-        if config.enable_lora:
-            lora = config.max_loras * config.max_lora_rank * model.get("lora_bytes_per_rank_slot", 0.0)
-        free = usable - model["weights_gib"] * GIB - mem.get("overhead_gib", 0.0) * GIB - lora
-        if free <= 0:
-            return 0
-        blocks = int(free // (model["kv_bytes_per_token"] * config.block_size))
-        return max(blocks, 0) * config.block_size
+        return {
+            "kind": "fitted",
+            "gpu_memory_gib": hw.get("gpu_memory_gib", 0.0),
+            "reserved_gib": mem.get("overhead_gib", 0.0),
+            "weights_gib": model.get("weights_gib", 0.0),
+            "lora_gib_per_rank_slot": model.get("lora_bytes_per_rank_slot", 0.0) / GIB,
+            "kv_bytes_per_token": model.get("kv_bytes_per_token", 0),
+        }
 
     # --- step time ------------------------------------------------------------------
+    @property
+    def step_model(self) -> LinearStepTime:
+        """The step-time predictor (built once from the `step_time` section)."""
+        if self._step_model is None:
+            self._step_model = step_time_model(self.data["step_time"])
+        return self._step_model
+
     def step_time(
         self,
         prefill_tokens: np.ndarray,
@@ -74,25 +105,24 @@ class Profile:
         """Seconds per step, element-wise over arrays (scalars broadcast).
 
         prefill_tokens: prompt tokens scheduled this step; decode_tokens: one per decoding
-        request; context_tokens: KV tokens the scheduled requests attend to; num_adapters:
-        distinct adapters in the batch; rank_sum: sum of their ranks."""
-        st = self.data["step_time"]
-        c = st["coef"]
-        p = np.asarray(prefill_tokens, dtype=np.float64)
-        d = np.asarray(decode_tokens, dtype=np.float64)
-        x = np.asarray(context_tokens, dtype=np.float64)
-        a = np.asarray(num_adapters, dtype=np.float64)
-        r = np.asarray(rank_sum, dtype=np.float64)
-        t = (
-            st.get("intercept_s", 0.0)
-            + c.get("prefill_tokens", 0.0) * p
-            + c.get("decode_tokens", 0.0) * d
-            + c.get("context_tokens", 0.0) * x
-            + c.get("num_adapters", 0.0) * a
-            + c.get("rank_sum", 0.0) * r
-            + c.get("lora_tokens", 0.0) * (a > 0) * (p + d)
+        request; context_tokens: KV tokens the scheduled requests attend to (their
+        computed tokens after this step, summed); num_adapters: distinct adapters in the
+        batch; rank_sum: sum of their ranks. Adapter loads are not included: add
+        `adapter_load_s` for each load the step waits for."""
+        return self.step_model.predict(
+            prefill_tokens,
+            decode_tokens,
+            context_tokens,
+            num_adapters,
+            rank_sum,
+            max_lora_rank=max_lora_rank,
+            max_loras=max_loras,
         )
-        return np.maximum(t, st.get("min_s", 1e-5))
+
+    def step_time_scalar(self, *, max_lora_rank: int, max_loras: int) -> Callable[..., float]:
+        """(p, d, x, a, r) -> seconds on plain floats, bit-identical to `step_time`,
+        for step-by-step loops (~1 us per call)."""
+        return self.step_model.scalar(max_lora_rank=max_lora_rank, max_loras=max_loras)
 
     # --- adapter loads --------------------------------------------------------------
     def adapter_load_s(self, rank: int, max_lora_rank: int) -> float:
@@ -112,7 +142,9 @@ class Profile:
         for key in ("name", "step_time"):
             if key not in data:
                 raise TracekitError(f"profile: missing section {key!r}")
-        return cls(name=str(data["name"]), data=data)
+        prof = cls(name=str(data["name"]), data=data)
+        prof.step_model  # noqa: B018 - fail now, with one clear line, on a bad section
+        return prof
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.data, name=self.name)
@@ -143,4 +175,60 @@ def load_profile(name_or_path: str | os.PathLike[str] | Profile) -> Profile:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise TracekitError(f"{path}: not a valid profile JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise TracekitError(f"{path}: not a valid profile JSON: expected an object at the top level")
     return Profile.from_dict(data)
+
+
+def summary_line(prof: Profile) -> dict[str, str]:
+    """One-line facts about a profile, for `twin profiles`."""
+    d = prof.data
+    st = d.get("step_time", {})
+    err = st.get("fit_error", {})
+    fit = []
+    for key, label in (("mean_itl_s", "ITL"), ("duration_s", "duration"), ("held_out", "step")):
+        if isinstance(err.get(key), dict) and "mape_pct" in err[key]:
+            fit.append(f"{label} {err[key]['mape_pct']:.1f}%")
+    mem = d.get("memory", {})
+    kv = ""
+    try:
+        kv = str(prof.kv_capacity_tokens(ServingConfig(max_loras=8, max_lora_rank=16, max_num_seqs=2048)))
+    except (KeyError, TypeError, ValueError):
+        kv = "?"
+    if mem.get("kind") == "fixed":
+        kv = f"{mem.get('kv_tokens')} (fixed)"
+    return {
+        "name": prof.name,
+        "model": str(d.get("model", {}).get("name", "?")),
+        "hardware": str(d.get("hardware", {}).get("gpu") or d.get("hardware", {}).get("device") or "?"),
+        "kv": kv,
+        "fit": ", ".join(fit) or "-",
+        "from": str(d.get("fitted_from", {}).get("kind", "?")),
+    }
+
+
+def _profiles() -> None:
+    """List the shipped profiles, one line each (KV tokens at max_loras=8, rank 16,
+    max_num_seqs 2048; fit error = leave-one-run-out or held-out-step MAPE)."""
+    from rich.table import Table
+
+    from tracekit.cliutil import console
+
+    t = Table(title=f"shipped profiles ({PROFILES_DIR})")
+    for col in ("name", "model", "hardware", "KV tokens", "fit error (MAPE)", "fitted from"):
+        t.add_column(col)
+    for name in shipped_profiles():
+        row = summary_line(load_profile(name))
+        t.add_row(row["name"], row["model"], row["hardware"], row["kv"], row["fit"], row["from"])
+    console.print(t)
+
+
+def _make_profiles_cmd():  # type: ignore[no-untyped-def]
+    import click
+
+    from tracekit.cliutil import user_errors
+
+    return click.command("profiles")(user_errors(_profiles))
+
+
+profiles_cmd = _make_profiles_cmd()

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The main job, capture-free: synthesise a paper-style LoRA workload, replay it on the
+# twin (an H100 running Llama-3.1-8B, as calibrated from the paper's measurements),
+# print the summary and write plots. Run through `make demo` (which sets up .venv).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out/demo}
+mkdir -p "$OUT"
+
+# 96 adapters, per-adapter Poisson rates 1.6/0.8/0.4 req/s, ranks 8/16, 10 minutes,
+# ShareGPT V3 prompt/output lengths.
+tracekit synth --adapters 96 --rates 1.6,0.8,0.4 --ranks 8,16 --duration 600 \
+  --lengths sharegpt --seed 0 --out "$OUT/trace.parquet"
+tracekit inspect "$OUT/trace.parquet"
+
+# The twin with 96 adapters served and 32 GPU adapter slots.
+replay run "$OUT/trace.parquet" --target twin --profile h100-llama-3.1-8b \
+  --max-loras 32 --max-cpu-loras 96 --max-num-seqs 2048 --max-num-batched-tokens 2048 \
+  --out "$OUT/results.parquet"
+replay report "$OUT/results.parquet" --plots "$OUT"
+
+echo
+echo "Files written under $OUT/:"
+ls -1 "$OUT" | sed 's/^/  /'

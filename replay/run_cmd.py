@@ -1,0 +1,178 @@
+"""`replay run`: one trace against real vLLM or the twin, into a results Parquet file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+import polars as pl
+
+from tracekit.cliutil import console, user_errors
+from tracekit.schema import KIND_RESULTS, TracekitError, adapter_ranks, read_trace, write
+
+TWIN_FLAGS = ("profile", "max_loras", "max_cpu_loras", "max_lora_rank", "max_num_seqs",
+              "max_num_batched_tokens", "gpu_memory_utilization", "block_size", "kv_capacity_tokens")
+VLLM_FLAGS = ("url", "lora_dir", "model", "max_concurrency", "request_timeout", "drain_timeout")
+
+
+def _parse_id_range(value: str) -> tuple[int, int]:
+    try:
+        lo, hi = (int(x) for x in value.split(":"))
+    except ValueError:
+        raise TracekitError(f"--token-id-range: expected LO:HI, got {value!r}") from None
+    if not 0 <= lo < hi:
+        raise TracekitError(f"--token-id-range: need 0 <= LO < HI, got {value!r}")
+    return lo, hi
+
+
+def prepare_trace(trace: pl.DataFrame, speed: float) -> pl.DataFrame:
+    """Arrivals scaled by --speed: the load the target is actually offered."""
+    if speed != 1.0:
+        trace = trace.with_columns(pl.col("arrival_s") / speed)
+    return trace
+
+
+def cut_for(trace_context: dict[str, Any], duration: float | None, until_done: bool, speed: float) -> float | None:
+    """Where the run is cut: --duration, else the trace's own window (scaled), else none."""
+    if until_done:
+        return None
+    if duration is not None:
+        return duration
+    w = trace_context.get("window_s")
+    return float(w) / speed if w else None
+
+
+def _check_writable(out: Path) -> None:
+    """Fail before a long run, not after it, when --out cannot be written."""
+    if out.is_dir():
+        raise TracekitError(f"--out {out}: is a directory; give a file name")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe = out.parent / f".{out.name}.probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise TracekitError(f"--out {out}: cannot write there: {e.strerror or e}") from None
+
+
+@click.command("run")
+@click.argument("trace", type=click.Path(path_type=Path))
+@click.option("--target", type=click.Choice(["vllm", "twin"]), required=True, help="Where to replay.")
+@click.option("--out", "out", type=click.Path(path_type=Path), required=True, help="Results Parquet file.")
+@click.option("--speed", type=float, default=1.0, show_default=True, help="Time scale: 2 sends twice as fast.")
+@click.option("--duration", type=float, default=None,
+              help="Stop sending at S seconds; requests still running become `unfinished` "
+                   "[default: the trace's window_s, else run until every request finishes].")
+@click.option("--until-done", is_flag=True, help="Never cut: wait for every request (bounded by --request-timeout).")
+@click.option("--warmup", type=float, default=0.0, show_default=True,
+              help="Exclude requests arriving in the first S seconds from the metrics (context warmup_s).")
+@click.option("--url", default=None, help="vllm: base URL of the OpenAI-compatible server.")
+@click.option("--lora-dir", type=click.Path(path_type=Path), default=None,
+              help="vllm: folder of adapters (DIR/<name>, else a folder of the same rank).")
+@click.option("--model", default=None, help="vllm: served base model name [default: from /v1/models].")
+@click.option("--max-concurrency", type=int, default=None, help="vllm: cap on requests in flight.")
+@click.option("--request-timeout", type=float, default=300.0, show_default=True, help="vllm: per-request timeout (s).")
+@click.option("--drain-timeout", type=float, default=30.0, show_default=True,
+              help="vllm: after Ctrl-C/SIGTERM, wait this long for requests in flight.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of prompt token ids not in the trace.")
+@click.option("--token-id-range", default="1000:2000", show_default=True,
+              help="vllm: LO:HI band of token ids drawn for prompts the trace did not capture.")
+@click.option("--no-progress", is_flag=True, help="No live progress line.")
+@click.option("--profile", default=None, help="twin: profile name or path.")
+@click.option("--max-loras", type=int, default=None, help="twin: GPU adapter slots.")
+@click.option("--max-cpu-loras", type=int, default=None, help="twin: CPU adapter cache size.")
+@click.option("--max-lora-rank", type=int, default=None, help="twin: largest adapter rank.")
+@click.option("--max-num-seqs", type=int, default=None, help="twin: max requests per step.")
+@click.option("--max-num-batched-tokens", type=int, default=None, help="twin: token budget per step.")
+@click.option("--gpu-memory-utilization", type=float, default=None, help="twin: fraction of GPU memory.")
+@click.option("--block-size", type=int, default=None, help="twin: KV-cache block size (tokens).")
+@click.option("--kv-capacity-tokens", type=int, default=None, help="twin: override the profile's KV capacity.")
+@user_errors
+def run_cmd(trace: Path, target: str, out: Path, speed: float, duration: float | None, until_done: bool,
+            warmup: float, no_progress: bool, seed: int, token_id_range: str, **flags: Any) -> None:
+    """Replay TRACE open-loop against a vLLM server (--target vllm --url URL) or the twin
+    (--target twin --profile P ...), and write per-request results to --out."""
+    if speed <= 0:
+        raise TracekitError(f"--speed must be positive, got {speed}")
+    if duration is not None and duration <= 0:
+        raise TracekitError(f"--duration must be positive, got {duration}")
+    if warmup < 0:
+        raise TracekitError(f"--warmup must be non-negative, got {warmup}")
+    if flags["max_concurrency"] is not None and flags["max_concurrency"] < 1:
+        raise TracekitError(f"--max-concurrency must be at least 1, got {flags['max_concurrency']}")
+    wrong = VLLM_FLAGS if target == "twin" else TWIN_FLAGS
+    defaults = {"request_timeout": 300.0, "drain_timeout": 30.0}
+    for name in wrong:
+        if flags[name] is not None and flags[name] != defaults.get(name):
+            raise TracekitError(f"--{name.replace('_', '-')} does not apply to --target {target}")
+
+    _check_writable(out)
+    df, meta = read_trace(trace)
+    if df.height == 0:
+        raise TracekitError(f"{trace}: the trace has no requests")
+    df = prepare_trace(df, speed)
+    cut = cut_for(meta.context, duration, until_done, speed)
+    if cut is not None and warmup >= cut:
+        raise TracekitError(f"--warmup {warmup} must be shorter than the run ({cut:g} s)")
+
+    tgt: Any
+    if target == "vllm":
+        from replay.targets import VllmTarget
+
+        if not flags["url"]:
+            raise TracekitError("--target vllm needs --url (e.g. http://127.0.0.1:8000)")
+        tgt = VllmTarget(url=flags["url"], lora_dir=flags["lora_dir"], model=flags["model"],
+                         max_concurrency=flags["max_concurrency"], request_timeout_s=flags["request_timeout"],
+                         drain_timeout_s=flags["drain_timeout"], seed=seed,
+                         token_id_range=_parse_id_range(token_id_range), progress=not no_progress)
+    else:
+        from replay.targets import TwinTarget
+        from twin.api import ServingConfig
+
+        if not flags["profile"]:
+            raise TracekitError("--target twin needs --profile (see `twin profiles`)")
+        cfg_kwargs = {k: flags[k] for k in TWIN_FLAGS[1:] if flags[k] is not None}
+        if "max_lora_rank" not in cfg_kwargs:
+            # As `twin run`: the largest rank among the adapters the trace uses.
+            ranks = adapter_ranks(meta.context)
+            used = set(df["adapter"].drop_nulls().unique().to_list())
+            known = [r for name, r in ranks.items() if name in used]
+            cfg_kwargs["max_lora_rank"] = max(known) if known else 16
+        try:
+            config = ServingConfig(**cfg_kwargs)
+        except (TypeError, ValueError) as e:
+            raise TracekitError(f"bad serving configuration: {e}") from None
+        try:
+            from twin.profile import load_profile
+        except ModuleNotFoundError as e:
+            raise TracekitError(f"the twin is not available in this installation ({e})") from None
+        tgt = TwinTarget(profile=load_profile(flags["profile"]), config=config)
+
+    replayed = tgt.replay(df, dict(meta.context), cut)
+    context = {k: v for k, v in meta.context.items() if k not in ("window_s", "parts")}
+    context.update(replayed.context)
+    context.update({
+        "kind_of_run": "replay",
+        "target": target,
+        "trace_path": str(trace),
+        "trace_window_s": meta.context.get("window_s"),
+        "speed": speed,
+        "warmup_s": warmup,
+        "replay_flags": {"duration": duration, "until_done": until_done, "seed": seed,
+                         **{k: (str(v) if isinstance(v, Path) else v) for k, v in flags.items()
+                            if v is not None and k in (VLLM_FLAGS if target == "vllm" else TWIN_FLAGS)}},
+    })
+    write(out, replayed.results, KIND_RESULTS, context)
+
+    from replay.report import load_results, render_summary
+
+    res, ctx = load_results(out)
+    render_summary(res, ctx, console, per_adapter_rows=10)
+    twin_info = context.get("twin") or {}
+    if twin_info.get("oom"):
+        console.print(f"[bold red]OOM[/]: the server would not start under this configuration "
+                      f"({twin_info.get('oom_reason') or 'no room for the KV cache'})")
+    if context.get("interrupted"):
+        console.print("[yellow]interrupted: results so far were written[/]")
+    console.print(f"wrote {out} ({res.height} requests)")

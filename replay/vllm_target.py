@@ -1,0 +1,258 @@
+"""The `vllm` target: a running vLLM OpenAI-compatible server, over streaming HTTP.
+
+Each request goes to `/v1/completions` with its adapter as `model` (the served base model
+when null), a prompt of exactly `prompt_tokens` token ids, `max_tokens = output_tokens`
+and `ignore_eos`, so the server does the work the trace recorded. Adapters the server
+does not know are loaded through `/v1/load_lora_adapter` before anything is sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+import polars as pl
+
+from replay.runner import ERROR, OK, TIMEOUT, Recorder
+from tracekit.schema import TracekitError, adapter_ranks
+
+# Token ids drawn for prompts the trace did not capture: a band of ordinary tokens in
+# every common vocabulary (special ids sit at the very start or the very end).
+DEFAULT_TOKEN_ID_RANGE = (1000, 2000)
+ERROR_TEXT_MAX = 300
+
+
+@dataclass
+class ServerInfo:
+    base_model: str
+    known: set[str]
+
+
+async def server_info(session: aiohttp.ClientSession, url: str, base_model: str | None) -> ServerInfo:
+    try:
+        async with session.get(f"{url}/v1/models") as resp:
+            if resp.status != 200:
+                raise TracekitError(f"--url {url}: GET /v1/models answered HTTP {resp.status}")
+            data = (await resp.json()).get("data") or []
+    except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError) as e:
+        raise TracekitError(f"--url {url}: cannot reach the server ({type(e).__name__}: {e})") from None
+    ids = [str(m.get("id")) for m in data]
+    if base_model is None:
+        bases = [str(m.get("id")) for m in data if not m.get("parent")]
+        if not bases:
+            raise TracekitError(f"--url {url}: /v1/models lists no base model; pass --model")
+        base_model = bases[0]
+    return ServerInfo(base_model=base_model, known=set(ids))
+
+
+def _adapter_rank_on_disk(folder: Path) -> int | None:
+    cfg = folder / "adapter_config.json"
+    try:
+        return int(json.loads(cfg.read_text()).get("r"))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def resolve_adapters(
+    needed: list[str], known: set[str], context: Mapping[str, Any], lora_dir: str | os.PathLike[str] | None
+) -> dict[str, str]:
+    """Adapter name -> local path for every needed adapter the server does not know.
+
+    Order: the path in the trace context, `lora_dir/<name>`, then a folder in `lora_dir`
+    holding an adapter of the same rank (so many synthetic adapters run on copies of a
+    few real ones). Raises naming every adapter that cannot be found."""
+    infos = context.get("adapters") or {}
+    ranks = adapter_ranks(context)
+    by_rank: dict[int, Path] = {}
+    root = Path(lora_dir) if lora_dir else None
+    if root is not None:
+        if not root.is_dir():
+            raise TracekitError(f"--lora-dir {root}: not a directory")
+        for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+            r = _adapter_rank_on_disk(sub)
+            if r is not None:
+                by_rank.setdefault(r, sub)
+    out: dict[str, str] = {}
+    missing: list[str] = []
+    for name in needed:
+        if name in known:
+            continue
+        info = infos.get(name)
+        path = info.get("path") if isinstance(info, Mapping) else None
+        if path and (Path(path) / "adapter_config.json").is_file():
+            out[name] = str(Path(path).resolve())
+        elif root is not None and (root / name / "adapter_config.json").is_file():
+            out[name] = str((root / name).resolve())
+        elif root is not None and ranks.get(name) in by_rank:
+            out[name] = str(by_rank[ranks[name]].resolve())
+        else:
+            missing.append(name)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        hint = "" if root is not None else " (pass --lora-dir DIR)"
+        raise TracekitError(
+            f"{len(missing)} adapter(s) unknown to the server and not found: {shown}{hint}; nothing was sent"
+        )
+    return out
+
+
+async def load_adapters(session: aiohttp.ClientSession, url: str, paths: Mapping[str, str]) -> None:
+    for name, path in paths.items():
+        try:
+            async with session.post(f"{url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path}) as resp:
+                text = await resp.text()
+                # A concurrent loader (or an earlier run) may have registered it already.
+                if resp.status != 200 and "already" not in text.lower():
+                    raise TracekitError(
+                        f"loading adapter {name!r} from {path} failed: HTTP {resp.status}: {text[:200]}"
+                        " (is VLLM_ALLOW_RUNTIME_LORA_UPDATING=True set on the server?)"
+                    )
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            raise TracekitError(f"loading adapter {name!r}: {type(e).__name__}: {e}") from None
+
+
+class PromptSource:
+    """Exactly `prompt_tokens` ids per request: the captured ones when the trace has them
+    (and they are of the right length), else ids drawn from one seeded generator in
+    request order (requests start in trace order, so a run is reproducible)."""
+
+    def __init__(self, trace: pl.DataFrame, seed: int, id_range: tuple[int, int] = DEFAULT_TOKEN_ID_RANGE):
+        self.lengths = trace["prompt_tokens"].to_numpy()
+        self.captured: list[list[int] | None] | None = None
+        if "prompt_token_ids" in trace.columns:
+            self.captured = trace["prompt_token_ids"].to_list()
+        # One generator: building one per request costs more than the rest of a send.
+        self.rng = np.random.default_rng(seed)
+        self.lo, self.hi = id_range
+
+    def ids(self, i: int) -> list[int]:
+        n = int(self.lengths[i])
+        if self.captured is not None:
+            got = self.captured[i]
+            if got is not None and len(got) == n:
+                return got
+        return self.rng.integers(self.lo, self.hi, size=n).tolist()
+
+
+class VllmSender:
+    """Builds and streams one request; fills the Recorder row. One instance per run."""
+
+    def __init__(self, session: aiohttp.ClientSession, url: str, trace: pl.DataFrame, base_model: str,
+                 prompts: PromptSource, request_timeout_s: float | None, clock: Any):
+        self.session = session
+        self.endpoint = f"{url}/v1/completions"
+        self.model_json = [json.dumps(a if a is not None else base_model).encode() for a in trace["adapter"].to_list()]
+        self.output_tokens = trace["output_tokens"].to_numpy()
+        self.prompts = prompts
+        self.timeout = aiohttp.ClientTimeout(total=request_timeout_s)
+        self.clock = clock
+        self.headers = {"Content-Type": "application/json"}
+
+    def body(self, i: int) -> bytes:
+        # Assembled by hand: json.dumps of a long id list is most of a request's CPU.
+        ids = ",".join(map(str, self.prompts.ids(i))).encode()
+        return (b'{"model":' + self.model_json[i] + b',"prompt":[' + ids + b'],"max_tokens":'
+                + str(int(self.output_tokens[i])).encode()
+                + b',"ignore_eos":true,"stream":true,"stream_options":{"include_usage":true}}')
+
+    async def __call__(self, i: int, rec: Recorder) -> None:
+        data = self.body(i)
+        clock, t0 = self.clock, rec.t0
+        first = last = None
+        gaps: list[float] = []
+        usage_tokens = None
+        chunks = 0
+        buf = b""
+        done = False
+        rec.dispatch[i] = clock() - t0
+        try:
+            async with self.session.post(self.endpoint, data=data, timeout=self.timeout, headers=self.headers) as resp:
+                if resp.status != 200:
+                    text = (await resp.text())[:ERROR_TEXT_MAX]
+                    self._fail(i, rec, ERROR, f"HTTP {resp.status}: {_error_message(text)}")
+                    return
+                async for piece in resp.content.iter_any():
+                    now = clock()  # every event in one read arrived together
+                    buf += piece.replace(b"\r\n", b"\n") if b"\r" in piece else piece
+                    *events, buf = buf.split(b"\n\n")
+                    for ev in events:
+                        if not ev.startswith(b"data:"):
+                            continue
+                        payload = ev[5:].strip()
+                        if payload == b"[DONE]":
+                            done = True
+                            break
+                        # Token chunks are counted without parsing them (the bulk of the
+                        # stream); usage, error and unexpected events are parsed.
+                        if b'"choices":[{' not in payload or b'"usage":{' in payload:
+                            obj = json.loads(payload)
+                            if "error" in obj:
+                                msg = _error_message(json.dumps(obj["error"] if isinstance(obj["error"], dict) else obj))
+                                self._fail(i, rec, ERROR, f"stream error: {msg}", first, last, chunks, gaps)
+                                return
+                            usage = obj.get("usage")
+                            if usage:
+                                usage_tokens = usage.get("completion_tokens")
+                            if not obj.get("choices"):
+                                continue
+                        chunks += 1
+                        if first is None:
+                            first = now
+                        else:
+                            gaps.append(now - last)  # type: ignore[operator]
+                        last = now
+                    if done:
+                        break
+                if not done:
+                    self._fail(i, rec, ERROR, "stream ended before [DONE]", first, last, chunks, gaps)
+                    return
+        except (asyncio.TimeoutError, TimeoutError):
+            self._fail(i, rec, TIMEOUT, "request timeout", first, last, chunks, gaps)
+            return
+        except aiohttp.ClientError as e:
+            self._fail(i, rec, ERROR, f"{type(e).__name__}: {e}"[:ERROR_TEXT_MAX], first, last, chunks, gaps)
+            return
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            self._fail(i, rec, ERROR, f"bad stream event: {e}"[:ERROR_TEXT_MAX], first, last, chunks, gaps)
+            return
+        rec.end[i] = (last if last is not None else clock()) - t0
+        if first is not None:
+            rec.first_token[i] = first - t0
+        rec.generated[i] = usage_tokens if usage_tokens is not None else chunks
+        rec.itl[i] = gaps
+        rec.status[i] = OK
+        rec.completed += 1
+
+    def _fail(self, i: int, rec: Recorder, status: int, msg: str, first: float | None = None,
+              last: float | None = None, chunks: int = 0, gaps: list[float] | None = None) -> None:
+        t0 = rec.t0
+        rec.end[i] = self.clock() - t0
+        if first is not None:
+            rec.first_token[i] = first - t0
+        rec.generated[i] = chunks
+        rec.itl[i] = gaps or None
+        rec.status[i] = status
+        rec.error[i] = msg
+        rec.failed += 1
+
+
+def _error_message(text: str) -> str:
+    """The `message` of an OpenAI-style error body, else the text itself (one line)."""
+    try:
+        obj = json.loads(text)
+        if isinstance(obj, dict):
+            err = obj.get("error", obj)
+            if isinstance(err, dict) and err.get("message"):
+                return str(err["message"]).splitlines()[0]
+            if isinstance(obj.get("message"), str):
+                return obj["message"].splitlines()[0]
+    except (json.JSONDecodeError, TypeError):
+        pass
+    return " ".join(text.split())[:ERROR_TEXT_MAX]

@@ -1,0 +1,383 @@
+"""Fit profiles: from captured steps (`twin calibrate`), or from aggregate benchmark runs.
+
+Two routes to the same `step_time` section (see `twin.timing`):
+
+- captured steps (`tracekit` steps files, one row per engine step with its duration):
+  regress each step's duration on its composition; the error is measured on held-out
+  steps (a random fifth), then the model is refitted on all of them.
+- aggregate `vllm bench` runs with every request sent at once (`twin.microbench`):
+  replay each run's schedule, then fit the coefficients so that the predicted
+  duration, mean TTFT and mean ITL match what each run measured; the error is measured
+  leaving each run out in turn.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import polars as pl
+
+from tracekit.schema import TracekitError
+from twin.timing import FEATURE_DOC, FEATURES, LinearStepTime, error_stats, features, fit_linear
+
+# --- from aggregate benchmark runs ------------------------------------------------------
+
+METRICS = ("duration_s", "mean_ttft_s", "mean_itl_s")
+# ITL and duration carry what the twin must get right (throughput, ITL); TTFT of an
+# all-at-once burst also holds the API server's intake of thousands of requests, which
+# the step model does not describe, so it counts for less.
+METRIC_WEIGHT = {"duration_s": 1.0, "mean_ttft_s": 0.5, "mean_itl_s": 2.0}
+
+
+def fit_from_microbenches(
+    mbs: Sequence[Any], *, use: Sequence[str] = FEATURES
+) -> tuple[dict[str, float], dict[str, Any], list[dict[str, Any]]]:
+    """Fit step-time coefficients to microbenchmark summaries.
+
+    Returns (coef, fit_error, per_run rows with measured and predicted metrics)."""
+    from twin.microbench import schedule_closed_batch
+
+    aggs = [schedule_closed_batch(mb).aggregates() for mb in mbs]
+
+    def rows_of(ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        xs, ys, ws = [], [], []
+        for i in ids:
+            for m in METRICS:
+                if m in aggs[i] and mbs[i].measured.get(m):
+                    xs.append(aggs[i][m])
+                    ys.append(mbs[i].measured[m])
+                    ws.append(METRIC_WEIGHT[m])
+        return np.array(xs), np.array(ys), np.array(ws)
+
+    everything = list(range(len(mbs)))
+    x, y, w = rows_of(everything)
+    fit = fit_linear(x, y, use=use, row_weight=w)
+    vec = np.array([fit.coef[f] for f in FEATURES])
+
+    # Leave one run out: refit without it, predict it.
+    loo: dict[str, list[tuple[float, float]]] = {m: [] for m in METRICS}
+    for i in everything:
+        xi, yi, wi = rows_of([j for j in everything if j != i])
+        v = np.array([fit_linear(xi, yi, use=use, row_weight=wi).coef[f] for f in FEATURES])
+        for m in METRICS:
+            if m in aggs[i] and mbs[i].measured.get(m):
+                loo[m].append((float(aggs[i][m] @ v), mbs[i].measured[m]))
+    per_run = []
+    for mb, agg in zip(mbs, aggs, strict=True):
+        row: dict[str, Any] = {"run": mb.name}
+        for m in METRICS:
+            if m in agg and mb.measured.get(m):
+                row[m] = mb.measured[m]
+                row[m + "_pred"] = float(agg[m] @ vec)
+        per_run.append(row)
+    err: dict[str, Any] = {"method": "leave-one-run-out", "runs": len(mbs)}
+    for m in METRICS:
+        if loo[m]:
+            pred, true = np.array(loo[m]).T
+            err[m] = error_stats(pred, true)
+    insample = {}
+    for m in METRICS:
+        pairs = [(r[m + "_pred"], r[m]) for r in per_run if m in r]
+        if pairs:
+            pred, true = np.array(pairs).T
+            insample[m] = error_stats(pred, true)
+    err["in_sample"] = insample
+    return fit.coef, err, per_run
+
+
+def paper_microbenches(
+    calibration_csv: str | Path, model: str, kv_tokens_of: Any
+) -> list[Any]:
+    """The paper's all-at-once runs for `model` from `calibration_runs.csv`.
+
+    `kv_tokens_of(max_loras, max_lora_rank, enable_lora, max_num_seqs)` fills in the KV
+    capacity where the run did not log it (from the fitted memory model)."""
+    from twin.microbench import Microbench
+
+    df = pl.read_csv(calibration_csv, infer_schema_length=10000)
+    df = df.filter(
+        (pl.col("model") == model)
+        & pl.col("experiment").str.contains("predictor_default_latency|predictor_latency_overhead|predictor_loading")
+        & (pl.col("status") == "ok")
+    )
+    out = []
+    for r in df.sort("dir").iter_rows(named=True):
+        n = int(r["num_prompts"])
+        lora = bool(r["enable_lora"])
+        max_loras = int(r["max_loras"] or 1)
+        rank = int(r["max_lora_rank"] or 16)
+        # find_max_batch runs left max_num_seqs at vLLM's default (their gauges never
+        # show more than 256 running) and spread requests over all max_loras adapters.
+        seqs = int(r["max_num_seqs"] or 256)
+        loading = "predictor_loading" in r["experiment"]
+        adapter_rank = rank
+        if loading:
+            # The adapter-loading runs sent their requests one at a time (the gauges show
+            # one running request) to vLLM's default max_loras=1: their ITL is the step
+            # time of a one-request LoRA batch; their duration and TTFT hold the client's
+            # pacing and the loads, so only the ITL is used.
+            seqs, max_loras = 1, 1
+            m = re.search(r"adapter_rank_(\d+)", r["dir"])
+            adapter_rank = int(m.group(1)) if m else rank
+        kv = r["kv_cache_tokens"] or kv_tokens_of(max_loras, rank, lora, seqs)
+        n_adapters = 0
+        if loading:
+            n_adapters = 1
+        elif lora:
+            m = re.search(r"__\d+_\d+_(\d+)$", r["dir"].rstrip("/"))
+            n_adapters = int(m.group(1)) if m else max_loras
+        measured = {} if loading else {"duration_s": float(r["duration_s"]), "mean_ttft_s": float(r["mean_ttft_ms"]) / 1e3}
+        out_tokens = round(r["total_output_tokens"] / n)
+        if out_tokens > 1 and r["mean_itl_ms"]:
+            measured["mean_itl_s"] = float(r["mean_itl_ms"]) / 1e3
+        out.append(
+            Microbench(
+                name=r["dir"].split("estimators/")[-1],
+                prompt_tokens=round(r["total_input_tokens"] / n),
+                output_tokens=out_tokens,
+                num_requests=n,
+                max_num_seqs=seqs,
+                kv_tokens=int(kv),
+                max_num_batched_tokens=int(r["chunked_max_batched_tokens"] or 2048),
+                num_adapters=n_adapters,
+                adapter_rank=adapter_rank,
+                max_loras=max_loras if lora else 1,
+                max_lora_rank=rank,
+                measured=measured,
+            )
+        )
+    return out
+
+
+# --- from captured steps ----------------------------------------------------------------
+
+
+def _steps_files(paths: Sequence[str]) -> list[Path]:
+    out: list[Path] = []
+    for p in paths:
+        path = Path(p)
+        if not path.exists():
+            raise TracekitError(f"{p}: no such file or directory")
+        out.append(path)
+    return out
+
+
+def load_steps(paths: Sequence[str]) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """Steps from files or capture directories, with the adapter ranks resolved.
+
+    Adds num_adapters, rank_sum and (when the capture lacks it) an estimated
+    context_tokens = kv_usage x KV capacity. Returns (frame, merged context)."""
+    from tracekit.schema import KIND_STEPS, adapter_ranks, read
+
+    frames = []
+    ctx: dict[str, Any] = {}
+    for path in _steps_files(paths):
+        df, meta = read(path, KIND_STEPS)
+        c = dict(meta.context or {})
+        ranks = adapter_ranks(c)
+        server = c.get("server") if isinstance(c.get("server"), Mapping) else {}
+        cfg = {**server, **{k: c[k] for k in c if k not in ("adapters", "server")}}
+        kv_cap = cfg.get("kv_capacity_tokens")
+        default_rank = int(cfg.get("max_lora_rank") or 16)
+        lens = df["active_adapters"].list.len().fill_null(0)
+        rank_sum = [
+            sum(ranks.get(a, default_rank) for a in (acts or [])) for acts in df["active_adapters"].to_list()
+        ]
+        df = df.with_columns(num_adapters=lens, rank_sum=pl.Series(rank_sum, dtype=pl.Int64))
+        if "context_tokens" not in df.columns or df["context_tokens"].null_count() == len(df):
+            if kv_cap and "kv_usage" in df.columns:
+                est = (df["kv_usage"].fill_null(0.0) * float(kv_cap)).round(0)
+                df = df.with_columns(context_tokens=est.cast(pl.Int64))
+            else:
+                df = df.with_columns(context_tokens=pl.lit(0, dtype=pl.Int64))
+            cfg["context_tokens_estimated"] = True
+        if "adapter_load_s" not in df.columns:
+            df = df.with_columns(adapter_load_s=pl.lit(None, dtype=pl.Float64))
+        keep = [
+            "duration_s", "prefill_tokens", "decode_tokens", "context_tokens",
+            "num_adapters", "rank_sum", "adapter_loads", "adapter_load_s",
+        ]
+        frames.append(df.select(keep).with_columns(pl.lit(str(path)).alias("source")))
+        for k, v in cfg.items():
+            ctx.setdefault(k, v)
+        ctx.setdefault("adapters", {}).update(c.get("adapters") or {})
+    steps = pl.concat(frames, how="vertical_relaxed")
+    return steps, ctx
+
+
+def fit_from_steps(
+    steps: pl.DataFrame, ctx: Mapping[str, Any], *, holdout: float = 0.2, seed: int = 0
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(step_time section, adapter_load section) fitted from captured steps."""
+    s = steps.filter(
+        (pl.col("duration_s") > 0) & ((pl.col("prefill_tokens") + pl.col("decode_tokens")) > 0)
+    ).fill_null(0)
+    if len(s) < 10:
+        raise TracekitError(
+            f"calibrate: only {len(s)} usable steps (need at least 10 with tokens and a duration)"
+        )
+    max_loras = int(ctx.get("max_loras") or 1)
+    max_lora_rank = int(ctx.get("max_lora_rank") or 16)
+    x = features(
+        s["prefill_tokens"].to_numpy(),
+        s["decode_tokens"].to_numpy(),
+        s["context_tokens"].to_numpy(),
+        s["num_adapters"].to_numpy(),
+        s["rank_sum"].to_numpy(),
+        max_lora_rank=max_lora_rank,
+        max_loras=max_loras,
+    )
+    y = s["duration_s"].to_numpy().astype(np.float64)
+    loads = s["adapter_loads"].to_numpy().astype(np.float64)
+    load_s = s["adapter_load_s"].to_numpy().astype(np.float64)
+    # A step that loads adapters also waits for them: take the measured load time off
+    # when the capture has it, otherwise fit seconds-per-load as one more column.
+    measured_loads = bool(np.any(load_s > 0))
+    y_model = np.maximum(y - load_s, 1e-6) if measured_loads else y
+    use = list(FEATURES)
+    if len(set(x[:, FEATURES.index("num_adapters")])) <= 1:
+        # Every step had the same adapter count: the LoRA terms cannot be told apart
+        # from the intercept, so keep only the per-token LoRA term.
+        use = [f for f in use if f not in ("lora_slots", "num_adapters", "rank_sum")]
+    xa = np.c_[x, loads] if not measured_loads and loads.any() else x
+
+    def fit(idx: np.ndarray) -> tuple[dict[str, float], float]:
+        from scipy.optimize import nnls
+
+        f = fit_linear(x[idx], y_model[idx], use=use)
+        per_load = 0.0
+        if xa.shape[1] > x.shape[1]:
+            # Seconds per adapter load: NNLS on what the step model leaves over.
+            rest = y_model[idx] - LinearStepTime(f.coef).predict(
+                *[s[c].to_numpy()[idx] for c in ("prefill_tokens", "decode_tokens", "context_tokens", "num_adapters", "rank_sum")],
+                max_loras=max_loras,
+                max_lora_rank=max_lora_rank,
+            )
+            (per_load,), _ = nnls(loads[idx, None], rest)
+        return f.coef, float(per_load)
+
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(s))
+    n_test = max(1, int(round(holdout * len(s)))) if holdout > 0 else 0
+    test, train = order[:n_test], order[n_test:]
+    err: dict[str, Any] = {"method": f"random {holdout:.0%} of steps held out (seed {seed})"}
+    if n_test:
+        coef_tr, per_load_tr = fit(train)
+        pred = LinearStepTime(coef_tr).predict(
+            *[s[c].to_numpy()[test] for c in ("prefill_tokens", "decode_tokens", "context_tokens", "num_adapters", "rank_sum")],
+            max_loras=max_loras,
+            max_lora_rank=max_lora_rank,
+        ) + per_load_tr * loads[test]
+        err["held_out"] = error_stats(pred, y_model[test])
+    coef, per_load = fit(np.arange(len(s)))
+    pred_all = LinearStepTime(coef).predict(
+        *[s[c].to_numpy() for c in ("prefill_tokens", "decode_tokens", "context_tokens", "num_adapters", "rank_sum")],
+        max_loras=max_loras,
+        max_lora_rank=max_lora_rank,
+    ) + per_load * loads
+    err["in_sample"] = error_stats(pred_all, y_model)
+    section = {
+        "kind": "linear",
+        "coef": coef,
+        "features": {f: FEATURE_DOC[f] for f in FEATURES},
+        "fitted_features": list(use),  # the others were not identifiable from this data
+        "min_s": float(max(np.min(y_model) * 0.5, 1e-6)),
+        "fit_error": err,
+    }
+    if measured_loads:
+        per = load_s[loads > 0] / loads[loads > 0]
+        adapter_load = {"kind": "constant", "base_ms": round(1e3 * float(np.median(per)), 4), "per_rank_ms": 0.0,
+                        "fitted_from": "adapter_load_s / adapter_loads of captured steps (median)"}
+    else:
+        adapter_load = {"kind": "constant", "base_ms": round(1e3 * per_load, 4), "per_rank_ms": 0.0,
+                        "fitted_from": "step durations regressed on adapter_loads" if loads.any() else
+                        "no adapter loads in the capture: 0"}
+    return section, adapter_load
+
+
+def profile_from_steps(
+    paths: Sequence[str], *, name: str | None = None, holdout: float = 0.2, seed: int = 0
+) -> dict[str, Any]:
+    """A complete profile dict from captured steps files/directories."""
+    steps, ctx = load_steps(paths)
+    st, al = fit_from_steps(steps, ctx, holdout=holdout, seed=seed)
+    model = str(ctx.get("model") or "unknown-model")
+    kv = ctx.get("kv_capacity_tokens")
+    memory: dict[str, Any] = {"kind": "fixed", "kv_tokens": int(kv)} if kv else {"kind": "fixed", "kv_tokens": 0}
+    if not kv:
+        memory["note"] = "the capture did not record kv_capacity_tokens: pass --kv-capacity-tokens to the twin"
+    if ctx.get("max_model_len"):
+        memory["max_model_len"] = int(ctx["max_model_len"])
+    server = {k: ctx.get(k) for k in ("max_loras", "max_cpu_loras", "max_lora_rank", "max_num_seqs",
+                                      "max_num_batched_tokens", "block_size", "kv_capacity_tokens") if ctx.get(k) is not None}
+    return {
+        "name": name or f"calibrated-{Path(str(model)).name}",
+        "description": f"{model}, fitted from {len(steps)} captured steps",
+        "hardware": {"device": ctx.get("device", "as captured")},
+        "model": {"name": model},
+        "captured_server_config": server,
+        "memory": memory,
+        "step_time": st,
+        "adapter_load": al,
+        "fitted_from": {
+            "kind": "captured steps",
+            "files": [str(p) for p in paths],
+            "steps": len(steps),
+            "context_tokens_estimated": bool(ctx.get("context_tokens_estimated", False)),
+            "at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        },
+    }
+
+
+# --- command ------------------------------------------------------------------------------
+
+
+@click.command("calibrate")
+@click.argument("steps", nargs=-1, required=True)
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="Profile JSON to write.")
+@click.option("--name", default=None, help="Profile name (default: calibrated-<model>).")
+@click.option("--holdout", default=0.2, show_default=True, type=click.FloatRange(0, 0.9),
+              help="Fraction of steps held out to measure the fit error.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the held-out split.")
+def _calibrate(steps: tuple[str, ...], out: str, name: str | None, holdout: float, seed: int) -> None:
+    """Fit a twin profile (step time, adapter load, KV capacity) from captured steps.
+
+    STEPS: steps Parquet files or capture directories (tracekit steps schema)."""
+    from rich.table import Table
+
+    from tracekit.cliutil import console
+    from twin.profile import Profile
+
+    with console.status("fitting step time..."):
+        data = profile_from_steps(list(steps), name=name, holdout=holdout, seed=seed)
+    path = Profile.from_dict(data).save(out)
+    st = data["step_time"]
+    t = Table(title=f"profile {data['name']} <- {data['fitted_from']['steps']} steps")
+    t.add_column("feature")
+    t.add_column("coefficient", justify="right")
+    t.add_column("meaning")
+    for f in FEATURES:
+        t.add_row(f, f"{st['coef'][f]:.4g}", FEATURE_DOC[f])
+    console.print(t)
+    e = st["fit_error"]
+    for k in ("held_out", "in_sample"):
+        if k in e:
+            console.print(f"{k}: MAPE {e[k]['mape_pct']:.2f}%  R^2 {e[k]['r2']:.4f}  (n={e[k]['n']})")
+    console.print(f"adapter load: {data['adapter_load']['base_ms']} ms; KV tokens: {data['memory'].get('kv_tokens')}")
+    console.print(f"wrote {path}")
+
+
+def _wrap() -> click.Command:
+    from tracekit.cliutil import user_errors
+
+    _calibrate.callback = user_errors(_calibrate.callback)  # type: ignore[arg-type]
+    return _calibrate
+
+
+calibrate_cmd = _wrap()
