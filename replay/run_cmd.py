@@ -60,7 +60,7 @@ def _check_writable(out: Path) -> None:
 @click.argument("trace", type=click.Path(path_type=Path))
 @click.option("--target", type=click.Choice(["vllm", "twin"]), required=True, help="Where to replay.")
 @click.option("--out", "out", type=click.Path(path_type=Path), required=True, help="Results Parquet file.")
-@click.option("--speed", type=float, default=1.0, show_default=True, help="Time scale: 2 sends twice as fast.")
+@click.option("--speed", type=float, default=1.0, show_default=True, help="Time scale: 2 sends twice as fast (results then hold the scaled arrival_s).")
 @click.option("--duration", type=float, default=None,
               help="Stop sending at S seconds; requests still running become `unfinished` "
                    "[default: the trace's window_s, else run until every request finishes].")

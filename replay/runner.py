@@ -1,7 +1,7 @@
 """The open-loop runner: send each request at its own arrival time, record what happened.
 
-Requests are sent at absolute deadlines `t0 + arrival_s` on the event loop's monotonic
-clock, so sleeps never accumulate drift; the achieved send time of each request is
+Requests are sent at absolute deadlines `t0 + arrival_s` on a monotonic clock
+(`time.perf_counter`), so sleeps never accumulate drift; the achieved send time of each request is
 recorded (`dispatch_s`), which makes the replay's own fidelity visible. The runner knows
 nothing about HTTP: a target gives it a coroutine `send(i, rec)` that fills row `i` of the
 `Recorder`.
@@ -14,7 +14,7 @@ import signal
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from rich.console import Console
@@ -63,7 +63,6 @@ class RunOutcome:
     stopped_s: float | None = None
     wall_s: float = 0.0
     cpu_s: float = 0.0
-    notes: list[str] = field(default_factory=list)
 
 
 TIMER_SLACK_S = 0.0012

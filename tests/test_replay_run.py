@@ -124,7 +124,7 @@ def test_errors_timeouts_and_drops_are_recorded_per_request(tmp_path: Path, serv
     code, out = run_cli("run", str(tmp_path / "t.parquet"), "--target", "vllm", "--url", server.url,
                         "--request-timeout", "0.5", "--out", str(tmp_path / "r.parquet"), "--no-progress")
     assert code == 0, out
-    assert time.monotonic() - t0 < 10
+    assert time.monotonic() - t0 < 20  # 0.5 s timeouts, not the 300 s default
     res, _ = read(tmp_path / "r.parquet", "results")
     by = {a: g for (a,), g in res.with_columns(pl.col("adapter").fill_null("base")).group_by("adapter")}
     assert (by["base"]["status"] == "ok").all()
@@ -144,7 +144,7 @@ def test_duration_cuts_and_marks_unfinished(tmp_path: Path, server: BackgroundSe
     code, out = run_cli("run", str(tmp_path / "t.parquet"), "--target", "vllm", "--url", server.url,
                         "--duration", "1.0", "--out", str(tmp_path / "r.parquet"), "--no-progress")
     assert code == 0, out
-    assert time.monotonic() - t0 < 5
+    assert time.monotonic() - t0 < 15  # cut at 1 s, not waiting for `hang`
     res, meta = read(tmp_path / "r.parquet", "results")
     assert meta.context["window_s"] == 1.0
     late = res.filter(pl.col("arrival_s") > 1.0)
@@ -206,7 +206,10 @@ def test_sigterm_stops_sending_and_writes_what_is_done(tmp_path: Path, server: B
          "--url", server.url, "--drain-timeout", "0.5", "--out", str(out_path), "--no-progress"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     try:
-        time.sleep(3.0)
+        # Signal once it is well into sending (process start-up varies on a busy machine).
+        deadline = time.monotonic() + 60
+        while len(server.state.seen) < 20 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=15)
     finally:
@@ -216,11 +219,11 @@ def test_sigterm_stops_sending_and_writes_what_is_done(tmp_path: Path, server: B
     res, meta = read(out_path, "results")
     assert meta.context["interrupted"] is True
     stopped = meta.context["window_s"]
-    assert 1.0 < stopped < 6.0
+    assert 0.5 < stopped < 9.0
     assert (res.filter(pl.col("arrival_s") > stopped + 0.1)["status"] == "unfinished").all()
     assert (res.filter(pl.col("adapter") == "hang")["status"] == "unfinished").all()
     done = res.filter(pl.col("adapter").is_null() & (pl.col("arrival_s") < stopped - 0.2))
-    assert done.height > 5 and (done["status"] == "ok").all()
+    assert done.height >= 5 and (done["status"] == "ok").all()
     assert read_meta(out_path).kind == "results"
 
 

@@ -50,7 +50,7 @@ def test_every_request_sent_once_in_order_never_early(gaps: list[float], service
         assert peak <= cap
     else:
         # Open loop: lag stays small whatever the service time (a loose bound: shared CI CPUs).
-        assert np.median(rec.dispatch - arrivals) < 0.01
+        assert np.median(rec.dispatch - arrivals) < 0.05
 
 
 @settings(max_examples=8, deadline=None)

@@ -55,7 +55,15 @@ def test_replay_real_vllm_then_twin_then_compare(tmp_path: Path, tiny_model: Pat
     real = real.join(trace.select("request_id", pl.col("output_tokens").alias("want")), on="request_id")
     assert (real["generated_tokens"] == real["want"]).all()
     assert real["ttft_s"].null_count() == 0 and (real["ttft_s"] > 0).all()
-    assert [len(x) for x in real["itl_s"].to_list()] == (real["generated_tokens"] - 1).to_list()
+    # One gap per streamed chunk; a busy server may put several tokens in one chunk
+    # (seen at a load average of 12 on two cores), so gaps <= tokens - 1.
+    gaps = [len(x) for x in real["itl_s"].to_list()]
+    tokens = real["generated_tokens"].to_list()
+    assert all(0 <= g <= k - 1 for g, k in zip(gaps, tokens, strict=True))
+    longer = [g for g, k in zip(gaps, tokens, strict=True) if k >= 4]
+    assert sum(g >= 1 for g in longer) >= 0.5 * len(longer)
+    np.testing.assert_allclose([sum(x) for x in real["itl_s"].to_list()],
+                               (real["end_s"] - real["first_token_s"]).to_numpy(), atol=1e-3)
     assert set(meta.context["adapters_loaded"]) == {"a3", "syn-r16"}
     assert meta.context["adapters_loaded"]["syn-r16"] == str((lora_dir / "zz-r16-copy").resolve())
     assert set(real["adapter"].drop_nulls().unique()) == {"a1", "a2", "a3", "syn-r16"}
