@@ -5,8 +5,9 @@ workload's rates and ranks over `max_cpu_loras` adapters), runs the twin, and ke
 summary (throughput, offered load, served fraction, TTFT/ITL) and the trace's features.
 
 Resumable: finished cells are flushed as Parquet parts into `<out>.parts/` every few
-seconds; on restart, cells whose key is already there are skipped. The merged
-`<out>` (with the labels) is written when every cell is done.
+seconds; on restart, cells already there (or in an earlier `<out>`) are skipped, unless
+they were simulated under another version of the profile. The merged `<out>` (with the
+labels) is written at the end, and the parts are removed once it holds every cell.
 
 Labels (the paper's rule): per workload, the cell with the highest throughput among those
 that do not starve (served < 90% of offered = starving); with `--slo-ttft-p99 S`, also
@@ -18,6 +19,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -36,6 +38,7 @@ from tracekit.metrics import STARVING_THRESHOLD
 from tracekit.schema import TracekitError
 
 DEFAULT_SIMULATOR = "twin.api:simulate"
+SINGLE_THREAD_ENV = {"POLARS_MAX_THREADS": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 FLUSH_EVERY_S = 5.0
 FLUSH_EVERY_ROWS = 32
 
@@ -142,18 +145,28 @@ def parts_dir(out: Path) -> Path:
     return out.with_name(out.name + ".parts")
 
 
-def done_keys(parts: Path, profile_sha: str | None = None) -> set[str]:
-    if not parts.is_dir():
-        return set()
-    files = [f for f in parts.glob("*.parquet") if not f.name.startswith(("_", "."))]
-    if not files:
-        return set()
-    df = pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed")
-    if profile_sha is not None and "profile_sha" in df.columns:
+def finished_rows(out: Path, profile_sha: str | None = None) -> pl.DataFrame | None:
+    """Every finished cell: the merged OUT of an earlier sweep plus the parts of an
+    interrupted one, keeping only cells simulated under `profile_sha` when given."""
+    frames = []
+    if out.exists():
+        frames.append(pio.read(out)[0])
+    parts = parts_dir(out)
+    if parts.is_dir():
+        frames += [pl.read_parquet(f) for f in sorted(parts.glob("*.parquet")) if not f.name.startswith(("_", "."))]
+    if not frames:
+        return None
+    df = pl.concat(frames, how="diagonal_relaxed")
+    if profile_sha is not None:
+        if "profile_sha" not in df.columns:
+            return None
         df = df.filter(pl.col("profile_sha") == profile_sha)
-    elif profile_sha is not None:
-        return set()
-    return set(df["cell_key"].to_list())
+    return df
+
+
+def done_keys(out: Path, profile_sha: str | None = None) -> set[str]:
+    df = finished_rows(out, profile_sha)
+    return set() if df is None else set(df["cell_key"].to_list())
 
 
 # --- executors --------------------------------------------------------------------------
@@ -168,9 +181,20 @@ def _iter_local(cells: list[Cell], profile: str, simulator: str, jobs: int) -> I
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     # spawn, not fork: forking a process that already runs polars' thread pool can
-    # deadlock the child.
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as ex:
-        futs = [ex.submit(run_cell, c, profile, simulator) for c in cells]
+    # deadlock the child. One thread per worker: N workers x N polars/BLAS threads each
+    # oversubscribe the cores (measured: 2 workers ran slower than 1 on 2 cores).
+    saved = {k: os.environ.get(k) for k in SINGLE_THREAD_ENV}
+    os.environ.update(SINGLE_THREAD_ENV)
+    try:
+        ex = ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"))
+        futs = [ex.submit(run_cell, c, profile, simulator) for c in cells]  # workers start here
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    with ex:
         try:
             for f in as_completed(futs):
                 yield f.result()
@@ -207,6 +231,7 @@ def _iter_ray(cells: list[Cell], profile: str, simulator: str, jobs: int, addres
             kwargs["address"] = address
         else:
             kwargs["num_cpus"] = max(1, jobs)
+            kwargs["runtime_env"] = {"env_vars": dict(SINGLE_THREAD_ENV)}
         try:
             ray.init(**kwargs)
         except Exception as e:  # ray raises many types for a bad address
@@ -242,7 +267,7 @@ def sweep(
     parts = parts_dir(out)
     cells = spec.cells()
     sha = profile_digest(load_profile(profile))
-    done = done_keys(parts, sha)
+    done = done_keys(out, sha)
     todo = [c for c in cells if c.key not in done]
     context = {
         "profile": profile,
@@ -298,9 +323,11 @@ def sweep(
             # Interrupted or failed: keep every finished cell for the next run.
             flush()
     elapsed = time.perf_counter() - t0
-    df, _ = pio.read(parts)
+    df = finished_rows(out, sha)
+    if df is None:
+        raise TracekitError(f"{out}: no finished cells")
     keys = {c.key for c in cells}
-    df = df.filter(pl.col("cell_key").is_in(list(keys)) & (pl.col("profile_sha") == sha)).unique("cell_key", keep="last")
+    df = df.filter(pl.col("cell_key").is_in(list(keys))).unique("cell_key", keep="last")
     df = label(df, slo_ttft_p99_s)
     context.update(
         cells=len(cells),
@@ -312,6 +339,9 @@ def sweep(
         slo_ttft_p99_s=slo_ttft_p99_s,
     )
     pio.write(out, df.sort("workload", "max_loras", "max_cpu_loras"), context)
+    if len(df) == len(cells):
+        # Every cell is in OUT now: the parts are redundant (a rerun reads OUT).
+        shutil.rmtree(parts, ignore_errors=True)
     return df, context
 
 

@@ -33,12 +33,28 @@ WORKLOAD_FEATURES = [
     "adapter_tok_s",
 ]
 CONFIG_FEATURES = ["max_loras", "max_lora_rank", "kv_capacity_tokens"]
-MODEL_FEATURES = WORKLOAD_FEATURES + CONFIG_FEATURES
+# Workload x config: what the GPU would face near its limit.
+# slot_pressure: adapters per GPU slot if the GPU took 10k tok/s of this traffic (adapter
+#   churn: slots thrash when far more adapters than slots are active);
+# kv_requests: requests of mean length the KV cache holds at once.
+DERIVED_FEATURES = ["slot_pressure", "kv_requests"]
+MODEL_FEATURES = WORKLOAD_FEATURES + CONFIG_FEATURES + DERIVED_FEATURES
 CONFIG_DESCRIPTIONS = {
     "max_loras": "GPU adapter slots (max_loras)",
     "max_lora_rank": "max_lora_rank",
     "kv_capacity_tokens": "KV-cache tokens left by this config",
+    "slot_pressure": "adapters per GPU slot at 10k tok/s of this traffic",
+    "kv_requests": "requests the KV cache holds at once",
 }
+REFERENCE_LOAD_TOK_S = 10_000.0
+
+
+def derived(adapter_tok_s: float, tokens_per_req: float, max_loras: float, kv_tokens: float) -> dict[str, float]:
+    """The DERIVED_FEATURES of one (workload, config)."""
+    return {
+        "slot_pressure": REFERENCE_LOAD_TOK_S / max(adapter_tok_s, 1e-9) / max(max_loras, 1.0),
+        "kv_requests": kv_tokens / max(tokens_per_req, 1.0),
+    }
 # The paper's baseline inputs: summary statistics of the adapters' rates and sizes.
 PAPER_FEATURES = ["rate_mean", "rate_std", "rate_min", "rate_max", "rank_mean", "rank_std", "rank_min", "rank_max"]
 MODEL_SCHEMA = 1

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from predictor.model import SUSTAINED_SERVED, CapacityModel
+from predictor.model import SUSTAINED_SERVED, CapacityModel, derived
 from tracekit.metrics import STARVING_THRESHOLD
 
 
@@ -29,6 +29,7 @@ class Plan:
 
 def model_row(model: CapacityModel, wf: Mapping[str, float], max_loras: int, max_lora_rank: int, kv: int) -> list[float]:
     cfg = {"max_loras": float(max_loras), "max_lora_rank": float(max_lora_rank), "kv_capacity_tokens": float(kv)}
+    cfg.update(derived(wf["adapter_tok_s"], wf["tokens_per_req"], max_loras, kv))
     return [float(cfg[f]) if f in cfg else float(wf[f]) for f in model.features]
 
 
@@ -38,10 +39,12 @@ def plan(
     kv_tokens: Callable[[int, int], int],
     n_fleet: int,
     max_loras_grid: list[int],
+    margin: float = 1.0,
 ) -> Plan | None:
     """The best (max_loras, max_cpu_loras) for a workload with features `wf` and
     `n_fleet` adapters. `kv_tokens(max_loras, max_lora_rank)` is the profile's KV capacity
-    (0 = OOM). Returns None when every max_loras runs out of memory."""
+    (0 = OOM). `margin` scales the load put on a GPU further down (e.g. for the twin's
+    own error against real hardware). Returns None when every max_loras runs out of memory."""
     rank = int(wf["rank_max"])
     per_adapter = float(wf["adapter_tok_s"])
     cands, rows = [], []
@@ -58,7 +61,7 @@ def plan(
     options = []
     for (ml, kv), cap, x in zip(cands, caps, X, strict=True):
         if per_adapter > 0:
-            n = int(math.floor(model.load_factor * cap / per_adapter))
+            n = int(math.floor(model.load_factor * margin * cap / per_adapter))
         else:
             n = n_fleet
         n = max(1, min(n, n_fleet))
@@ -72,7 +75,7 @@ def plan(
     if not options:
         ml, kv = cands[0]
         cap = float(caps[0])
-        n = max(1, min(n_fleet, int(math.floor(model.load_factor * cap / per_adapter)) if per_adapter > 0 else n_fleet))
+        n = max(1, min(n_fleet, int(math.floor(model.load_factor * margin * cap / per_adapter)) if per_adapter > 0 else n_fleet))
         options = [dict(max_loras=min(ml, n), max_cpu_loras=n, capacity_tok_s=cap, gpu_load_tok_s=n * per_adapter,
                         throughput_tok_s=min(n * per_adapter, cap), kv_capacity_tokens=kv, x=X[0])]
     top = max(o["throughput_tok_s"] for o in options)
@@ -158,3 +161,13 @@ def interpolate_cell(cells: Any, max_loras: int, max_cpu_loras: int) -> dict[str
     served = min(float(at["served_frac"][i]), plateau / off if off > 0 else 1.0)
     return {"max_loras": int(ml), "max_cpu_loras": int(max_cpu_loras), "status": "ok",
             "throughput_tok_s": off * served, "offered_tok_s": off, "served_frac": served}
+
+
+def representative(loads: Mapping[str, float], n: int) -> list[str]:
+    """`n` adapters with the fleet's mix of loads (evenly spaced in load order): one GPU
+    filled to max_cpu_loras, as the model sees it."""
+    names = sorted(loads, key=lambda a: (loads[a], a))
+    if n >= len(names):
+        return names
+    idx = np.unique(np.round(np.linspace(0, len(names) - 1, n)).astype(int))
+    return [names[i] for i in idx]

@@ -115,12 +115,13 @@ def test_resume_after_interruption_skips_finished_cells(tmp_path, toy_profile, m
     with pytest.raises(KeyboardInterrupt):
         D.sweep(spec, toy_profile, out, simulator="test_predictor_dataset:counting_simulate", progress=False)
     assert not out.exists()
-    kept = D.done_keys(D.parts_dir(out))
+    kept = D.done_keys(out)
     assert len(kept) == 8  # every finished cell was flushed on the way out
     CALLS.update(n=0, fail_after=None)
     df, ctx = D.sweep(spec, toy_profile, out, simulator="test_predictor_dataset:counting_simulate", progress=False)
     assert CALLS["n"] == 14 - 8 and ctx["cells_run"] == 6
     assert df.height == 14 and df["cell_key"].n_unique() == 14
+    assert not D.parts_dir(out).exists()  # merged into OUT
     # A third run has nothing left to do.
     CALLS.update(n=0)
     D.sweep(spec, toy_profile, out, simulator="test_predictor_dataset:counting_simulate", progress=False)
