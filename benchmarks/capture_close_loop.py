@@ -24,6 +24,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -82,8 +83,9 @@ def main() -> None:
     ap.add_argument("--size", default="medium", choices=["tiny", "medium"])
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every request rate")
     ap.add_argument("--duration", type=float, default=90.0, help="seconds of each trace")
+    ap.add_argument("--tag", default="", help="suffix of the result names (capture_loop<TAG>.md), to keep runs apart")
     args = ap.parse_args()
-    work = RESULTS / "capture_loop"
+    work = RESULTS / f"capture_loop{args.tag}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     model = build_model(size=args.size)
@@ -97,9 +99,10 @@ def main() -> None:
                        weights=[8, 3, 1.5, 1, 0.5], prompt=(16, 300), output=(8, 64), seed=2)
     steps_dir = work / "steps"
     t_start = time.time()
+    loads = {"start": os.getloadavg()[0]}
     with VllmServer(model, adapters, **SERVER, env={"TRACEKIT_STEPS_DIR": str(steps_dir)},
                     max_model_len=1024, extra_args=["--no-enable-prefix-caching"],
-                    log_path=work / "_server.log") as srv:
+                    log_path=Path(tempfile.gettempdir()) / "capture_close_loop_server.log") as srv:
         # 1. calibration traffic through the proxy, captured twice (proxy rows, engine steps)
         port = free_port()
         proxy = subprocess.Popen([PY, "-c", "from tracekit.cli import main; main()", "proxy", "--upstream", srv.url,
@@ -115,9 +118,11 @@ def main() -> None:
             proxy.wait(timeout=30)
         time.sleep(11)  # the plugin's background flush (10 s) puts the calibration steps on disk
         cal_steps = sorted(steps_dir.glob("*.parquet"))
+        loads["after_calibration"] = os.getloadavg()[0]
         # 3a. the validation trace on the real server
         cli("replay", "run", str(work / "validation_trace.parquet"), "--target", "vllm", "--url", srv.url,
             "--out", str(work / "validation_real.parquet"), "--until-done", "--no-progress")
+    loads["after_validation"] = os.getloadavg()[0]
     # 2. calibrate from the calibration steps only
     cal_dir = work / "calibration_steps"
     cal_dir.mkdir()
@@ -135,7 +140,7 @@ def main() -> None:
                          "--plots", str(work)).stdout)
     proxy_rows = schema.read(work / "proxy_capture")[0]
     cal_steps_df = schema.read(cal_dir, "steps")[0]
-    report(args, cmp, cal.stdout, n_cal, n_val, proxy_rows.height, cal_steps_df.height, time.time() - t_start)
+    report(args, cmp, cal.stdout, n_cal, n_val, proxy_rows.height, cal_steps_df.height, time.time() - t_start, loads)
 
 
 def _metric(cmp: dict[str, Any], name: str) -> tuple[float | None, float | None, float | None]:
@@ -151,14 +156,14 @@ def _metric(cmp: dict[str, Any], name: str) -> tuple[float | None, float | None,
 
 
 def report(args: argparse.Namespace, cmp: dict[str, Any], cal_out: str, n_cal: int, n_val: int,
-           proxy_rows: int, cal_steps: int, wall: float) -> None:
+           proxy_rows: int, cal_steps: int, wall: float, loads: dict[str, float]) -> None:
     machine = f"{os.cpu_count()}-core CPU ({platform.machine()}), shared with other jobs"
     cmd = "cd /work/main && .venv/bin/python benchmarks/capture_close_loop.py " + " ".join(sys.argv[1:])
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "capture_loop.json").write_text(json.dumps(
+    (RESULTS / f"capture_loop{args.tag}.json").write_text(json.dumps(
         {"machine": machine, "command": cmd.strip(), "args": vars(args), "compare": cmp,
          "calibration_requests": n_cal, "validation_requests": n_val, "proxy_rows": proxy_rows,
-         "calibration_steps": cal_steps, "wall_s": wall}, indent=2, default=str))
+         "calibration_steps": cal_steps, "wall_s": wall, "load_avg_1min": loads}, indent=2, default=str))
     goals = {"throughput_tok_s": 0.05, "p50_ttft_ms": 0.15, "mean_itl_ms": 0.15}
     lines = [
         "# Closing the loop: captured steps -> `twin calibrate` -> a different trace, real vs twin",
@@ -169,6 +174,8 @@ def report(args: argparse.Namespace, cmp: dict[str, Any], cal_out: str, n_cal: i
         f"Calibration: {n_cal} requests (uniform adapters, rate ramp) through `tracekit proxy` ({proxy_rows} rows "
         f"captured), {cal_steps} engine steps captured by the plugin. Validation: {n_val} requests, Zipf-like "
         "adapter mix, another rate and other lengths.",
+        "1-minute load average (other jobs share the 2 cores; the twin assumes the calibration's conditions): "
+        + ", ".join(f"{k} {v:.1f}" for k, v in loads.items()) + ".",
         "",
         "| metric | real | twin | error | goal |",
         "|---|---|---|---|---|",
@@ -180,8 +187,8 @@ def report(args: argparse.Namespace, cmp: dict[str, Any], cal_out: str, n_cal: i
         lines.append(f"| {name} | {fmt(a)} | {fmt(b)} | {'n/a' if err is None else f'{100 * err:+.1f}%'} "
                      f"| ±{100 * goal:.0f}% {ok} |")
     lines += ["", "`twin calibrate` said:", "", "```", cal_out.strip()[-3000:], "```", "",
-              "Full comparison: capture_loop.json; plots and files: capture_loop/."]
-    (RESULTS / "capture_loop.md").write_text("\n".join(lines) + "\n")
+              f"Full comparison: capture_loop{args.tag}.json; plots and files: capture_loop{args.tag}/."]
+    (RESULTS / f"capture_loop{args.tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

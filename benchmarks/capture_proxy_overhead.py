@@ -20,6 +20,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
@@ -160,6 +161,7 @@ def main() -> None:
     px = subprocess.Popen([sys.executable, "-c", "from tracekit.cli import main; main()", "proxy",
                            "--upstream", f"http://127.0.0.1:{up_port}", "--listen", f"127.0.0.1:{px_port}",
                            "--out", str(tmp / "cap"), "--flush-every", "5"], stdout=subprocess.DEVNULL)
+    load_before = os.getloadavg()[0]
     try:
         wait_port(up_port)
         wait_port(px_port)
@@ -173,8 +175,10 @@ def main() -> None:
     from tracekit import schema
 
     rows = schema.read(tmp / "cap")[0].height
+    shutil.rmtree(tmp, ignore_errors=True)
     expected = 2 * (args.requests // args.blocks * args.blocks + 100 + 3 * args.requests)
-    res.update(requests_recorded=rows, requests_sent_through_proxy=expected)
+    res.update(requests_recorded=rows, requests_sent_through_proxy=expected,
+               load_avg_1min_before=load_before, load_avg_1min_after=os.getloadavg()[0])
     machine = f"{os.cpu_count()}-core CPU ({platform.machine()}, {platform.processor() or 'unknown'}), shared"
     cmd = "cd /work/main && .venv/bin/python benchmarks/capture_proxy_overhead.py " + " ".join(sys.argv[1:])
     meta = {"machine": machine, "command": cmd.strip(), "args": vars(args), "python": platform.python_version(),
@@ -184,7 +188,9 @@ def main() -> None:
     lines = [
         "# Proxy overhead (`tracekit proxy`) against a fast local upstream",
         "",
-        f"Machine: {machine}. Command: `{meta['command']}` ({meta['date_utc']}).",
+        f"Machine: {machine}. Command: `{meta['command']}` ({meta['date_utc']}). 1-minute load average "
+        f"{res['load_avg_1min_before']:.1f} before, {res['load_avg_1min_after']:.1f} after (other jobs share the 2 cores: "
+        "wall-clock latencies grow with it; CPU per request does not).",
         f"Upstream: an aiohttp server answering like vLLM with no model work ({args.tokens} events per stream).",
         "Latency: one request in flight, direct and proxied interleaved in "
         f"{args.blocks} blocks, {args.requests} requests each. Throughput: 64 in flight, {3 * args.requests} requests.",

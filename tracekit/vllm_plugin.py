@@ -33,6 +33,7 @@ import os
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -85,9 +86,10 @@ class StepRecorder:
         self.flush_every_s = flush_every_s if flush_every_s is not None else float(os.environ.get(ENV_FLUSH, "10"))
         self.context = new_context(**context)
         self._writer = PartWriter(directory, KIND_STEPS, self.context, prefix=prefix)
-        self._rows: list[tuple[Any, ...]] = []
+        # A deque: the engine thread appends while the flusher pops from the left, each
+        # operation atomic under the GIL, so no row is lost to a swap race.
+        self._rows: deque[tuple[Any, ...]] = deque()
         self._merger = merger  # fills adapter-load columns from load events, if given
-        self._lock = threading.Lock()  # guards the swap of _rows against the flusher thread
         self._write_lock = threading.Lock()  # one write at a time (flusher vs shutdown)
         self._error_logged = False
         self._closed = False
@@ -100,7 +102,7 @@ class StepRecorder:
         atexit.register(self.close)
 
     def add(self, row: tuple[Any, ...]) -> None:
-        self._rows.append(row)  # list.append is atomic under the GIL: no lock on the hot path
+        self._rows.append(row)  # deque.append is atomic under the GIL: no lock on the hot path
         self.last_add = time.perf_counter()
 
     def update_context(self, **items: Any) -> None:
@@ -121,8 +123,7 @@ class StepRecorder:
 
     def flush(self) -> None:
         with self._write_lock:
-            with self._lock:
-                rows, self._rows = self._rows, []
+            rows = [self._rows.popleft() for _ in range(len(self._rows))]
             if not rows:
                 return
             try:
@@ -131,12 +132,11 @@ class StepRecorder:
                 self._writer.write_part(_rows_to_table(rows))
             except Exception as e:  # noqa: BLE001 - a capture problem must never stop the engine
                 self._report_error(f"cannot write steps to {self.directory}: {e}")
-                with self._lock:  # keep the rows for the next try, bounded
-                    self._rows[:0] = rows
-                    excess = len(self._rows) - MAX_BUFFERED_ROWS
-                    if excess > 0:
-                        del self._rows[:excess]
-                        self.rows_dropped += excess
+                self._rows.extendleft(reversed(rows))  # keep them for the next try, bounded
+                excess = len(self._rows) - MAX_BUFFERED_ROWS
+                for _ in range(max(excess, 0)):
+                    self._rows.popleft()
+                self.rows_dropped += max(excess, 0)
 
     def _report_error(self, msg: str) -> None:
         if self._error_logged:
