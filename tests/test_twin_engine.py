@@ -264,6 +264,6 @@ def test_decodes_cut_by_the_token_budget_wait_and_resume() -> None:
         if step == 1:
             assert plan.unscheduled_decodes == 1
             assert [s.generated(r, 2) for r in range(3)] == [2, 2, 1]
-    assert s.end_step[:2] == [3, 3]  # r0, r1: tokens 2, 3, 4 at steps 1-3
+    assert s.end_step[:2].tolist() == [3, 3]  # r0, r1: tokens 2, 3, 4 at steps 1-3
     assert s.end_step[2] == 6  # r2 waited through steps 1-3, then decoded at 4-6
     assert s.used_blocks == 0 and not s.running

@@ -16,7 +16,6 @@ must produce bit-identical results (tests check it).
 
 from __future__ import annotations
 
-import bisect
 import heapq
 import math
 import time
@@ -37,7 +36,7 @@ MAX_STRETCH = 8192  # steps per fast-forward computation (bounds the arrays' siz
 MIN_STRETCH = 12  # below this the plain steps (~10 us each) beat numpy's fixed cost
 
 
-def _step_time_scalar(profile: Profile, config: ServingConfig) -> Callable[[float, float, float, float, float], float]:
+def _step_time_scalar(profile: Profile, config: ServingConfig) -> Callable[..., float]:
     """A per-step scalar step-time function, bit-identical to `profile.step_time`.
 
     The profile's vectorised function costs ~20 us per call on length-1 arrays; a step
@@ -47,8 +46,11 @@ def _step_time_scalar(profile: Profile, config: ServingConfig) -> Callable[[floa
     called step by step."""
     kw = {"max_lora_rank": config.max_lora_rank, "max_loras": config.max_loras}
 
-    def generic(p: float, d: float, x: float, a: float, r: float) -> float:
-        return float(profile.step_time(np.array([p]), np.array([d]), np.array([x]), np.array([a]), np.array([r]), **kw)[0])
+    def generic(p: float, d: float, x: float, a: float, r: float, n: float = 0.0) -> float:
+        args = (np.array([p]), np.array([d]), np.array([x]), np.array([a]), np.array([r]))
+        if n:  # prefill_reqs: optional, so a profile class without it still works
+            return float(profile.step_time(*args, prefill_reqs=np.array([n]), **kw)[0])
+        return float(profile.step_time(*args, **kw)[0])
 
     make = getattr(profile, "step_time_scalar", None)
     if make is None:
@@ -60,6 +62,19 @@ def _step_time_scalar(profile: Profile, config: ServingConfig) -> Callable[[floa
     cols[3][8:16] = 0.0
     ref = profile.step_time(*cols, **kw)
     mine = np.array([scalar(*(float(col[i]) for col in cols)) for i in range(64)])
+    try:  # with prefill_reqs too (profiles whose step model takes it)
+        nreq = rng.integers(0, 64, 64).astype(np.float64)
+        ref_n = profile.step_time(*cols, prefill_reqs=nreq, **kw)
+        mine_n = np.array([scalar(*(float(col[i]) for col in cols), float(nreq[i])) for i in range(64)])
+        ref, mine = np.concatenate([ref, ref_n]), np.concatenate([mine, mine_n])
+    except TypeError:  # a step model without prefill_reqs: accept and ignore it
+        five = scalar
+
+        def scalar(p: float, d: float, x: float, a: float, r: float, n: float = 0.0) -> float:
+            return five(p, d, x, a, r)
+
+        def generic(p: float, d: float, x: float, a: float, r: float, n: float = 0.0) -> float:
+            return float(profile.step_time(np.array([p]), np.array([d]), np.array([x]), np.array([a]), np.array([r]), **kw)[0])
     return scalar if np.array_equal(ref, mine) else generic
 
 
@@ -226,7 +241,9 @@ def simulate(
         serving_config=config.to_dict(),
         window_s=None if window_s is None else float(window_s),
     )
-    results_df: pl.DataFrame = pl.from_arrow(results)  # type: ignore[assignment]
+    # The metrics read no identifiers: leave the largest string columns out of the copy.
+    skip = {"request_id", "target", "error", "prompt_token_ids", "tenant", "session_id"}
+    results_df: pl.DataFrame = pl.from_arrow(results.select([c for c in results.column_names if c not in skip]))  # type: ignore[assignment]
     summary = summarize(results_df, ctx)
     summary.update(
         steps=loop.step,
@@ -276,10 +293,10 @@ class _Loop:
         self.profile = profile
         self.config = config
         self.arrival = arrival
-        self.arrival_list: list[float] = arrival.tolist()
+        self.num_requests = len(arrival)
         # Valid requests arrived among the first k: for num_waiting.
-        self.valid_prefix = np.concatenate([[0], np.cumsum(valid)]).astype(np.int64)
         self.all_valid = bool(valid.all())
+        self.valid_prefix = None if self.all_valid else np.concatenate([[0], np.cumsum(valid)]).astype(np.int64)
         self.window = window
         self.record = record_steps
         self.check = check_invariants
@@ -296,26 +313,28 @@ class _Loop:
         self._ff_retry_t = -math.inf
 
     def _num_arrived_valid(self, k: int) -> int:
-        return k if self.all_valid else int(self.valid_prefix[k])
+        return k if self.valid_prefix is None else int(self.valid_prefix[k])
 
     def run(self, fast_forward: bool) -> None:
         sched = self.sched
-        arrivals = self.arrival_list
-        n = len(arrivals)
+        # Arrival times stay a numpy array: a Python list of a million floats costs
+        # more (memory, page faults) than the per-step searchsorted it would speed up.
+        arrivals = self.arrival
+        n = self.num_requests
         window = self.window
-        t = arrivals[0] if n else 0.0
+        t = float(arrivals[0]) if n else 0.0
         step = 0
         record = self.record
         cols = self.steps.cols
         step_end = self.step_end
         while t < window:
-            num_arrived = bisect.bisect_right(arrivals, t)
+            num_arrived = int(arrivals.searchsorted(t, "right"))
             if not sched.running:
                 if sched.waiting.peek(num_arrived, False) is None:
                     # Idle: jump to the next arrival (none left: done).
                     if num_arrived >= n:
                         break
-                    t = arrivals[num_arrived]
+                    t = float(arrivals[num_arrived])
                     continue
             elif fast_forward and not sched.prefilling and step >= self._ff_retry_step and t >= self._ff_retry_t:
                 k = self._fast_forward(step, t, num_arrived)
@@ -325,7 +344,8 @@ class _Loop:
                     continue
             plan = sched.schedule(step, num_arrived)
             dur = self.step_time(
-                plan.prefill_tokens, plan.num_decodes, plan.context_tokens, plan.num_adapters, plan.rank_sum
+                plan.prefill_tokens, plan.num_decodes, plan.context_tokens, plan.num_adapters, plan.rank_sum,
+                len(plan.prefills),
             ) + plan.adapter_load_s
             t_next = t + dur
             if record:
@@ -383,8 +403,8 @@ class _Loop:
             # Free blocks only shrink during the stretch: blocked now, blocked then.
             return math.inf if need > free else None
         # Nothing admissible has arrived: the next arrival that would be admissible.
-        head = waiting.peek(len(self.arrival_list) + 1, loras_full)
-        return math.inf if head is None else self.arrival_list[head[1]]
+        head = waiting.peek(self.num_requests + 1, loras_full)
+        return math.inf if head is None else float(self.arrival[head[1]])
 
     def _fast_forward(self, step: int, t: float, num_arrived: int) -> int:
         """Advance a decode-only stretch starting at `step` in one computation; returns
@@ -453,7 +473,7 @@ class _Loop:
         k = len(starts)
         cols = self.steps.cols
         arrived = np.searchsorted(self.arrival, starts, side="right")
-        arrived_valid = arrived if self.all_valid else self.valid_prefix[arrived]
+        arrived_valid = arrived if self.valid_prefix is None else self.valid_prefix[arrived]
         waiting = arrived_valid - sched.waiting.num_taken + sched.waiting.num_front
         used_before = sched.used_blocks - int(need[-1])
         cols["t_s"].extend(starts.tolist())

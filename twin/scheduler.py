@@ -90,7 +90,8 @@ class WaitingQueue:
         order = idx[np.argsort(keys, kind="stable")]
         counts = np.bincount(queue_of[idx], minlength=self.num_queues)
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        self._reqs: list[int] = order.tolist()
+        # Request ids grouped by queue, in arrival order (numpy: no Python int per request).
+        self._reqs: np.ndarray = order
         self._head: list[int] = starts.tolist()
         self._end: list[int] = (starts + counts).tolist()
         self._front: list[deque[tuple[int, int]]] = [deque() for _ in range(self.num_queues)]
@@ -99,7 +100,7 @@ class WaitingQueue:
         self._heaps: tuple[list[tuple[int, int]], list[tuple[int, int]]] = ([], [])
         for q in range(self.num_queues):
             if counts[q] > 0:
-                self._heaps[self._admissible[q]].append((self._reqs[self._head[q]], q))
+                self._heaps[self._admissible[q]].append((int(self._reqs[self._head[q]]), q))
         for h in self._heaps:
             heapq.heapify(h)
         self._prepend_key = 0
@@ -112,7 +113,7 @@ class WaitingQueue:
         if front:
             return front[0][0]
         h = self._head[q]
-        return self._reqs[h] if h < self._end[q] else None
+        return int(self._reqs[h]) if h < self._end[q] else None
 
     def _top(self, which: bool) -> tuple[int, int] | None:
         heap = self._heaps[which]
@@ -125,7 +126,7 @@ class WaitingQueue:
                 head_key = front[0][0]
             else:
                 h = heads[q]
-                head_key = reqs[h] if h < ends[q] else None
+                head_key = int(reqs[h]) if h < ends[q] else None
             if admissible[q] is not which or key != head_key:
                 heapq.heappop(heap)  # stale entry
                 continue
@@ -309,8 +310,10 @@ class Scheduler:
         # numpy copies of in_decode and prompt - dbase, for the vectorised running loop.
         self._dec_np = np.zeros(n, dtype=bool)
         self._pmd_np = np.zeros(n, dtype=np.int64)
-        self.first_token_step = [-1] * n  # step whose end produced the first token
-        self.end_step = [-1] * n
+        # Step whose end produced the first token / the last one (-1: not yet); numpy,
+        # written once per request, read as whole columns for the results.
+        self.first_token_step = np.full(n, -1, dtype=np.int64)
+        self.end_step = np.full(n, -1, dtype=np.int64)
 
         self.waiting = WaitingQueue(adapter_idx, valid, self.num_adapters)
         self.running: dict[int, None] = {}  # running order = admission order
@@ -487,7 +490,12 @@ class Scheduler:
                 self.running[r] = None
                 self.prefilling[r] = None
                 computed[r] = 0
-                self._add_running_adapter(a, step, plan)
+                if a != BASE:
+                    count = running_adapters.get(a, 0)
+                    if count:
+                        running_adapters[a] = count + 1
+                    else:
+                        self._add_running_adapter(a, step, plan)  # first one: slots, loads
                 plan.prefills.append((r, num_new_tokens))
                 plan.prefill_tokens += num_new_tokens
                 plan.context_tokens += num_new_tokens
@@ -628,12 +636,29 @@ class Scheduler:
                 else:
                     self._start_decode(r, step + 1)
         heap = self.finish_heap
+        running, in_decode, dbase_of = self.running, self.in_decode, self.dbase
         while heap and heap[0][0] <= step:
             f, r = heapq.heappop(heap)
-            if f != step or r not in self.running or not self.in_decode[r] or self.dbase[r] + output[r] - 1 != f:
+            if f != step or r not in running or not in_decode[r] or dbase_of[r] + output[r] - 1 != f:
                 continue  # stale entry (preempted or shifted since)
-            self._stop_decode(r, step + 1)
-            self._finish(r, step, cdiv(prompt[r] + output[r] - 1, bs))
+            # A decode finished (`_stop_decode` + `_finish`, inlined: the hot path).
+            dbase = dbase_of[r]
+            gen[r] = output[r]
+            self.block_phase[(prompt[r] - 1 - dbase) % bs] -= 1
+            self.decode_ctx_base -= prompt[r] - dbase
+            self.num_decoding -= 1
+            in_decode[r] = False
+            self._dec_np[r] = False
+            del running[r]
+            self.used_blocks -= cdiv(prompt[r] + output[r] - 1, bs)
+            self.end_step[r] = step
+            a = self.adapter[r]
+            if a != BASE:
+                count = self.running_adapters[a] - 1
+                if count:
+                    self.running_adapters[a] = count
+                else:
+                    self._remove_running_adapter(a, step)
 
     def _finish(self, r: int, step: int, blocks: int) -> None:
         del self.running[r]
