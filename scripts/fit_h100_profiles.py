@@ -53,7 +53,16 @@ GPU_MEMORY_GIB = 64.0  # inferred by the data's README from Llama's KV capacity
 # slots do pin down): Llama has a single mixed prefill+decode LoRA run. Chosen on that
 # physical ground after seeing the twin over-price long LoRA prefill chunks on the
 # validation sweeps; the coefficients themselves are fitted on the calibration runs only.
-STEP_FEATURES = tuple(f for f in FEATURES if f != "lora_tokens")
+#
+# Second revision (issue 6), also said plainly: `lora_slot_tokens` is replaced by
+# `lora_slot_rank_tokens` (slots x max_lora_rank x tokens; vLLM's LoRA weights are stacked
+# padded to max_lora_rank, so the kernels' work grows with it). Every big-batch LoRA
+# calibration run has max_lora_rank 8, where the two features are proportional: the fit
+# is unchanged there, and only the extrapolation to max_lora_rank 16/32 differs. That form
+# was chosen after the validation sweeps showed saturated rank-16/32 runs over-predicted;
+# data that would fit the rank dependence instead: all-at-once LoRA runs (like
+# predictor_latency_overhead) at max_lora_rank 16 and 32.
+STEP_FEATURES = tuple(f for f in FEATURES if f not in ("lora_tokens", "lora_slot_tokens"))
 
 
 def memory_runs(model: str) -> list[dict]:

@@ -154,8 +154,8 @@ def test_features_cover_the_interface() -> None:
     for f in FEATURES:
         coef = dict(base, **{f: 1.0})
         m = LinearStepTime(coef, min_s=0.0)
-        t0 = m.predict(10, 10, 10, 2, 16, max_loras=4)
-        t1 = m.predict(20, 20, 20, 3, 32, max_loras=8)
+        t0 = m.predict(10, 10, 10, 2, 16, max_loras=4, prefill_reqs=1)
+        t1 = m.predict(20, 20, 20, 3, 32, max_loras=8, prefill_reqs=2)
         if f in ("intercept", "lora_base"):  # constant per step (per LoRA step)
             assert float(t1) == float(t0) > 0, f
         else:

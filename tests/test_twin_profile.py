@@ -137,14 +137,21 @@ counts = st.integers(0, 4096)
 
 
 @settings(max_examples=200, deadline=None)
-@given(p=counts, d=counts, x=st.integers(0, 500_000), a=st.integers(0, 128), r=st.integers(0, 4096), slots=st.integers(1, 384))
-def test_step_time_scalar_bit_identical_and_monotone(p: int, d: int, x: int, a: int, r: int, slots: int) -> None:
+@given(
+    p=counts, d=counts, x=st.integers(0, 500_000), a=st.integers(0, 128), r=st.integers(0, 4096),
+    slots=st.integers(1, 384), n=st.integers(0, 256),
+)
+def test_step_time_scalar_bit_identical_and_monotone(p: int, d: int, x: int, a: int, r: int, slots: int, n: int) -> None:
     for name in PROFILES.values():
         prof = load_profile(name)
         kw = {"max_lora_rank": 16, "max_loras": slots}
         vec = prof.step_time(np.array([p]), np.array([d]), np.array([x]), np.array([a]), np.array([r]), **kw)
         sc = prof.step_time_scalar(**kw)(float(p), float(d), float(x), float(a), float(r))
         assert vec.shape == (1,) and vec[0] == sc  # bit for bit
+        # prefill_reqs is optional: 0 is the same as leaving it out, any n bit for bit.
+        vec_n = prof.step_time(p, d, x, a, r, prefill_reqs=n, **kw)
+        sc_n = prof.step_time_scalar(**kw)(float(p), float(d), float(x), float(a), float(r), float(n))
+        assert float(vec_n) == sc_n >= sc
         # Non-negative coefficients: more work never takes less time.
         more = prof.step_time_scalar(**kw)(float(p + 1), float(d + 1), float(x + 16), float(a), float(r))
         assert more >= sc > 0
@@ -212,6 +219,12 @@ def test_microbench_schedule_invariants(
         assert int(p.sum()) == n * prompt
     else:  # recomputation re-prefills what was lost, and the sampled token with it
         assert int(p.sum() + d.sum()) > n * (prompt + out - 1)
+    # prefill_reqs counts requests with prompt tokens in a step: each request at least
+    # once; a step's budget ends with at most one partial chunk, which adds one more.
+    n_pre = x[:, FEATURES.index("prefill_reqs")]
+    assert np.all(n_pre <= np.minimum(p, seqs)) and np.all((n_pre > 0) == (p > 0))
+    if s.num_preempted == 0:
+        assert n <= int(n_pre.sum()) <= n + int(np.count_nonzero(p))
     agg = s.aggregates()
     ones = np.array([1.0] + [0.0] * (len(FEATURES) - 1))
     assert agg["duration_s"] @ ones == len(x)  # one intercept per step
@@ -268,3 +281,43 @@ def test_fit_script_reproduces_shipped_profiles(tmp_path: Path) -> None:
         assert new["memory"] == old["memory"]
         for f in FEATURES:
             assert new["step_time"]["coef"][f] == pytest.approx(old["step_time"]["coef"][f], rel=1e-9, abs=1e-15)
+
+
+def test_engine_charges_prefill_reqs_per_request_entering_a_step() -> None:
+    """The engine passes each step's prefill_reqs to the step model: adding a per-request
+    cost lengthens the simulated steps by exactly that cost times the requests with
+    prompt tokens in each step (read back from the recorded steps)."""
+    from tracekit.synth import synthesize
+    from twin.api import simulate
+    from twin.profile import Profile
+
+    trace, ctx = synthesize(adapters=4, rates=[2.0], ranks=[8], duration_s=30, seed=3)
+    cfg = ServingConfig(max_loras=2, max_cpu_loras=4, max_lora_rank=8, max_num_seqs=64)
+    base = load_profile("h100-llama-3.1-8b").to_dict()
+    coef = {"intercept": 0.01, "decode_tokens": 1e-4}
+    steps = {}
+    for name, extra in (("plain", 0.0), ("per_req", 0.004)):
+        data = dict(base, step_time={"kind": "linear", "coef": dict(coef, prefill_reqs=extra), "min_s": 0.0})
+        data["adapter_load"] = {"kind": "linear", "base_ms": 0.0, "per_rank_ms": 0.0}
+        res = simulate(trace, Profile.from_dict(data), cfg, trace_context=ctx, window_s=1e6, record_steps=True)
+        assert res.steps is not None
+        steps[name] = pl.from_arrow(res.steps)
+    plain, per_req = steps["plain"], steps["per_req"]
+    assert int(per_req["prefill_reqs"].max()) > 1  # some steps admit several requests
+    # Step times change which arrivals each step sees, so each run is checked against its
+    # own recorded steps.
+    for s, c in ((plain, 0.0), (per_req, 0.004)):
+        want = 0.01 + 1e-4 * s["decode_tokens"].cast(pl.Float64) + c * s["prefill_reqs"].cast(pl.Float64)
+        assert np.allclose(s["duration_s"].to_numpy(), want.to_numpy(), rtol=1e-9, atol=1e-12)
+    assert int(per_req["prefill_reqs"].sum()) >= trace.height  # every request prefills at least once
+    assert per_req["duration_s"].sum() > plain["duration_s"].sum()
+
+
+def test_lora_kernel_term_grows_with_max_lora_rank() -> None:
+    """LoRA weights are padded to max_lora_rank, so a LoRA batch costs more at a larger
+    max_lora_rank; a base-model batch does not care."""
+    prof = load_profile("h100-llama-3.1-8b")
+    lora = [float(prof.step_time(0, 512, 512 * 400, 16, 256, max_lora_rank=k, max_loras=64)) for k in (8, 16, 32)]
+    assert lora[0] < lora[1] < lora[2]
+    base = {float(prof.step_time(0, 512, 512 * 400, 0, 0, max_lora_rank=k, max_loras=64)) for k in (8, 16, 32)}
+    assert len(base) == 1

@@ -94,8 +94,9 @@ def schedule_closed_batch(mb: Microbench) -> Schedule:
     free_blocks = mb.kv_tokens // bs
     running: list[int] = []
     waiting: deque[int] = deque(range(n_req))
-    # Segments of identical-shape steps: (count, prefill, decode, ctx0, ctx_step, n_adapters, rank_sum)
-    segs: list[tuple[int, int, int, int, int, int, int]] = []
+    # Segments of identical-shape steps:
+    # (count, prefill, decode, ctx0, ctx_step, n_adapters, rank_sum, prefill_reqs)
+    segs: list[tuple[int, int, int, int, int, int, int, int]] = []
     step = 0
     preempted_total = 0
     rank = mb.adapter_rank
@@ -128,7 +129,7 @@ def schedule_closed_batch(mb: Microbench) -> Schedule:
                         held[ids] = new_held
                         r = len(ids)
                         ads = {int(a) for a in adapter[ids] if a >= 0}
-                        segs.append((k, 0, r, int(c0.sum()) + r, r, len(ads), rank * len(ads)))
+                        segs.append((k, 0, r, int(c0.sum()) + r, r, len(ads), rank * len(ads), 0))
                         computed[ids] += k
                         generated[ids] += k
                         step += k
@@ -187,7 +188,7 @@ def schedule_closed_batch(mb: Microbench) -> Schedule:
             waiting.extendleft(reversed(skipped))
         if not sched:
             raise RuntimeError(f"{mb.name}: nothing schedulable (KV cache too small for one request?)")
-        p_tok = d_tok = ctx = 0
+        p_tok = d_tok = ctx = n_pre = 0
         finished: list[int] = []
         for r, n in sched:
             is_decode = generated[r] >= 1 and n == 1 and computed[r] >= prompt[r]
@@ -195,6 +196,7 @@ def schedule_closed_batch(mb: Microbench) -> Schedule:
                 d_tok += 1
             else:
                 p_tok += n
+                n_pre += 1
             computed[r] += n
             ctx += int(computed[r])
             if computed[r] == prompt[r] + generated[r]:
@@ -210,7 +212,7 @@ def schedule_closed_batch(mb: Microbench) -> Schedule:
         if finished:
             done = set(finished)
             running = [r for r in running if r not in done]
-        segs.append((1, p_tok, d_tok, ctx, 0, len(sched_adapters), rank * len(sched_adapters)))
+        segs.append((1, p_tok, d_tok, ctx, 0, len(sched_adapters), rank * len(sched_adapters), n_pre))
         step += 1
 
     seg = np.array(segs, dtype=np.int64)
@@ -226,6 +228,7 @@ def schedule_closed_batch(mb: Microbench) -> Schedule:
         seg[rep, 6],
         max_lora_rank=mb.max_lora_rank,
         max_loras=mb.max_loras,
+        prefill_reqs=seg[rep, 7],
     )
     assert x.shape[1] == len(FEATURES)
     return Schedule(x=x, first_step=first, last_step=last, output_tokens=out_len, num_preempted=preempted_total)

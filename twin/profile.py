@@ -101,13 +101,15 @@ class Profile:
         *,
         max_lora_rank: int,
         max_loras: int,
+        prefill_reqs: np.ndarray | float = 0,
     ) -> np.ndarray:
         """Seconds per step, element-wise over arrays (scalars broadcast).
 
         prefill_tokens: prompt tokens scheduled this step; decode_tokens: one per decoding
         request; context_tokens: KV tokens the scheduled requests attend to (their
         computed tokens after this step, summed); num_adapters: distinct adapters in the
-        batch; rank_sum: sum of their ranks. Adapter loads are not included: add
+        batch; rank_sum: sum of their ranks; prefill_reqs (optional, default 0): requests
+        with prompt tokens in the step. Adapter loads are not included: add
         `adapter_load_s` for each load the step waits for."""
         return self.step_model.predict(
             prefill_tokens,
@@ -117,10 +119,11 @@ class Profile:
             rank_sum,
             max_lora_rank=max_lora_rank,
             max_loras=max_loras,
+            prefill_reqs=prefill_reqs,
         )
 
     def step_time_scalar(self, *, max_lora_rank: int, max_loras: int) -> Callable[..., float]:
-        """(p, d, x, a, r) -> seconds on plain floats, bit-identical to `step_time`,
+        """(p, d, x, a, r, n=0) -> seconds on plain floats (n: prefill_reqs), bit-identical to `step_time`,
         for step-by-step loops (~1 us per call)."""
         return self.step_model.scalar(max_lora_rank=max_lora_rank, max_loras=max_loras)
 
