@@ -46,6 +46,10 @@ VLLM_PY = REPO / ".venv-vllm" / "bin" / "python"
 BENCH = ("import argparse, sys; from vllm.benchmarks.serve import add_cli_args, main; "
          "p = argparse.ArgumentParser(); add_cli_args(p); main(p.parse_args(sys.argv[1:]))")
 PROMPT, OUTPUT = 64, 16
+# `replay run` with its default HTTP client (h1stream: synchronous write at the deadline)
+# and with the earlier aiohttp client (a task per request), the before/after of the change.
+REPLAY_TOOLS = {"replay": "h1", "replay-aiohttp": "aiohttp"}
+LABEL = {"replay": "replay run", "replay-aiohttp": "replay run (aiohttp client, before)"}
 
 
 def free_port() -> int:
@@ -109,9 +113,10 @@ def server_lags(url: str, arrivals: np.ndarray) -> tuple[np.ndarray, float]:
     return lag, float(ratio)
 
 
-def run_replay(url: str, trace: Path, out: Path) -> dict[str, Any]:
+def run_replay(url: str, trace: Path, out: Path, client: str = "h1") -> dict[str, Any]:
+    env = dict(os.environ, TRACEKIT_REPLAY_HTTP=client)
     cpu, wall, _ = run_child([str(VENV_BIN / "replay"), "run", str(trace), "--target", "vllm", "--url", url,
-                              "--until-done", "--no-progress", "--out", str(out)])
+                              "--until-done", "--no-progress", "--out", str(out)], env=env)
     res, meta = read(out, "results")
     lag = (res["dispatch_s"] - res["arrival_s"]).to_numpy()
     errors = res.filter(pl.col("status") != "ok").group_by("error").len().sort("len", descending=True).head(3)
@@ -138,15 +143,15 @@ def run_bench(url: str, jsonl: Path, n: int, tokenizer: Path, result_dir: Path) 
 def measure(tool: str, url: str, rate: float, duration: float, work: Path, tokenizer: Path | None, seed: int) -> dict[str, Any]:
     trace, jsonl, arr = make_trace(work, rate, duration, seed)
     http(f"{url}/_reset", b"{}")
-    if tool == "replay":
-        row = run_replay(url, trace, work / f"res-{rate:g}-{len(arr)}.parquet")
+    if tool in REPLAY_TOOLS:
+        row = run_replay(url, trace, work / f"res-{rate:g}-{len(arr)}.parquet", REPLAY_TOOLS[tool])
     else:
         assert tokenizer is not None
         row = run_bench(url, jsonl, len(arr), tokenizer, work)
     lag, ratio = server_lags(url, arr)
     row.update({"tool": tool, "rate": rate, "duration_s": duration, "server_lag_p50_ms": float(np.percentile(lag, 50) * 1e3),
                 "server_lag_p99_ms": float(np.percentile(lag, 99) * 1e3), "achieved_rate_ratio": ratio})
-    if tool != "replay":
+    if tool not in REPLAY_TOOLS:
         row.update(client_lag_p50_ms=float("nan"), client_lag_p99_ms=float("nan"))
     # Other jobs share these two cores: the 1-minute load average says how much.
     row["loadavg_1m"] = os.getloadavg()[0]
@@ -169,6 +174,8 @@ def main() -> None:
     ap.add_argument("--sweep", default="400,800,1200,1600", help="Rates pushed after the main one.")
     ap.add_argument("--sweep-duration", type=float, default=15.0)
     ap.add_argument("--no-baseline", action="store_true", help="Skip `vllm bench serve`.")
+    ap.add_argument("--no-aiohttp", action="store_true", help="Skip `replay run` on its earlier aiohttp client.")
+    ap.add_argument("--sweep-aiohttp", action="store_true", help="Also push the rate with the aiohttp client.")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "replay")
     ap.add_argument("--report-only", action="store_true", help="Rewrite the .md from the saved .json.")
     args = ap.parse_args()
@@ -180,7 +187,7 @@ def main() -> None:
         write_report(saved["rows"], saved["startup"], args, tools, saved["machine"])
         return
     baseline = not args.no_baseline and VLLM_PY.exists()
-    tools = ["replay"] + (["vllm bench serve"] if baseline else [])
+    tools = ["replay"] + (["replay-aiohttp"] if not args.no_aiohttp else []) + (["vllm bench serve"] if baseline else [])
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([sys.executable, "-m", "replay.fast_server", "--port", str(port), "--itl-ms", "1"],
@@ -201,6 +208,8 @@ def main() -> None:
             plan += [("sweep", 0, float(x), args.sweep_duration, 100) for x in args.sweep.split(",") if x]
             for phase, rep, rate, duration, seed in plan:
                 for t in tools:
+                    if phase == "sweep" and t == "replay-aiohttp" and not args.sweep_aiohttp:
+                        continue
                     try:
                         row = measure(t, url, rate, duration, work, tokenizer, seed)
                     except RuntimeError as e:  # a client that crashes is a result, not the end
@@ -226,7 +235,9 @@ def write_report(rows: list[dict[str, Any]], startup: dict[str, Any], args: argp
                  machine: str | None = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     machine = machine or f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), shared with other jobs, Python {platform.python_version()}"
-    cmd = "  ".join(["python benchmarks/replay_fidelity.py", f"--rate {args.rate:g} --duration {args.duration:g} --repeats {args.repeats} --sweep {args.sweep} --sweep-duration {args.sweep_duration:g}"])
+    cmd = "  ".join(["python benchmarks/replay_fidelity.py", f"--rate {args.rate:g} --duration {args.duration:g} --repeats {args.repeats} --sweep {args.sweep} --sweep-duration {args.sweep_duration:g}"
+                                                         + (" --no-aiohttp" if getattr(args, "no_aiohttp", False) else "")
+                                                         + (" --sweep-aiohttp" if getattr(args, "sweep_aiohttp", False) else "")])
     saved_args = {k: getattr(args, k) for k in ("rate", "duration", "repeats", "sweep", "sweep_duration")}
     def nan_to_none(v: Any) -> Any:  # strict JSON has no NaN
         if isinstance(v, float) and v != v:
@@ -249,9 +260,12 @@ def write_report(rows: list[dict[str, Any]], startup: dict[str, Any], args: argp
         "",
         f"Machine: {machine}. Command: `{cmd}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}).",
         "Server: `replay.fast_server` (16 tokens streamed 1 ms apart, no model), its own process.",
-        "Trace: Poisson arrivals, prompt 64 / output 16 tokens, the same for both clients.",
+        "Trace: Poisson arrivals, prompt 64 / output 16 tokens, the same for every client.",
         "Lag at the server: arrival at the server minus trace time, offset so the earliest request is on",
-        "time (the same measurement for both clients). Client lag: `dispatch_s - arrival_s` from `replay run`'s results.",
+        "time (the same measurement for every client). Client lag: `dispatch_s - arrival_s` from `replay run`'s results;",
+        "`replay run` stamps `dispatch_s` right before `transport.write` of the request bytes (its h1stream client,",
+        "called synchronously at the deadline); the aiohttp client (before) stamps it when the request's task starts,",
+        "before aiohttp builds and writes the request, so its client lag understates its true lag.",
         "CPU/request: the client process's CPU (user+sys), minus a 20-request run's (start-up), per extra request.",
         "",
         f"## At {args.rate:g} req/s for {args.duration:g} s (median of {args.repeats} runs)",
@@ -263,8 +277,8 @@ def write_report(rows: list[dict[str, Any]], startup: dict[str, Any], args: argp
         oks = [r["ok"] for r in main_rows if r["tool"] == t]
         n = main_rows[[r["tool"] for r in main_rows].index(t)]["n"]
         ok = f"{min(oks)}-{max(oks)}" if min(oks) != max(oks) else str(oks[0])
-        client = f"{med(t, 'client_lag_p99_ms'):.3f}" if t == "replay" else "n/a"
-        lines.append(f"| `{t if t != 'replay' else 'replay run'}` | {ok} / {n} | {med(t, 'server_lag_p99_ms'):.3f} | "
+        client = f"{med(t, 'client_lag_p99_ms'):.3f}" if t in REPLAY_TOOLS else "n/a"
+        lines.append(f"| `{LABEL.get(t, t)}` | {ok} / {n} | {med(t, 'server_lag_p99_ms'):.3f} | "
                      f"{med(t, 'server_lag_p50_ms'):.3f} | {client} | {med(t, 'achieved_rate_ratio'):.4f} | "
                      f"{med(t, 'cpu_ms_per_request'):.3f} | {med(t, 'loadavg_1m'):.1f} |")
     lag99, ratio = med("replay", "client_lag_p99_ms"), med("replay", "achieved_rate_ratio")
@@ -272,18 +286,21 @@ def write_report(rows: list[dict[str, Any]], startup: dict[str, Any], args: argp
               f"({lag99:.3f} ms on the client, {med('replay', 'server_lag_p99_ms'):.3f} ms at the server); "
               f"achieved rate within 1%: {'met' if abs(ratio - 1) <= 0.01 else 'NOT met'} ({ratio:.4f}). "
               f"Read them with the machine load beside them: the client, the server and other jobs share two cores."]
-    if len(tools) == 2:
-        lines += ["", f"CPU per request, `replay run` / `vllm bench serve`: "
-                  f"{med('replay', 'cpu_ms_per_request') / med('vllm bench serve', 'cpu_ms_per_request'):.2f}; "
-                  f"p99 server-side lag ratio: {med('replay', 'server_lag_p99_ms') / med('vllm bench serve', 'server_lag_p99_ms'):.2f}."]
+    for base in ("replay-aiohttp", "vllm bench serve"):
+        if base in tools:
+            lines += ["", f"`replay run` / `{LABEL.get(base, base)}`: CPU per request "
+                      f"{med('replay', 'cpu_ms_per_request') / med(base, 'cpu_ms_per_request'):.2f}; "
+                      f"p99 server-side lag {med('replay', 'server_lag_p99_ms') / med(base, 'server_lag_p99_ms'):.2f}"
+                      + (f"; p99 client lag {med('replay', 'client_lag_p99_ms') / med(base, 'client_lag_p99_ms'):.2f}"
+                         if base in REPLAY_TOOLS else "") + "."]
     lines += ["", f"## Pushing the rate ({args.sweep_duration:g} s per rate, one run each)", "",
               "| rate (req/s) | client | ok / sent | p99 lag at server (ms) | p99 client lag (ms) | achieved / trace rate | CPU ms / request | machine load (1-min) |",
               "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["phase"] != "sweep":
             continue
-        client = _num(r["client_lag_p99_ms"], 3) if r["tool"] == "replay" else "n/a"
-        lines.append(f"| {r['rate']:g} | `{r['tool'] if r['tool'] != 'replay' else 'replay run'}` | {r['ok']} / {r['n']} | "
+        client = _num(r["client_lag_p99_ms"], 3) if r["tool"] in REPLAY_TOOLS else "n/a"
+        lines.append(f"| {r['rate']:g} | `{LABEL.get(r['tool'], r['tool'])}` | {r['ok']} / {r['n']} | "
                      f"{_num(r['server_lag_p99_ms'], 3)} | {client} | {_num(r['achieved_rate_ratio'], 4)} | {r['cpu_ms_per_request']:.3f} | {r['loadavg_1m']:.1f} |")
     degraded = [r["rate"] for r in rows if r["tool"] == "replay"
                 and not (r["client_lag_p99_ms"] <= 1.0 and (r["achieved_rate_ratio"] or 0.0) >= 0.99)]

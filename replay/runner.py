@@ -10,6 +10,8 @@ nothing about HTTP: a target gives it a coroutine `send(i, rec)` that fills row 
 from __future__ import annotations
 
 import asyncio
+import gc
+import os
 import signal
 import time
 from collections import deque
@@ -66,6 +68,7 @@ class RunOutcome:
 
 
 TIMER_SLACK_S = 0.0012
+SPIN_S = 0.0002
 SendFn = Callable[[int, Recorder], Awaitable[None]]
 
 
@@ -75,12 +78,25 @@ async def run_open_loop(arrivals: np.ndarray, send: SendFn, opts: RunOptions, co
     # perf_counter, not loop.time(): uvloop's clock ticks in whole milliseconds.
     clock = time.perf_counter
     n = len(arrivals)
+    # Optional target hooks: `prepare(n)` before the clock starts (open connections),
+    # `prebuild(i)` before waiting for request i's deadline, and `start(i, rec) -> Future`,
+    # which writes the request synchronously (no task-start hop between deadline and send).
+    prepare = getattr(send, "prepare", None)
+    prebuild = getattr(send, "prebuild", None)
+    start_now: Callable[[int, Recorder], asyncio.Future[None]] | None = getattr(send, "start", None)
+    if prepare is not None:
+        await prepare(n)
+    if os.environ.get("TRACEKIT_REPLAY_GC") != "default":
+        # Setup objects (the trace, prompt ids, imports) never die during a replay: freeze
+        # them out of the collector, so its full passes stay short and do not delay a send.
+        gc.collect()
+        gc.freeze()
     t0 = clock() + 0.05  # a short head start so the first deadline is not already late
     rec = Recorder(n, t0)
     out = RunOutcome(rec)
     cap = opts.max_concurrency or 0
     pending: deque[int] = deque()  # due but held back by --max-concurrency
-    inflight: set[asyncio.Task[None]] = set()
+    inflight: set[asyncio.Future[None]] = set()
     stop_at: list[float] = []  # clock time of the first stop request (signal)
     hard_stop = asyncio.Event()
     sending_done = asyncio.Event()
@@ -98,12 +114,22 @@ async def run_open_loop(arrivals: np.ndarray, send: SendFn, opts: RunOptions, co
             rec.error[i] = "interrupted" if stop_at else "cut at window end"
 
     def start(i: int) -> None:
-        task = loop.create_task(guarded(i))
-        inflight.add(task)
-        task.add_done_callback(on_done)
+        fut: asyncio.Future[None]
+        if start_now is not None:
+            fut = start_now(i, rec)
+            fut.add_done_callback(lambda f: on_cancelled(i) if f.cancelled() else None)
+        else:
+            fut = loop.create_task(guarded(i))
+        inflight.add(fut)
+        fut.add_done_callback(on_done)
         rec.sent += 1
 
-    def on_done(task: asyncio.Task[None]) -> None:
+    def on_cancelled(i: int) -> None:
+        # Same record as `guarded` makes for a cancelled task.
+        rec.status[i] = UNFINISHED
+        rec.error[i] = "interrupted" if stop_at else "cut at window end"
+
+    def on_done(task: asyncio.Future[None]) -> None:
         inflight.discard(task)
         if pending and not ticker_stop.is_set():
             start(pending.popleft())
@@ -148,16 +174,21 @@ async def run_open_loop(arrivals: np.ndarray, send: SendFn, opts: RunOptions, co
         # the loop until just before the deadline, then the last stretch on a precise clock.
         for i in range(n):
             deadline = t0 + float(arrivals[i])
+            if prebuild is not None:
+                prebuild(i)
             left = deadline - clock() - TIMER_SLACK_S
             if left > 0:
                 await asyncio.sleep(left)
             if ticker_stop.is_set():
                 return
             left = deadline - clock()
-            if left > 0:
+            if left > SPIN_S:
                 # Blocks the loop for at most TIMER_SLACK_S: chunks read meanwhile get
                 # their timestamps up to that late, far below a real server's ITL.
-                time.sleep(left)
+                time.sleep(left - SPIN_S)
+            # time.sleep overshoots by ~50-100 us (kernel timer slack): spin the rest.
+            while clock() < deadline:
+                pass
             fire(i)
         finish_sending()
 
@@ -230,6 +261,9 @@ async def run_open_loop(arrivals: np.ndarray, send: SendFn, opts: RunOptions, co
     finally:
         ticker_stop.set()
         ticker_task.cancel()
+        close = getattr(send, "close", None)
+        if close is not None:
+            close()
         for sig in installed:
             loop.remove_signal_handler(sig)
         refresh(final=True)

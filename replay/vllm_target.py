@@ -15,11 +15,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import numpy as np
 import polars as pl
 
+from replay.h1stream import ConnPool, ResponseSink
 from replay.runner import ERROR, OK, TIMEOUT, Recorder
 from tracekit.schema import TracekitError, adapter_ranks
 
@@ -27,6 +29,11 @@ from tracekit.schema import TracekitError, adapter_ranks
 # every common vocabulary (special ids sit at the very start or the very end).
 DEFAULT_TOKEN_ID_RANGE = (1000, 2000)
 ERROR_TEXT_MAX = 300
+# Connections opened before the replay starts (more are opened when a burst needs them).
+PREWARM_CONNECTIONS = 16
+# Set to "aiohttp" to send with aiohttp, a task per request (the earlier client; kept as an
+# escape hatch and as the fidelity benchmark's baseline).
+HTTP_CLIENT_ENV = "TRACEKIT_REPLAY_HTTP"
 
 
 @dataclass
@@ -154,6 +161,59 @@ class VllmSender:
         self.timeout = aiohttp.ClientTimeout(total=request_timeout_s)
         self.clock = clock
         self.headers = {"Content-Type": "application/json"}
+        self.request_timeout_s = request_timeout_s
+        self.pool: ConnPool | None = None
+        self.ready: dict[int, bytes] = {}
+        u = urlsplit(url)
+        if u.scheme == "http" and u.hostname and os.environ.get(HTTP_CLIENT_ENV, "h1") != "aiohttp":
+            # Plain HTTP: requests go through the synchronous-dispatch client (h1stream);
+            # https stays on aiohttp (`__call__`).
+            self.pool = ConnPool(u.hostname, u.port or 80, clock)
+            path = (u.path.rstrip("/") + "/v1/completions").encode()
+            host = (u.netloc or u.hostname).encode()
+            self.head = (b"POST " + path + b" HTTP/1.1\r\nHost: " + host
+                         + b"\r\nContent-Type: application/json\r\nAccept: text/event-stream\r\nContent-Length: ")
+
+    @property
+    def start(self) -> Any:
+        """`start(i, rec) -> Future`, the runner's synchronous send, when the URL allows it."""
+        return self._start if self.pool is not None else None
+
+    async def prepare(self, n: int) -> None:
+        if self.pool is not None:
+            await self.pool.prewarm(min(n, PREWARM_CONNECTIONS))
+
+    def prebuild(self, i: int) -> None:
+        """Build request i's bytes ahead of its deadline (the runner calls this before it
+        waits), so the time at the deadline is one write."""
+        if self.pool is not None and i not in self.ready:
+            body = self.body(i)
+            self.ready[i] = self.head + str(len(body)).encode() + b"\r\n\r\n" + body
+
+    def _request_bytes(self, i: int) -> bytes:
+        self.prebuild(i)
+        return self.ready.pop(i)
+
+    def _start(self, i: int, rec: Recorder) -> asyncio.Future[None]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        sink = _SseSink(self, i, rec, fut)
+        t0 = rec.t0
+        clock = self.clock
+
+        def stamp() -> None:
+            rec.dispatch[i] = clock() - t0
+
+        assert self.pool is not None
+        sink.abort = self.pool.send(lambda: self._request_bytes(i), sink, stamp)
+        if self.request_timeout_s is not None:
+            sink.timer = loop.call_later(self.request_timeout_s, sink.on_timeout)
+        fut.add_done_callback(sink.on_future_done)
+        return fut
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
 
     def body(self, i: int) -> bytes:
         # Assembled by hand: json.dumps of a long id list is most of a request's CPU.
@@ -241,6 +301,122 @@ class VllmSender:
         rec.status[i] = status
         rec.error[i] = msg
         rec.failed += 1
+
+
+class _SseSink(ResponseSink):
+    """One streamed completion: counts token events, stamps them, and settles the future."""
+
+    __slots__ = ("sender", "i", "rec", "fut", "status", "buf", "first", "last", "gaps", "chunks",
+                 "usage_tokens", "done", "abort", "timer")
+
+    def __init__(self, sender: VllmSender, i: int, rec: Recorder, fut: asyncio.Future[None]):
+        self.sender, self.i, self.rec, self.fut = sender, i, rec, fut
+        self.status = 0
+        self.buf = b""
+        self.first: float | None = None
+        self.last: float | None = None
+        self.gaps: list[float] = []
+        self.chunks = 0
+        self.usage_tokens: int | None = None
+        self.done = False
+        self.abort: Any = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    def on_head(self, status: int, now: float) -> None:
+        self.status = status
+
+    def on_body(self, data: bytes, now: float) -> bool:
+        if self.fut.done():
+            return True
+        if self.status != 200:
+            self.buf += data
+            return False
+        buf = self.buf + data if self.buf else data
+        if b"\r" in buf:
+            buf = buf.replace(b"\r\n", b"\n")
+        *events, self.buf = buf.split(b"\n\n")
+        for ev in events:
+            if not ev.startswith(b"data:"):
+                continue
+            payload = ev[5:].strip()
+            if payload == b"[DONE]":
+                self.done = True
+                self._ok()
+                return True
+            # Token chunks are counted without parsing them (the bulk of the stream);
+            # usage, error and unexpected events are parsed.
+            if b'"choices":[{' not in payload or b'"usage":{' in payload:
+                try:
+                    obj = json.loads(payload)
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    self._fail(ERROR, f"bad stream event: {e}"[:ERROR_TEXT_MAX], now, abort=True)
+                    return True
+                if "error" in obj:
+                    msg = _error_message(json.dumps(obj["error"] if isinstance(obj["error"], dict) else obj))
+                    self._fail(ERROR, f"stream error: {msg}", now, abort=True)
+                    return True
+                usage = obj.get("usage")
+                if usage:
+                    self.usage_tokens = usage.get("completion_tokens")
+                if not obj.get("choices"):
+                    continue
+            self.chunks += 1
+            if self.first is None:
+                self.first = now
+            else:
+                self.gaps.append(now - self.last)  # type: ignore[operator]
+            self.last = now
+        return False
+
+    def on_end(self, now: float) -> None:
+        if self.fut.done():
+            return
+        if self.status != 200:
+            text = self.buf.decode("utf-8", "replace")[:ERROR_TEXT_MAX]
+            self._fail(ERROR, f"HTTP {self.status}: {_error_message(text)}", now)
+        else:
+            self._fail(ERROR, "stream ended before [DONE]", now)
+
+    def on_lost(self, exc: BaseException | None, now: float) -> None:
+        if self.fut.done():
+            return
+        what = f"{type(exc).__name__}: {exc}" if exc is not None else "ServerDisconnectedError: Server disconnected"
+        self._fail(ERROR, what[:ERROR_TEXT_MAX], now)
+
+    def on_timeout(self) -> None:
+        if not self.fut.done():
+            self._fail(TIMEOUT, "request timeout", self.sender.clock(), abort=True)
+
+    def on_future_done(self, fut: asyncio.Future[None]) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        if fut.cancelled() and self.abort is not None:
+            self.abort()  # cut or interrupted: the runner records it unfinished
+
+    def _ok(self) -> None:
+        rec, i, t0 = self.rec, self.i, self.rec.t0
+        rec.end[i] = (self.last if self.last is not None else self.sender.clock()) - t0
+        if self.first is not None:
+            rec.first_token[i] = self.first - t0
+        rec.generated[i] = self.usage_tokens if self.usage_tokens is not None else self.chunks
+        rec.itl[i] = self.gaps
+        rec.status[i] = OK
+        rec.completed += 1
+        self.fut.set_result(None)
+
+    def _fail(self, status: int, msg: str, now: float, abort: bool = False) -> None:
+        rec, i, t0 = self.rec, self.i, self.rec.t0
+        rec.end[i] = now - t0
+        if self.first is not None:
+            rec.first_token[i] = self.first - t0
+        rec.generated[i] = self.chunks
+        rec.itl[i] = self.gaps or None
+        rec.status[i] = status
+        rec.error[i] = msg
+        rec.failed += 1
+        if abort and self.abort is not None:
+            self.abort()  # the rest of this response is of no use; the connection is out of step
+        self.fut.set_result(None)
 
 
 def _error_message(text: str) -> str:

@@ -63,7 +63,11 @@ def server() -> BackgroundServer:
         yield s
 
 
-def test_replay_sends_the_trace_and_records_every_token(tmp_path: Path, server: BackgroundServer) -> None:
+@pytest.mark.parametrize("client", ["h1", "aiohttp"])
+def test_replay_sends_the_trace_and_records_every_token(tmp_path: Path, server: BackgroundServer, client: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # h1: the default synchronous-dispatch client; aiohttp: the fallback (TRACEKIT_REPLAY_HTTP).
+    monkeypatch.setenv("TRACEKIT_REPLAY_HTTP", client)
     trace = make_trace(tmp_path / "t.parquet", n=60)
     loras = make_lora_dir(tmp_path / "loras", {"real8": 8})
     code, out = run_cli("run", str(tmp_path / "t.parquet"), "--target", "vllm", "--url", server.url,
@@ -118,7 +122,11 @@ def test_unresolvable_adapter_fails_before_sending(tmp_path: Path, server: Backg
     assert not (tmp_path / "r.parquet").exists()
 
 
-def test_errors_timeouts_and_drops_are_recorded_per_request(tmp_path: Path, server: BackgroundServer) -> None:
+@pytest.mark.parametrize("client", ["h1", "aiohttp"])
+def test_errors_timeouts_and_drops_are_recorded_per_request(tmp_path: Path, server: BackgroundServer, client: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # h1: the default synchronous-dispatch client; aiohttp: the fallback (TRACEKIT_REPLAY_HTTP).
+    monkeypatch.setenv("TRACEKIT_REPLAY_HTTP", client)
     make_trace(tmp_path / "t.parquet", n=20, adapters=[None, "fail-500", "hang", "drop", "midstream-error"])
     t0 = time.monotonic()
     code, out = run_cli("run", str(tmp_path / "t.parquet"), "--target", "vllm", "--url", server.url,
