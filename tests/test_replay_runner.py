@@ -49,8 +49,10 @@ def test_every_request_sent_once_in_order_never_early(gaps: list[float], service
     if cap is not None:
         assert peak <= cap
     else:
-        # Open loop: lag stays small whatever the service time (a loose bound: shared CI CPUs).
-        assert np.median(rec.dispatch - arrivals) < 0.05
+        # Open loop: lag does not accumulate with the service time. A closed loop would
+        # lag by up to 25 x 30 ms here; the bound is loose because a shared CI machine
+        # can pause the process for ~0.1 s.
+        assert np.median(rec.dispatch - arrivals) < 0.2
 
 
 @settings(max_examples=8, deadline=None)
