@@ -29,7 +29,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,19 +134,23 @@ def _rank_on_disk(path: Any) -> int | None:
 # --- stream parsing -------------------------------------------------------------------------
 
 
+def _data_objects(event: bytes) -> Iterator[Any]:
+    """The JSON value of each `data:` line of an SSE event; stops at one that is not JSON."""
+    for line in event.split(b"\n"):
+        if line.startswith(b"data:"):
+            try:
+                yield json.loads(line[5:])
+            except ValueError:
+                return
+
+
 def _usage_of(event: bytes) -> dict[str, Any] | None:
     """The `usage` object of an SSE event, if it carries one (cheap test before parsing)."""
     if b'"usage":{' not in event and b'"usage": {' not in event:
         return None
-    for line in event.split(b"\n"):
-        if line.startswith(b"data:"):
-            try:
-                obj = json.loads(line[5:])
-            except ValueError:
-                return None
-            usage = obj.get("usage") if isinstance(obj, dict) else None
-            return usage if isinstance(usage, dict) else None
-    return None
+    obj = next(_data_objects(event), None)
+    usage = obj.get("usage") if isinstance(obj, dict) else None
+    return usage if isinstance(usage, dict) else None
 
 
 def _is_usage_only(event: bytes) -> bool:
@@ -161,15 +165,10 @@ _ROLE_ONLY = b'"delta":{"role":"assistant","content":""}'
 def _error_of(event: bytes) -> str | None:
     if b'"error"' not in event:
         return None
-    for line in event.split(b"\n"):
-        if line.startswith(b"data:"):
-            try:
-                obj = json.loads(line[5:])
-            except ValueError:
-                return None
-            if isinstance(obj, dict) and obj.get("error"):
-                err = obj["error"]
-                return str(err.get("message", err) if isinstance(err, dict) else err)[:500]
+    for obj in _data_objects(event):
+        if isinstance(obj, dict) and obj.get("error"):
+            err = obj["error"]
+            return str(err.get("message", err) if isinstance(err, dict) else err)[:500]
     return None
 
 
