@@ -117,7 +117,11 @@ def test_capture_end_to_end(tmp_path: Path, tiny_model: Path, tiny_adapters: dic
             replay_capture(cap1, url2, tmp_path / "replayed.parquet")
         finally:
             stop_proxy(proxy2)
-    steps_all = read_steps(steps_dir)  # the shutdown flush added the rest
+        # Wait for the idle flush, as in phase 1, before stopping the server: the flush at
+        # shutdown raced vLLM's immediate EngineCore kill once in CI and lost the last
+        # burst's steps (a known gap, noted on issue 3); this test checks the capture.
+        time.sleep(2.5)
+    steps_all = read_steps(steps_dir)
 
     # One captured row per request sent, with its adapter and token counts.
     cap, meta = schema.read(cap1, "results")
