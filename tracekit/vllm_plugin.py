@@ -44,6 +44,7 @@ ENV_DIR = "TRACEKIT_STEPS_DIR"
 ENV_FLUSH = "TRACEKIT_STEPS_FLUSH_S"
 HOOK_MARKER = "_tracekit_engine_hook.json"  # leading "_": Parquet readers skip it
 ERROR_FILE = "_tracekit_error.txt"
+ENV_SHUTDOWN_GRACE = "TRACEKIT_SHUTDOWN_GRACE_S"  # EngineCore's time to flush before SIGKILL
 IDLE_FLUSH_S = 0.5  # write buffered rows once the engine has been idle this long
 MAX_BUFFERED_ROWS = 2_000_000  # if writes keep failing, drop the oldest rows beyond this
 
@@ -624,7 +625,35 @@ def register_general_plugin() -> None:
             return orig_handle(self, *args, **kwargs)
 
         EngineCoreProc._handle_shutdown = _handle_shutdown  # type: ignore[union-attr]
+    _grant_shutdown_grace()
     _wrap_lora_loads()
+
+
+def _grant_shutdown_grace() -> None:
+    """In the API server process: give the EngineCore a few seconds between SIGTERM and
+    SIGKILL so that the flush above runs. With vLLM's default `--shutdown-timeout 0`
+    the process manager kills the EngineCore right after SIGTERM, and the rows of the
+    last seconds (a burst still running when the server stops) were lost. vLLM grants
+    the same kind of window on ROCm for device teardown; the EngineCore exits as soon as
+    it is done, so a normal shutdown does not wait for the whole grace."""
+    try:
+        from vllm.v1.engine import utils as engine_utils
+    except ImportError:  # pragma: no cover - other vLLM layouts: the idle flush still applies
+        return
+    orig = getattr(engine_utils, "get_engine_process_shutdown_timeout", None)
+    if orig is None or getattr(orig, "_tracekit", False):
+        return
+    grace = float(os.environ.get(ENV_SHUTDOWN_GRACE, "5"))
+
+    def get_engine_process_shutdown_timeout(request_timeout: Any, process_timeout: Any) -> Any:
+        t = orig(request_timeout, process_timeout)
+        # Only where vLLM would kill at once (both timeouts zero), as its ROCm rule does.
+        if request_timeout == 0 and process_timeout == 0:
+            return max(t or 0.0, grace)
+        return t
+
+    get_engine_process_shutdown_timeout._tracekit = True  # type: ignore[attr-defined]
+    engine_utils.get_engine_process_shutdown_timeout = get_engine_process_shutdown_timeout
 
 
 # --- the stat logger (API server process) --------------------------------------------------
