@@ -83,6 +83,28 @@ def test_calibrate_recovers_the_step_model(tmp_path: Path) -> None:
         assert d["step_time"]["coef"][f] == pytest.approx(TRUTH[f], rel=0.15)
 
 
+def test_calibrate_keeps_the_total_step_time_under_skewed_noise(tmp_path: Path) -> None:
+    """CPU captures have a long right tail (contended steps): a relative-error fit follows
+    the typical step and would lose part of the engine's busy time; the calibrated
+    profile reproduces the captured total, which is what throughput and mean ITL add up."""
+    data, truth = _steps(3000, 3, noise=0.0)
+    rng = np.random.default_rng(4)
+    slow = rng.random(len(truth)) < 0.05
+    data["duration_s"] = truth * np.where(slow, 4.0, 1.0)  # 5% of steps 4x slower
+    steps = write(tmp_path / "steps.parquet", data, KIND_STEPS, _ctx())
+    out = tmp_path / "prof.json"
+    res = CliRunner().invoke(twin_cli, ["calibrate", str(steps), "--out", str(out), "--holdout", "0"])
+    assert res.exit_code == 0, res.output
+    prof = load_profile(out)
+    a = np.array([len(x) for x in data["active_adapters"]])
+    r = np.array([sum(RANKS[k] for k in x) for x in data["active_adapters"]])
+    pred = prof.step_time(data["prefill_tokens"], data["decode_tokens"], data["context_tokens"], a, r, max_lora_rank=32, max_loras=2)
+    pred = pred + prof.adapter_load_s(8, 32) * data["adapter_loads"]  # loads regressed from the steps
+    assert pred.sum() == pytest.approx(data["duration_s"].sum(), rel=0.01)
+    # Without the correction the relative fit would sit near the typical (fast) step.
+    assert pred.sum() > 1.1 * truth.sum()
+
+
 def test_calibrate_directory_of_parts_without_context_tokens(tmp_path: Path) -> None:
     """A capture directory (several parts, a `_` sidecar) and no context_tokens column:
     context is estimated from kv_usage x KV capacity, and the profile says so."""
