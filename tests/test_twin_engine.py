@@ -18,13 +18,16 @@ from twin.engine import simulate
 from twin.profile import Profile
 
 
-def profile(kv_tokens: int = 4096, step_s: float = 0.1, load_ms: float = 0.0, **coef: float) -> Profile:
+def profile(
+    kv_tokens: int = 4096, step_s: float = 0.1, load_ms: float = 0.0, intake_s: float = 0.0, **coef: float
+) -> Profile:
     return Profile.from_dict(
         {
             "name": "test",
             "memory": {"kind": "fixed", "kv_tokens": kv_tokens},
             "step_time": {"kind": "linear", "intercept_s": step_s, "coef": coef},
             "adapter_load": {"base_ms": load_ms, "per_rank_ms": 0.0},
+            "request_intake": {"s_per_request": intake_s},
         }
     )
 
@@ -156,10 +159,12 @@ def random_trace(seed: int, n: int = 300, adapters: int = 6) -> pl.DataFrame:
 LINEAR = {"prefill_tokens": 1e-4, "decode_tokens": 2e-4, "context_tokens": 1e-7, "num_adapters": 1e-3, "rank_sum": 1e-5}
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_fast_forward_and_vectorized_preemption_are_bit_identical(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("seed,intake_s", [(0, 0.0), (1, 0.0), (2, 0.0), (3, 0.002), (4, 0.02)])
+def test_fast_forward_and_vectorized_preemption_are_bit_identical(
+    seed: int, intake_s: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
     tr = random_trace(seed)
-    prof = profile(kv_tokens=3000, step_s=0.01, load_ms=5.0, **LINEAR)
+    prof = profile(kv_tokens=3000, step_s=0.01, load_ms=5.0, intake_s=intake_s, **LINEAR)
     cfg = ServingConfig(max_loras=3, max_cpu_loras=4, max_num_seqs=24, max_num_batched_tokens=256, max_lora_rank=16)
     fast = simulate(tr, prof, cfg, record_steps=True, check_invariants=True)
     plain = simulate(tr, prof, cfg, record_steps=True, fast_forward=False)
@@ -267,3 +272,27 @@ def test_decodes_cut_by_the_token_budget_wait_and_resume() -> None:
     assert s.end_step[:2].tolist() == [3, 3]  # r0, r1: tokens 2, 3, 4 at steps 1-3
     assert s.end_step[2] == 6  # r2 waited through steps 1-3, then decoded at 4-6
     assert s.used_blocks == 0 and not s.running
+
+
+def test_request_intake_is_charged_to_the_step_after_each_arrival() -> None:
+    """With a request-intake cost, every step lasts its batch's step time plus the cost
+    of the requests that arrived since the previous step started, fast-forward or not;
+    every arrival before the last step's start is charged exactly once."""
+    rng = np.random.default_rng(7)
+    n = 400
+    # Long decodes and steady arrivals: decode-only stretches that arrivals cut into.
+    tr = trace([(float(t), "a", 8, int(o)) for t, o in zip(np.sort(rng.uniform(0, 20, n)), rng.integers(50, 200, n), strict=True)])
+    cfg = ServingConfig(max_loras=1, max_cpu_loras=1, max_num_seqs=4, max_num_batched_tokens=64, max_lora_rank=8)
+    c = 0.003
+    res = simulate(tr, profile(kv_tokens=1 << 20, step_s=0.01, intake_s=c), cfg, record_steps=True)
+    base = simulate(tr, profile(kv_tokens=1 << 20, step_s=0.01), cfg, record_steps=True)
+    assert res.summary["fast_forward_steps"] > 0
+    st = pl.from_arrow(res.steps)
+    starts = st["t_s"].to_numpy()
+    arrival = np.sort(tr["arrival_s"].to_numpy())
+    arrived = np.searchsorted(arrival, starts, side="right")
+    charged = np.diff(arrived, prepend=0)
+    assert charged.sum() == arrived[-1] and charged.max() >= 1
+    assert np.allclose(st["duration_s"].to_numpy(), 0.01 + c * charged, rtol=0, atol=1e-12)
+    # Intake makes the same work take longer.
+    assert res.summary["simulated_s"] > base.summary["simulated_s"]

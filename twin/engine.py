@@ -301,6 +301,10 @@ class _Loop:
         self.record = record_steps
         self.check = check_invariants
         self.step_time = _step_time_scalar(profile, config)
+        # Engine time per arriving request, charged to the first step that starts after
+        # its arrival; `ingested`: arrivals charged so far.
+        self.intake = float(getattr(profile, "request_intake_s", 0.0))
+        self.ingested = 0
         self.kw = {"max_lora_rank": config.max_lora_rank, "max_loras": config.max_loras}
         self.step = 0
         self.t = 0.0
@@ -327,6 +331,7 @@ class _Loop:
         record = self.record
         cols = self.steps.cols
         step_end = self.step_end
+        intake = self.intake
         while t < window:
             num_arrived = int(arrivals.searchsorted(t, "right"))
             if not sched.running:
@@ -343,10 +348,14 @@ class _Loop:
                     t = step_end[-1]
                     continue
             plan = sched.schedule(step, num_arrived)
-            dur = self.step_time(
-                plan.prefill_tokens, plan.num_decodes, plan.context_tokens, plan.num_adapters, plan.rank_sum,
-                len(plan.prefills),
+            dur = (
+                self.step_time(
+                    plan.prefill_tokens, plan.num_decodes, plan.context_tokens, plan.num_adapters, plan.rank_sum,
+                    len(plan.prefills),
+                )
+                + intake * (num_arrived - self.ingested)
             ) + plan.adapter_load_s
+            self.ingested = num_arrived
             t_next = t + dur
             if record:
                 # The batch's adapters: before `update` lets finished requests go.
@@ -454,11 +463,18 @@ class _Loop:
         )
         ends = np.cumsum(np.concatenate([[t], dur]))[1:]
         starts = np.concatenate([[t], ends[:-1]])
+        if self.intake:
+            k, dur, starts, ends = self._with_intake(dur, starts, ends)
+            if k < MIN_STRETCH:
+                return 0
+            steps_idx, need, ctx = steps_idx[:k], need[:k], ctx[:k]
         # Stop at the first step that starts at/after the window or an admissible arrival.
         k = min(k, int(np.searchsorted(starts, limit, side="left")))
         if k < MIN_STRETCH:
             return 0
         sched.used_blocks += int(need[k - 1])
+        if self.intake:
+            self.ingested = int(self.arrival.searchsorted(starts[k - 1], "right"))
         self.step_end.extend(ends[:k].tolist())
         self.ff_steps += k
         if self.record:
@@ -467,6 +483,35 @@ class _Loop:
             # The scheduler's state after the stretch equals k plain decode steps.
             sched.check_invariants(step + k - 1, _decode_plan(n_dec, na))
         return k
+
+    def _with_intake(
+        self, base: np.ndarray, starts: np.ndarray, ends: np.ndarray
+    ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+        """Step durations of a stretch with request intake: each step pays for the
+        arrivals since the previous step started, which depend on when the steps start.
+        Solved by fixed-point iteration from the intake-free schedule; arrival counts only
+        grow between iterations, and the steps are exact up to the first step whose count
+        changed in the last iteration. Same float operations as the plain loop, so the
+        result is bit-identical to it. Returns (exact steps, durations, starts, ends)."""
+        arrival, c = self.arrival, self.intake
+        prev = None
+        dur = base
+        for _ in range(8):
+            arrived = arrival.searchsorted(starts, "right")
+            if prev is not None:
+                same = arrived == prev
+                if same.all():
+                    return len(base), dur, starts, ends
+            taken = np.diff(arrived, prepend=self.ingested)
+            dur = base + c * taken
+            ends = np.cumsum(np.concatenate([[starts[0]], dur]))[1:]
+            starts = np.concatenate([starts[:1], ends[:-1]])
+            prev = arrived
+        # Not converged: keep the prefix whose arrival counts held in the last iteration
+        # (their starts, and so their durations, are final).
+        arrived = arrival.searchsorted(starts, "right")
+        k = int(np.argmin(arrived == prev)) if not (arrived == prev).all() else len(base)
+        return k, dur, starts, ends
 
     def _record_stretch(self, starts: np.ndarray, dur: np.ndarray, ctx: np.ndarray, need: np.ndarray, n_dec: int) -> None:
         sched = self.sched

@@ -127,6 +127,13 @@ class Profile:
         for step-by-step loops (~1 us per call)."""
         return self.step_model.scalar(max_lora_rank=max_lora_rank, max_loras=max_loras)
 
+    @property
+    def request_intake_s(self) -> float:
+        """Engine time per arriving request (the engine core takes each new request in
+        between steps: deserialise, build the request, queue it), charged to the step
+        that follows its arrival. 0 when the profile has no `request_intake` section."""
+        return float(self.data.get("request_intake", {}).get("s_per_request", 0.0))
+
     # --- adapter loads --------------------------------------------------------------
     def adapter_load_s(self, rank: int, max_lora_rank: int) -> float:
         """Seconds to load one adapter of `rank` into a GPU slot sized `max_lora_rank`."""

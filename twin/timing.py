@@ -12,7 +12,9 @@ the profile's `step_time` section by `step_time_model(section)`. The one shipped
         + [LoRA batch] * (max_loras * c_slot      kernels launched over every GPU slot
                           + num_adapters * c_a    per distinct adapter in the batch
                           + rank_sum * c_r        LoRA FLOPs grow with the ranks
-                          + (prefill+decode) * c_lt)  per-token LoRA shrink/expand
+                          + (prefill+decode) * c_lt   per-token LoRA shrink/expand
+                          + (prefill+decode) * max_loras * c_st   the kernels' grid over slots
+                          + (prefill+decode) * max_lora_rank * c_rt)  weights padded to max_lora_rank
         + prefill_reqs * c_pr        (per request with prompt tokens in the step)
 
 `prefill_reqs` is an optional input (default 0, so older callers keep working): the
@@ -48,6 +50,7 @@ FEATURES: tuple[str, ...] = (
     "lora_base",
     "prefill_reqs",
     "lora_slot_rank_tokens",
+    "lora_rank_tokens",
 )
 # What each feature means, written into the profile so that it reads on its own.
 FEATURE_DOC: dict[str, str] = {
@@ -62,6 +65,8 @@ FEATURE_DOC: dict[str, str] = {
     "lora_base": "s per step when the batch uses LoRA (LoRA metadata, extra kernel launches)",
     "lora_slot_rank_tokens": "s per (GPU adapter slot x max_lora_rank x token) when the batch uses "
     "LoRA: the kernels' work over every slot, padded to max_lora_rank",
+    "lora_rank_tokens": "s per (max_lora_rank x token) when the batch uses LoRA: shrink/expand work "
+    "per token, each token with its own adapter's weights padded to max_lora_rank",
     "prefill_reqs": "s per request with prompt tokens in the step (a request entering the batch: "
     "input-batch row, block table, sampling state, request intake)",
     "lora_slot_tokens": "s per (GPU adapter slot x token) when the batch uses LoRA: vLLM's "
@@ -92,7 +97,7 @@ def features(
     slots = np.broadcast_to(np.asarray(max_loras, dtype=np.float64), p.shape)
     mr = np.broadcast_to(np.asarray(max_lora_rank, dtype=np.float64), p.shape)
     cols = [np.ones_like(p), p, d, x, lora * slots, a, r, lora * (p + d), lora * slots * (p + d), lora, n,
-            lora * slots * mr * (p + d)]
+            lora * slots * mr * (p + d), lora * mr * (p + d)]
     return np.stack([np.ravel(c) for c in cols], axis=1)
 
 
@@ -135,9 +140,10 @@ class LinearStepTime:
         t = c[0] + c[1] * p + c[2] * d + c[3] * np.asarray(context_tokens, dtype=np.float64)
         if c[10]:
             t = t + c[10] * np.asarray(prefill_reqs, dtype=np.float64)
-        if c[4] or c[5] or c[6] or c[7] or c[8] or c[9] or c[11]:
+        if c[4] or c[5] or c[6] or c[7] or c[8] or c[9] or c[11] or c[12]:
             lora = a > 0
             slots = np.asarray(max_loras, dtype=np.float64)
+            mr = np.asarray(max_lora_rank, dtype=np.float64)
             extra = (
                 c[4] * slots
                 + c[5] * a
@@ -145,7 +151,8 @@ class LinearStepTime:
                 + c[7] * (p + d)
                 + c[8] * (slots * (p + d))
                 + c[9]
-                + c[11] * (slots * np.asarray(max_lora_rank, dtype=np.float64) * (p + d))
+                + c[11] * (slots * mr * (p + d))
+                + c[12] * (mr * (p + d))
             )
             t = t + np.where(lora, extra, 0.0)
         return np.maximum(t, self.min_s)
@@ -157,18 +164,22 @@ class LinearStepTime:
 
         Same operations in the same order as `predict`, so bit-identical to it, at about
         a microsecond per call instead of numpy's ~20 us on length-1 arrays."""
-        c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11 = (float(v) for v in self._vec)
+        c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12 = (float(v) for v in self._vec)
         slots = float(max_loras)
-        slots_rank = slots * float(max_lora_rank)
+        mr = float(max_lora_rank)
+        slots_rank = slots * mr
         lo = float(self.min_s)
-        has_lora = bool(c4 or c5 or c6 or c7 or c8 or c9 or c11)
+        has_lora = bool(c4 or c5 or c6 or c7 or c8 or c9 or c11 or c12)
 
         def step_time(p: float, d: float, x: float, a: float, r: float, n: float = 0.0) -> float:
             t = c0 + c1 * p + c2 * d + c3 * x
             if c10:
                 t = t + c10 * n
             if has_lora and a > 0:
-                t = t + (c4 * slots + c5 * a + c6 * r + c7 * (p + d) + c8 * (slots * (p + d)) + c9 + c11 * (slots_rank * (p + d)))
+                t = t + (
+                    c4 * slots + c5 * a + c6 * r + c7 * (p + d) + c8 * (slots * (p + d)) + c9
+                    + c11 * (slots_rank * (p + d)) + c12 * (mr * (p + d))
+                )
             return t if t > lo else lo
 
         return step_time
