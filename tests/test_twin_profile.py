@@ -281,6 +281,37 @@ def test_fit_script_reproduces_shipped_profiles(tmp_path: Path) -> None:
         assert new["memory"] == old["memory"]
         for f in FEATURES:
             assert new["step_time"]["coef"][f] == pytest.approx(old["step_time"]["coef"][f], rel=1e-9, abs=1e-15)
+        assert new["request_intake"]["s_per_request"] == pytest.approx(old["request_intake"]["s_per_request"], rel=1e-9)
+
+
+@pytest.mark.slow
+def test_sweep_terms_reproduce_from_the_recorded_runs(tmp_path: Path) -> None:
+    """scripts/fit_sweep_terms.py, run on the benchmark runs it was fitted from, gives the
+    shares the profiles use, and each held-out fold's shares stay close to them (the
+    held-out benchmark depends on that)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "terms.json"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "fit_sweep_terms.py"),
+                    str(ROOT / "benchmarks" / "results" / "twin_accuracy_iter1.json"), "--out", str(out)],
+                   check=True, capture_output=True)  # fmt: skip
+    new = json.loads(out.read_text())
+    old = json.loads((ROOT / "twin" / "data" / "sweep_terms_h100.json").read_text())
+    for k, v in old["global"]["shares"].items():
+        assert new["global"]["shares"][k] == pytest.approx(v, abs=1e-6)
+    assert new["global"]["beta"] == pytest.approx(old["global"]["beta"], abs=1e-6)
+    assert len(new["folds"]) == 9
+    for fold in new["folds"].values():
+        assert abs(fold["beta"] - new["global"]["beta"]) < 0.05
+        assert abs(fold["shares"]["lora_slot_tokens"] - new["global"]["shares"]["lora_slot_tokens"]) < 0.05
+    # The calibration's totals are kept: at 300 slots and max_lora_rank 8 the split terms
+    # cost what the calibration fit said.
+    prof = load_profile("h100-llama-3.1-8b")
+    c = prof.step_model.coef
+    k_l = new["calibration_constants"]["lora_cost_per_token_at_300_slots_rank_8"]
+    assert c["lora_tokens"] + 8 * c["lora_rank_tokens"] + 300 * c["lora_slot_tokens"] == pytest.approx(k_l, rel=1e-9)
+    assert c["prefill_reqs"] + prof.request_intake_s == pytest.approx(new["calibration_constants"]["per_request_cost"], rel=1e-9)
 
 
 def test_engine_charges_prefill_reqs_per_request_entering_a_step() -> None:
