@@ -9,7 +9,7 @@
 
 Goal: throughput within 5%, median TTFT and mean ITL within 15%.
 
-Run: .venv/bin/python benchmarks/capture_close_loop.py [--size medium] [--scale 1.0]
+Run: .venv/bin/python benchmarks/capture_close_loop.py [--size medium] [--scale 1.0] [--val-scale 1.0]
 Writes benchmarks/results/capture_loop.{md,json} (+ the traces, steps and profile under
 benchmarks/results/capture_loop/). Needs .venv-vllm. Takes several minutes.
 """
@@ -82,6 +82,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="medium", choices=["tiny", "medium"])
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every request rate")
+    ap.add_argument("--val-scale", type=float, default=1.0,
+                    help="multiply the validation trace's rate only (1.0: about the server's capacity)")
     ap.add_argument("--duration", type=float, default=90.0, help="seconds of each trace")
     ap.add_argument("--tag", default="", help="suffix of the result names (capture_loop<TAG>.md), to keep runs apart")
     args = ap.parse_args()
@@ -95,7 +97,7 @@ def main() -> None:
     n_cal = make_trace(work / "calibration_trace.parquet", duration=d,
                        rates=[(d / 3, 1.5 * s), (2 * d / 3, 3.0 * s), (d, 5.0 * s)],
                        weights=[1, 1, 1, 1, 0.4], prompt=(8, 400), output=(4, 96), seed=1)
-    n_val = make_trace(work / "validation_trace.parquet", duration=d, rates=[(d, 3.5 * s)],
+    n_val = make_trace(work / "validation_trace.parquet", duration=d, rates=[(d, 3.5 * s * args.val_scale)],
                        weights=[8, 3, 1.5, 1, 0.5], prompt=(16, 300), output=(8, 64), seed=2)
     steps_dir = work / "steps"
     t_start = time.time()
