@@ -230,8 +230,9 @@ def test_steps_of_a_running_burst_survive_a_server_stop(tmp_path: Path, tiny_mod
         results = asyncio.run(burst())
     finally:
         srv.stop()
+    # Requests still running at SIGTERM (checked above) may be aborted or drained.
     done = [r for r in results if isinstance(r, dict)]
-    assert 4 <= len(done) < len(reqs)
+    assert len(done) >= 4
     steps = read_steps(steps_dir)
     # Every finished request's tokens are in the flushed steps (more may be: aborted
     # requests had started).
