@@ -53,12 +53,14 @@ from scipy.optimize import minimize
 
 ROOT = Path(__file__).resolve().parents[1]
 WINDOW_S = 3600.0
-SATURATED_BUSY = 0.99
-TERMS = ("lora_tokens", "lora_rank_tokens", "lora_slot_tokens", "lora_slot_rank_tokens", "prefill_reqs", "request_intake_s")  # twin engine busy for at least this share of the window
+SATURATED_BUSY = 0.99  # twin engine busy for at least this share of the window
+# The step-time terms a run records (benchmarks/twin_accuracy.py) and this script re-splits.
+TERMS = ("lora_tokens", "lora_rank_tokens", "lora_slot_tokens", "lora_slot_rank_tokens", "prefill_reqs", "request_intake_s")
 
 
 def _row(r: dict[str, Any]) -> tuple[float, float, float, float, float, float, float, float]:
-    """(const, lora, per_req_admit, per_req_arrive, target busy, ml, mr, K_R) of one run."""
+    """(busy time outside the split terms, K_L x LoRA tokens, prefill_reqs, arrivals taken
+    in, target busy time, max_loras, max_lora_rank, K_R) of one run."""
     t = {f: r["terms"].get(f, 0.0) for f in TERMS}
     ml, mr = float(r["max_loras"]), float(r["max_lora_rank"])
     lt = r["lora_tokens"]

@@ -330,6 +330,7 @@ def test_engine_charges_prefill_reqs_per_request_entering_a_step() -> None:
     for name, extra in (("plain", 0.0), ("per_req", 0.004)):
         data = dict(base, step_time={"kind": "linear", "coef": dict(coef, prefill_reqs=extra), "min_s": 0.0})
         data["adapter_load"] = {"kind": "linear", "base_ms": 0.0, "per_rank_ms": 0.0}
+        data["request_intake"] = {"s_per_request": 0.0}  # this test is about prefill_reqs alone
         res = simulate(trace, Profile.from_dict(data), cfg, trace_context=ctx, window_s=1e6, record_steps=True)
         assert res.steps is not None
         steps[name] = pl.from_arrow(res.steps)

@@ -12,6 +12,11 @@ The stretch ends before the next finish, before the step whose KV blocks would n
 before the first step that starts after an arrival that could be admitted, and at the
 window's end. Turning it off (`fast_forward=False`) gives the plain step loop, which
 must produce bit-identical results (tests check it).
+
+Request intake: a profile's `request_intake.s_per_request` (the engine core's work to
+take in a new request, admitted or not) is added to the first step that starts after
+each arrival; inside a stretch, where step starts and arrivals depend on each other, it
+is solved by fixed-point iteration (`_Loop._with_intake`).
 """
 
 from __future__ import annotations
