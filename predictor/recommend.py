@@ -48,14 +48,27 @@ def load_model(model: Path | None, profile_name: str) -> CapacityModel:
 
 
 def twin_margin(profile: Any) -> float:
-    """1 - the profile's held-out step-time error (its calibration's leave-one-run-out
-    MAPE of run durations), or 1 when the profile does not say. The model learns the
-    twin; this keeps the twin's own error against real hardware out of the margin."""
+    """How much of the twin's predicted capacity to trust: the model learns the twin, and
+    this keeps the twin's own error against real hardware out of the recommendation.
+
+    Where the profile records a check against real saturated runs (`validation`), 1 - the
+    twin's measured over-prediction of their throughput (held-out workloads); else 1 -
+    its calibration's leave-one-run-out MAPE of run durations (a cruder stand-in); else 1."""
+    val = profile.data.get("validation") or {}
+    if "saturated_throughput_bias_pct" in val:
+        return float(min(1.0, max(0.5, 1.0 - max(0.0, float(val["saturated_throughput_bias_pct"])) / 100.0)))
     try:
         mape = float(profile.data["step_time"]["fit_error"]["duration_s"]["mape_pct"])
     except (KeyError, TypeError, ValueError):
         return 1.0
     return float(min(1.0, max(0.5, 1.0 - mape / 100.0)))
+
+
+def margin_source(profile: Any) -> str:
+    """What `twin_margin` was computed from, in words."""
+    if "saturated_throughput_bias_pct" in (profile.data.get("validation") or {}):
+        return "measured over-prediction of real saturated throughput"
+    return "calibration error"
 
 
 def recommend(trace_path: Path, profile_name: str, model_path: Path | None = None, use_twin_margin: bool = True) -> dict[str, Any]:
@@ -91,7 +104,7 @@ def recommend(trace_path: Path, profile_name: str, model_path: Path | None = Non
     gpu_loads = [sum(loads[a] for a in g) for g in gpus]
     busiest = max(gpu_loads)
     risk = starving_risk(model, p.capacity_tok_s, busiest)
-    explanation = _explain(model, p, wf, n_fleet, len(gpus), busiest, margin)
+    explanation = _explain(model, p, wf, n_fleet, len(gpus), busiest, margin, margin_source(profile))
     out = {
         "max_cpu_loras": p.max_cpu_loras,
         "max_loras": p.max_loras,
@@ -115,7 +128,10 @@ def recommend(trace_path: Path, profile_name: str, model_path: Path | None = Non
     return out
 
 
-def _explain(model: CapacityModel, p: Any, wf: dict[str, float], n_fleet: int, n_gpus: int, busiest: float, margin: float) -> str:
+def _explain(
+    model: CapacityModel, p: Any, wf: dict[str, float], n_fleet: int, n_gpus: int, busiest: float, margin: float,
+    margin_from: str = "calibration error",
+) -> str:
     per = wf["adapter_tok_s"]
     parts = [
         f"One GPU at max_loras={p.max_loras}, max_lora_rank={p.max_lora_rank} "
@@ -124,7 +140,7 @@ def _explain(model: CapacityModel, p: Any, wf: dict[str, float], n_fleet: int, n
         + "; ".join(model.explain(p.x)) + ".",
         f"Each adapter offers {per:,.1f} tok/s on average ({wf['rate_mean']:.4g} req/s x {wf['tokens_per_req']:.0f} tokens), "
         f"so {p.max_cpu_loras} adapters fill {model.load_factor * margin:.0%} of that capacity"
-        + (f" (the model's {model.load_factor:.0%}, less the twin's {1 - margin:.1%} calibration error)" if margin < 1 else "")
+        + (f" (the model's {model.load_factor:.0%}, less the twin's {1 - margin:.1%} {margin_from})" if margin < 1 else "")
         + (" (the whole fleet fits on one GPU)." if p.max_cpu_loras >= n_fleet else "."),
         f"{n_fleet} adapters need {n_gpus} GPU(s); the busiest gets {busiest:,.0f} tok/s "
         f"(starving if served < {1 - STARVING_THRESHOLD:.0%} of offered).",

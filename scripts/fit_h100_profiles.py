@@ -38,6 +38,7 @@ MODELS = {
         "hf_name": "meta-llama/Llama-3.1-8B-Instruct",
         "layers": 32, "kv_heads": 8, "head_dim": 128, "max_model_len": 131072,
         "adapter_load": "adapter_load_ms_llama-3.1-8b.json",
+        "validation": ROOT / "benchmarks" / "results" / "twin_accuracy_cv.json",
     },
     "h100-qwen-2.5-7b": {
         "paper_name": "qwen-2.5-7b-instruct",
@@ -135,7 +136,7 @@ def build(name: str, spec: dict) -> dict:
         "vLLM refuses to start when the KV cache cannot hold one max_model_len request; "
         "this reproduces every OOM of the calibration and sweep runs"
     )
-    return {
+    prof = {
         "name": name,
         "description": f"{spec['hf_name']} bf16 on one H100 (64 GB), vLLM 0.8.5 V1, chunked prefill 2048",
         "hardware": {"gpu": "H100", "gpu_memory_gib": GPU_MEMORY_GIB},
@@ -182,6 +183,24 @@ def build(name: str, spec: dict) -> dict:
             "script": "scripts/fit_h100_profiles.py",
             "source": "paper arXiv 2508.08343 data (FerranAgulloLopez/GPULLMAdapterOptimization @ bae36e2)",
         },
+    }
+    if spec.get("validation"):
+        prof["validation"] = validation(spec["validation"])
+    return prof
+
+
+def validation(path: Path) -> dict:
+    """The twin's check against real saturated runs, from the held-out twin accuracy
+    benchmark (benchmarks/twin_accuracy.py --cv): the predictor's margin reads it."""
+    runs = [r for r in json.loads(path.read_text())["runs"] if r["status"] == "ok" and r.get("twin_tok_s")]
+    sat = [r for r in runs if r["real_starved"]]
+    err = [(r["twin_tok_s"] - r["real_tok_s"]) / r["real_tok_s"] for r in sat]
+    return {
+        "saturated_throughput_bias_pct": round(100 * sum(err) / len(err), 3),
+        "saturated_throughput_mape_pct": round(100 * sum(abs(e) for e in err) / len(err), 3),
+        "runs": len(sat),
+        "from": f"{path.relative_to(ROOT)}: twin vs real throughput of the {len(sat)} real runs that starve "
+        "(saturated), each workload held out of the sweep-fitted shares",
     }
 
 

@@ -130,3 +130,23 @@ def test_split_fleet_properties(loads, per_gpu) -> None:
     if len(gpus) > 1 and all(len(g) < per_gpu for g in gpus):
         # Unconstrained by slots, greedy LPT keeps the spread within the largest load.
         assert max(totals) - min(totals) <= max(loads) + 1e-6
+
+
+def test_twin_margin_prefers_the_measured_real_bias() -> None:
+    """The margin is the twin's measured over-prediction of real saturated throughput when
+    the profile records one (an under-prediction gives no margin), else the calibration
+    error; the shipped Llama profile carries its held-out check."""
+    from twin.profile import Profile
+
+    base = load_profile("h100-qwen-2.5-7b").to_dict()
+    calib = base["step_time"]["fit_error"]["duration_s"]["mape_pct"]
+    assert "validation" not in base
+    assert R.twin_margin(Profile.from_dict(base)) == pytest.approx(1 - calib / 100)
+    over = dict(base, validation={"saturated_throughput_bias_pct": 2.5})
+    assert R.twin_margin(Profile.from_dict(over)) == pytest.approx(0.975)
+    under = dict(base, validation={"saturated_throughput_bias_pct": -3.0})
+    assert R.twin_margin(Profile.from_dict(under)) == 1.0
+    llama = load_profile("h100-llama-3.1-8b")
+    bias = llama.data["validation"]["saturated_throughput_bias_pct"]
+    assert 0 < bias < 5 and R.twin_margin(llama) == pytest.approx(1 - bias / 100)
+    assert "measured over-prediction" in R.margin_source(llama)
