@@ -102,7 +102,7 @@ def paper_baselines(dataset: Path) -> dict[str, Any]:
 
 def twin_oracle(runs: pl.DataFrame, jobs: int) -> dict[str, tuple[int, int]]:
     """What the twin alone would pick: sweep it over the paper's grid for each workload
-    (1200 s windows, cached in benchmarks/results/predictor_h100_twin_sweep.parquet) and
+    (3600 s windows as the real runs, cached in benchmarks/results/predictor_h100_twin_sweep.parquet) and
     take its best non-starving cell. Separates the twin's error from the model's."""
     from predictor import dataset, spec
 
@@ -110,7 +110,7 @@ def twin_oracle(runs: pl.DataFrame, jobs: int) -> dict[str, tuple[int, int]]:
     sp = spec.from_dict({
         "workloads": [{"rates": r["rates"], "ranks": r["ranks"], "name": r["workload"]} for r in wls.iter_rows(named=True)],
         "configs": {"max_loras": [16, 32, 64, 128], "max_cpu_loras": [16, 32, 64, 96, 128, 160, 192, 256, 320, 384]},
-        "duration_s": 1200, "max_requests": 40000, "max_load_req_s": 60,
+        "duration_s": 3600, "max_requests": 100000, "max_load_req_s": 60,
     })
     df, _ = dataset.sweep(sp, PROFILE, OUT / "predictor_h100_twin_sweep.parquet", jobs=jobs, progress=False)
     return {r["workload"]: (r["max_loras"], r["max_cpu_loras"]) for r in df.filter(pl.col("is_best")).iter_rows(named=True)}

@@ -90,6 +90,29 @@ def test_verify_corrects_an_overoptimistic_model(toy, monkeypatch, tmp_path) -> 
     assert "corrected" in out["explanation"]
 
 
+def test_verify_raises_a_pessimistic_model(toy, monkeypatch, tmp_path) -> None:
+    """A model that promises half the capacity: the twin (here the toy system) shows
+    headroom and --verify steps max_cpu_loras up while it still serves the sustained share."""
+    d, prof, mpath = toy
+    low = json.loads(mpath.read_text())
+    if low["kind"] == "tree":
+        low["params"]["value"] = [v - math.log(2.0) for v in low["params"]["value"]]
+    else:
+        low["params"]["intercept"] -= math.log(2.0)
+    low_path = tmp_path / "pessimistic.json"
+    low_path.write_text(json.dumps(low))
+    import twin.api
+
+    monkeypatch.setattr(twin.api, "simulate", predictor_toy.simulate)
+    path = _trace(d, [0.4, 0.05, 0.0125], [8, 16, 16])
+    rec = R.recommend(path, prof, low_path)
+    out = R.verify(rec, path, prof)
+    assert out["verify"]["corrected"] and out["max_cpu_loras"] > rec["max_cpu_loras"]
+    final = next(t for t in out["verify"]["runs"] if t["max_cpu_loras"] == out["max_cpu_loras"])
+    assert not final["starved"] and final["work_frac"] >= R.SUSTAINED_SERVED
+    assert "corrected" in out["explanation"]
+
+
 def test_cli_json_keys_and_speed(toy) -> None:
     d, prof, mpath = toy
     path = _trace(d, [0.4, 0.05, 0.0125], [8, 16, 16], duration=3600.0)
@@ -150,3 +173,20 @@ def test_twin_margin_prefers_the_measured_real_bias() -> None:
     bias = llama.data["validation"]["saturated_throughput_bias_pct"]
     assert 0 < bias < 5 and R.twin_margin(llama) == pytest.approx(1 - bias / 100)
     assert "measured over-prediction" in R.margin_source(llama)
+
+
+def test_work_done_counts_running_requests_and_drops_under_overload() -> None:
+    """work_done (what --verify steps up on) counts completed requests whole and running
+    ones as far as they got: near 1 for a GPU that keeps up, even where served_frac
+    (completed only) is cut by the window's end; low for an overloaded GPU."""
+    from twin.api import simulate
+
+    prof = load_profile("h100-llama-3.1-8b")
+    cfg = ServingConfig(max_loras=8, max_cpu_loras=16, max_lora_rank=16, max_num_seqs=2048, max_num_batched_tokens=2048)
+    light, lctx = synthesize(adapters=16, rates=[0.2], ranks=[16], duration_s=120, lengths="sharegpt", seed=1)
+    res = simulate(light, prof, cfg, trace_context=lctx, window_s=120)
+    w = R.work_done(res.results)
+    assert w > 0.97 and w > res.summary["served_frac"]
+    heavy, hctx = synthesize(adapters=16, rates=[4.0], ranks=[16], duration_s=120, lengths="sharegpt", seed=1)
+    res = simulate(heavy, prof, cfg, trace_context=hctx, window_s=120)
+    assert R.work_done(res.results) < 0.8
