@@ -26,7 +26,6 @@ import argparse
 import json
 import math
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -40,23 +39,22 @@ import polars as pl
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SWEEPS = ROOT / "benchmarks" / "data" / "llama_config_sweeps.csv"
 OUT = ROOT / "benchmarks" / "results"
 PROFILE = "h100-llama-3.1-8b"
 FLEET = 384
 
 
 def real_runs() -> pl.DataFrame:
-    df = pl.read_csv(SWEEPS, infer_schema_length=10000)
+    from benchmarks.sweeps import sweep_runs
+
     rows = []
-    for r in df.iter_rows(named=True):
-        m = re.search(r"rate_([\d.]+)-([\d.]+)-([\d.]+)_size_(\d+)-(\d+)-(\d+)", r["dir"])
-        if not m or r["status"] == "no_result":  # no measurement: not a grid point
+    for r in sweep_runs():
+        if r["status"] == "no_result":  # no measurement: not a grid point
             continue
         rows.append({
-            "workload": f"{m.group(1)}/{m.group(2)}/{m.group(3)} r{m.group(4)}/{m.group(5)}/{m.group(6)}",
-            "rates": [float(m.group(i)) for i in (1, 2, 3)],
-            "ranks": [int(m.group(i)) for i in (4, 5, 6)],
+            "workload": f"{'/'.join(r['rate_strs'])} r{'/'.join(r['rank_strs'])}",
+            "rates": r["rates"],
+            "ranks": r["ranks"],
             "max_loras": int(r["max_loras"]),
             "max_cpu_loras": int(r["max_cpu_loras"]),
             "status": r["status"],

@@ -29,7 +29,6 @@ import math
 import multiprocessing
 import os
 import platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -41,7 +40,6 @@ import polars as pl
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SWEEPS = ROOT / "benchmarks" / "data" / "llama_config_sweeps.csv"
 OUT = ROOT / "benchmarks" / "results"
 PROFILE = "h100-llama-3.1-8b"
 WINDOW_S = 3600.0
@@ -51,19 +49,16 @@ SPLIT_FEATURES = ("lora_tokens", "lora_rank_tokens", "lora_slot_tokens", "lora_s
 
 
 def load_runs() -> pl.DataFrame:
-    df = pl.read_csv(SWEEPS, infer_schema_length=10000)
+    from benchmarks.sweeps import sweep_runs
+
     rows = []
-    for r in df.iter_rows(named=True):
-        m = re.search(r"rate_([\d.]+)-([\d.]+)-([\d.]+)_size_(\d+)-(\d+)-(\d+)", r["dir"])
-        if not m:
-            continue
-        rates = [float(m.group(i)) for i in (1, 2, 3)]
-        ranks = [int(m.group(i)) for i in (4, 5, 6)]
+    for r in sweep_runs():
+        rates, ranks = "/".join(r["rate_strs"]), "/".join(r["rank_strs"])
         rows.append(
             {
-                "workload": f"rate {m.group(1)}/{m.group(2)}/{m.group(3)} ranks {m.group(4)}/{m.group(5)}/{m.group(6)}",
-                "rates": rates,
-                "ranks": ranks,
+                "workload": f"rate {rates} ranks {ranks}",
+                "rates": r["rates"],
+                "ranks": r["ranks"],
                 "max_loras": int(r["max_loras"]),
                 "max_cpu_loras": int(r["max_cpu_loras"]),
                 "max_lora_rank": int(r["max_lora_rank"]),

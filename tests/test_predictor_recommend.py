@@ -67,23 +67,29 @@ def test_light_fleet_fits_one_gpu(toy) -> None:
     assert rec["starving_risk"] == 0.0 and "fits on one GPU" in rec["explanation"]
 
 
-def test_verify_corrects_an_overoptimistic_model(toy, monkeypatch, tmp_path) -> None:
-    """A model that promises twice the capacity is caught by --verify (here the toy
-    system plays the twin) and the recommendation is walked back until it is served."""
+def _verify_with_scaled_model(toy, monkeypatch, tmp_path, factor: float) -> tuple[dict, dict]:
+    """(recommendation, verified) from a copy of the toy model whose capacity is scaled by
+    `factor`, with the toy system playing the twin."""
     d, prof, mpath = toy
-    bad = json.loads(mpath.read_text())
-    if bad["kind"] == "tree":
-        bad["params"]["value"] = [v + math.log(2.0) for v in bad["params"]["value"]]
+    m = json.loads(mpath.read_text())
+    if m["kind"] == "tree":
+        m["params"]["value"] = [v + math.log(factor) for v in m["params"]["value"]]
     else:
-        bad["params"]["intercept"] += math.log(2.0)
-    bad_path = tmp_path / "optimistic.json"
-    bad_path.write_text(json.dumps(bad))
+        m["params"]["intercept"] += math.log(factor)
+    path_m = tmp_path / f"scaled-{factor}.json"
+    path_m.write_text(json.dumps(m))
     import twin.api
 
     monkeypatch.setattr(twin.api, "simulate", predictor_toy.simulate)
     path = _trace(d, [0.4, 0.05, 0.0125], [8, 16, 16])
-    rec = R.recommend(path, prof, bad_path)
-    out = R.verify(rec, path, prof)
+    rec = R.recommend(path, prof, path_m)
+    return rec, R.verify(rec, path, prof)
+
+
+def test_verify_corrects_an_overoptimistic_model(toy, monkeypatch, tmp_path) -> None:
+    """A model that promises twice the capacity is caught by --verify and the
+    recommendation is walked back until it is served."""
+    rec, out = _verify_with_scaled_model(toy, monkeypatch, tmp_path, 2.0)
     assert out["verify"]["runs"][0]["starved"]
     assert out["verify"]["corrected"] and out["max_cpu_loras"] < rec["max_cpu_loras"]
     assert not out["verify"]["runs"][-1]["starved"] or out["max_cpu_loras"] == 1
@@ -91,22 +97,9 @@ def test_verify_corrects_an_overoptimistic_model(toy, monkeypatch, tmp_path) -> 
 
 
 def test_verify_raises_a_pessimistic_model(toy, monkeypatch, tmp_path) -> None:
-    """A model that promises half the capacity: the twin (here the toy system) shows
-    headroom and --verify steps max_cpu_loras up while it still serves the sustained share."""
-    d, prof, mpath = toy
-    low = json.loads(mpath.read_text())
-    if low["kind"] == "tree":
-        low["params"]["value"] = [v - math.log(2.0) for v in low["params"]["value"]]
-    else:
-        low["params"]["intercept"] -= math.log(2.0)
-    low_path = tmp_path / "pessimistic.json"
-    low_path.write_text(json.dumps(low))
-    import twin.api
-
-    monkeypatch.setattr(twin.api, "simulate", predictor_toy.simulate)
-    path = _trace(d, [0.4, 0.05, 0.0125], [8, 16, 16])
-    rec = R.recommend(path, prof, low_path)
-    out = R.verify(rec, path, prof)
+    """A model that promises half the capacity: the twin shows headroom and --verify
+    steps max_cpu_loras up while it still serves the sustained share."""
+    rec, out = _verify_with_scaled_model(toy, monkeypatch, tmp_path, 0.5)
     assert out["verify"]["corrected"] and out["max_cpu_loras"] > rec["max_cpu_loras"]
     final = next(t for t in out["verify"]["runs"] if t["max_cpu_loras"] == out["max_cpu_loras"])
     assert not final["starved"] and final["work_frac"] >= R.SUSTAINED_SERVED
