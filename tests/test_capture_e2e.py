@@ -207,7 +207,7 @@ def test_steps_of_a_running_burst_survive_a_server_stop(tmp_path: Path, tiny_mod
              "max_tokens": rng.choice([4, 8, 300])} for _ in range(24)]  # fmt: skip
     srv = VllmServer(tiny_model, tiny_adapters, max_loras=MAX_LORAS, max_cpu_loras=4, max_num_seqs=8,
                      env={"TRACEKIT_STEPS_DIR": str(steps_dir), "TRACEKIT_STEPS_FLUSH_S": "3600"},
-                     extra_args=["--no-enable-prefix-caching"]).start()  # fmt: skip
+                     extra_args=["--no-enable-prefix-caching"], log_path=tmp_path / "server.log").start()  # fmt: skip
     try:
         async def burst() -> list[Any]:
             async with aiohttp.ClientSession() as s:
@@ -233,9 +233,11 @@ def test_steps_of_a_running_burst_survive_a_server_stop(tmp_path: Path, tiny_mod
     # Requests still running at SIGTERM (checked above) may be aborted or drained.
     done = [r for r in results if isinstance(r, dict)]
     assert len(done) >= 4
+    log = (tmp_path / "server.log").read_text(errors="replace")
     steps = read_steps(steps_dir)
+    assert "tracekit: ERROR" not in log, log[-3000:]
     # Every finished request's tokens are in the flushed steps (more may be: aborted
     # requests had started).
-    assert steps["prefill_tokens"].sum() >= sum(len(r["prompt"]) for r in done)
+    assert steps["prefill_tokens"].sum() >= sum(len(r["prompt"]) for r in done), log[-4000:]
     assert steps["decode_tokens"].sum() >= sum(r["max_tokens"] - 1 for r in done)
     assert steps["step"].is_sorted() and steps["active_adapters"].list.len().max() <= MAX_LORAS

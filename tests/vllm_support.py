@@ -348,7 +348,9 @@ class VllmServer:
                 except subprocess.TimeoutExpired:
                     _signal_group(self.proc.pid, signal.SIGKILL)
                     self.proc.wait(timeout=10)
-            # Children (EngineCore) may outlive the API process by a moment.
+            # Children (EngineCore) may outlive the API process by a moment: give them the
+            # grace a process manager gives (systemd, Kubernetes: seconds), then SIGKILL.
+            _wait_group_gone(self.proc.pid, timeout=10.0)
             _signal_group(self.proc.pid, signal.SIGKILL)
             _wait_group_gone(self.proc.pid)
             rc = self.proc.returncode

@@ -565,11 +565,33 @@ def _install_scheduler_hook(scheduler: Any) -> None:
         (directory / HOOK_MARKER).write_text(json.dumps(context, default=str))
         _load_events.clear()  # dummy-LoRA warm-up loads are not traffic
         hook.wrap()
+        _flush_on_signal(recorder)
         _hook_active = True
     except Exception as e:  # noqa: BLE001 - never stop the engine from starting
         _fail_loudly(directory, f"could not start: {e!r}")
         return
     logger.info("tracekit: recording engine steps to %s", directory)
+
+
+def _flush_on_signal(recorder: StepRecorder) -> None:
+    """Start writing the buffered rows the moment SIGTERM/SIGINT reaches the EngineCore,
+    in a thread (a signal handler must not wait for the writer's lock), instead of at the
+    engine loop's next turn, which the process manager's SIGKILL may pre-empt. vLLM's own
+    handler (registered before the engine is built) runs as before."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        return  # only the main thread may set handlers
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        prev = signal.getsignal(sig)
+        if not callable(prev):
+            continue  # default or ignored: not vLLM's EngineCore, leave it alone
+
+        def handler(signum: int, frame: Any, prev: Callable[..., Any] = prev) -> None:
+            threading.Thread(target=recorder.flush, name="tracekit-steps-signal-flush", daemon=True).start()
+            prev(signum, frame)
+
+        signal.signal(sig, handler)
 
 
 _installed = False
