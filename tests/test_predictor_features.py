@@ -117,3 +117,20 @@ def test_cli_json_and_table_and_errors(tmp_path) -> None:
     assert r.exit_code == 2 and r.output.startswith("error:") and "bad.parquet" in r.output
     r = CliRunner().invoke(main, ["features", str(tmp_path / "missing.parquet")])
     assert r.exit_code == 2 and "no such file" in r.output
+
+
+def test_big_traces_estimate_burstiness_on_the_window_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past GAP_SAMPLE requests, burstiness comes from the first part of the window (the
+    answer stays fast on fleets of millions of requests); every other feature is still
+    computed on the whole trace, and burstiness stays close to the full estimate."""
+    for arrivals in ("poisson", "gamma:2"):
+        df, ctx = synthesize(adapters=40, rates=[2.0, 0.5], ranks=[8, 16], duration_s=1200, seed=5, arrivals=arrivals)
+        full = F.compute(df, ctx)
+        monkeypatch.setattr(F, "GAP_SAMPLE", df.height // 5)
+        part = F.compute(df, ctx)
+        monkeypatch.undo()
+        for k, v in full.items():
+            if k == "burstiness":
+                assert part[k] == pytest.approx(v, rel=0.05)
+            else:
+                assert part[k] == v, k
