@@ -135,7 +135,6 @@ def simulate_run(args: tuple[dict[str, Any], int, dict[str, Any] | None]) -> dic
         busy_s=float(st["duration_s"].sum()),
         lora_tokens=float((st["prefill_tokens"].cast(pl.Float64) + st["decode_tokens"].cast(pl.Float64)).sum()),
         ingested=int(np.searchsorted(arrival, starts[-1], side="right")) if len(starts) else 0,
-        decode_busy_s=float(st.filter(pl.col("decode_reqs") > 0)["duration_s"].sum()),
         prefill_reqs=float(st["prefill_reqs"].sum()),
         terms={
             **{f: prof.step_model.coef.get(f, 0.0) for f in SPLIT_FEATURES},

@@ -58,13 +58,15 @@ def plan(
         return None
     X = np.asarray(rows, dtype=np.float64)
     caps = model.predict(X)
+
+    def adapters_for(cap: float) -> int:
+        """Adapters whose load fills load_factor x margin of `cap`, within 1..n_fleet."""
+        n = int(math.floor(model.load_factor * margin * cap / per_adapter)) if per_adapter > 0 else n_fleet
+        return max(1, min(n, n_fleet))
+
     options = []
     for (ml, kv), cap, x in zip(cands, caps, X, strict=True):
-        if per_adapter > 0:
-            n = int(math.floor(model.load_factor * margin * cap / per_adapter))
-        else:
-            n = n_fleet
-        n = max(1, min(n, n_fleet))
+        n = adapters_for(cap)
         if n < ml:
             # vLLM needs max_cpu_loras >= max_loras; fewer slots than this only when
             # no larger n fits, handled below.
@@ -75,7 +77,7 @@ def plan(
     if not options:
         ml, kv = cands[0]
         cap = float(caps[0])
-        n = max(1, min(n_fleet, int(math.floor(model.load_factor * margin * cap / per_adapter)) if per_adapter > 0 else n_fleet))
+        n = adapters_for(cap)
         options = [dict(max_loras=min(ml, n), max_cpu_loras=n, capacity_tok_s=cap, gpu_load_tok_s=n * per_adapter,
                         throughput_tok_s=min(n * per_adapter, cap), kv_capacity_tokens=kv, x=X[0])]
     top = max(o["throughput_tok_s"] for o in options)

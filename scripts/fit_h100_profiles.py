@@ -24,7 +24,12 @@ import polars as pl
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from twin.calibrate import evaluate_microbenches, fit_from_microbenches, paper_microbenches  # noqa: E402
+from twin.calibrate import (  # noqa: E402
+    evaluate_microbenches,
+    fit_from_microbenches,
+    microbench_aggregates,
+    paper_microbenches,
+)
 from twin.memory import estimate_kv, fit_memory  # noqa: E402
 from twin.timing import FEATURE_DOC, FEATURES  # noqa: E402
 
@@ -125,12 +130,13 @@ def build(name: str, spec: dict) -> dict:
         return estimate_kv(mem, max_loras=max_loras, max_lora_rank=rank, enable_lora=lora, max_num_seqs=seqs).kv_tokens
 
     mbs = paper_microbenches(DATA / "calibration_runs.csv", spec["paper_name"], kv_tokens_of)
-    coef, err, per_run = fit_from_microbenches(mbs, use=STEP_FEATURES)
+    aggs = microbench_aggregates(mbs)
+    coef, err, per_run = fit_from_microbenches(mbs, use=STEP_FEATURES, aggs=aggs)
     sweep = json.loads(SWEEP_TERMS.read_text())["global"]
     coef, intake_s = apply_sweep_terms(coef, sweep)
     # The calibration runs again, with the split terms (identical where max_loras is 300 and
     # max_lora_rank 8; the intake moves per-request time to the start of each run).
-    err["after_sweep_split"], per_run = evaluate_microbenches(mbs, coef, request_intake_s=intake_s)
+    err["after_sweep_split"], per_run = evaluate_microbenches(mbs, coef, request_intake_s=intake_s, aggs=aggs)
     loads = json.loads((DATA / spec["adapter_load"]).read_text())
     mem["oom_rule"] = (
         "vLLM refuses to start when the KV cache cannot hold one max_model_len request; "

@@ -83,9 +83,10 @@ def calibration_constants(t: dict[str, float]) -> tuple[float, float]:
     return k_l, t["prefill_reqs"] + t["request_intake_s"]
 
 
-def errors(rows: list[dict[str, Any]], s_tok: float, s_rank: float, beta: float) -> np.ndarray:
-    """Relative throughput error of the twin, linearised, with these splits."""
-    a = np.array([_row(r) for r in rows])
+def errors(rows: list[dict[str, Any]] | np.ndarray, s_tok: float, s_rank: float, beta: float) -> np.ndarray:
+    """Relative throughput error of the twin, linearised, with these splits (`rows`: runs,
+    or their `_row`s as an array, built once per fit)."""
+    a = rows if isinstance(rows, np.ndarray) else np.array([_row(r) for r in rows])
     rest, lora, pr, arr, y, ml, mr, k_r = a.T
     s_slot = 1.0 - s_tok - s_rank
     busy = rest + lora * (s_tok + s_rank * mr / 8 + s_slot * ml / 300) + k_r * ((1 - beta) * pr + beta * arr)
@@ -93,11 +94,13 @@ def errors(rows: list[dict[str, Any]], s_tok: float, s_rank: float, beta: float)
 
 
 def fit(rows: list[dict[str, Any]]) -> tuple[float, float, float]:
+    table = np.array([_row(r) for r in rows])
+
     def loss(p: np.ndarray) -> float:
         s_tok, s_rank, beta = p
         if min(p) < 0 or s_tok + s_rank > 1 or beta > 1:
             return 1e9
-        return float(np.mean(np.abs(errors(rows, s_tok, s_rank, beta))))
+        return float(np.mean(np.abs(errors(table, s_tok, s_rank, beta))))
 
     grid = [(a, b, c) for a in np.linspace(0, 1, 11) for b in np.linspace(0, 1, 11) if a + b <= 1
             for c in np.linspace(0, 1, 21)]  # fmt: skip

@@ -35,15 +35,23 @@ METRICS = ("duration_s", "mean_ttft_s", "mean_itl_s")
 METRIC_WEIGHT = {"duration_s": 1.0, "mean_ttft_s": 0.5, "mean_itl_s": 2.0}
 
 
-def fit_from_microbenches(
-    mbs: Sequence[Any], *, use: Sequence[str] = FEATURES
-) -> tuple[dict[str, float], dict[str, Any], list[dict[str, Any]]]:
-    """Fit step-time coefficients to microbenchmark summaries.
-
-    Returns (coef, fit_error, per_run rows with measured and predicted metrics)."""
+def microbench_aggregates(mbs: Sequence[Any]) -> list[dict[str, np.ndarray]]:
+    """Each run's feature sums per metric (`twin.microbench`): what the fits and the
+    evaluations below multiply by coefficients."""
     from twin.microbench import schedule_closed_batch
 
-    aggs = [schedule_closed_batch(mb).aggregates() for mb in mbs]
+    return [schedule_closed_batch(mb).aggregates() for mb in mbs]
+
+
+def fit_from_microbenches(
+    mbs: Sequence[Any], *, use: Sequence[str] = FEATURES, aggs: Sequence[dict[str, np.ndarray]] | None = None
+) -> tuple[dict[str, float], dict[str, Any], list[dict[str, Any]]]:
+    """Fit step-time coefficients to microbenchmark summaries (`aggs`: their
+    `microbench_aggregates`, when already computed).
+
+    Returns (coef, fit_error, per_run rows with measured and predicted metrics)."""
+    if aggs is None:
+        aggs = microbench_aggregates(mbs)
 
     def rows_of(ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         xs, ys, ws = [], [], []
@@ -58,7 +66,6 @@ def fit_from_microbenches(
     everything = list(range(len(mbs)))
     x, y, w = rows_of(everything)
     fit = fit_linear(x, y, use=use, row_weight=w)
-    vec = np.array([fit.coef[f] for f in FEATURES])
 
     # Leave one run out: refit without it, predict it.
     loo: dict[str, list[tuple[float, float]]] = {m: [] for m in METRICS}
@@ -68,43 +75,32 @@ def fit_from_microbenches(
         for m in METRICS:
             if m in aggs[i] and mbs[i].measured.get(m):
                 loo[m].append((float(aggs[i][m] @ v), mbs[i].measured[m]))
-    per_run = []
-    for mb, agg in zip(mbs, aggs, strict=True):
-        row: dict[str, Any] = {"run": mb.name}
-        for m in METRICS:
-            if m in agg and mb.measured.get(m):
-                row[m] = mb.measured[m]
-                row[m + "_pred"] = float(agg[m] @ vec)
-        per_run.append(row)
     err: dict[str, Any] = {"method": "leave-one-run-out", "runs": len(mbs)}
     for m in METRICS:
         if loo[m]:
             pred, true = np.array(loo[m]).T
             err[m] = error_stats(pred, true)
-    insample = {}
-    for m in METRICS:
-        pairs = [(r[m + "_pred"], r[m]) for r in per_run if m in r]
-        if pairs:
-            pred, true = np.array(pairs).T
-            insample[m] = error_stats(pred, true)
-    err["in_sample"] = insample
+    err["in_sample"], per_run = evaluate_microbenches(mbs, fit.coef, aggs=aggs)
     return fit.coef, err, per_run
 
 
 def evaluate_microbenches(
-    mbs: Sequence[Any], coef: Mapping[str, float], *, request_intake_s: float = 0.0
+    mbs: Sequence[Any],
+    coef: Mapping[str, float],
+    *,
+    request_intake_s: float = 0.0,
+    aggs: Sequence[dict[str, np.ndarray]] | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(error stats, per-run rows) of fixed coefficients on microbenchmark summaries.
 
     `request_intake_s`: engine time per arriving request. Every request of these runs
     arrives at once, so the engine takes all of them in before its first step: the
     whole intake adds to the duration and to every request's TTFT."""
-    from twin.microbench import schedule_closed_batch
-
+    if aggs is None:
+        aggs = microbench_aggregates(mbs)
     vec = np.array([float(coef.get(f, 0.0)) for f in FEATURES])
     per_run, stats = [], {}
-    for mb in mbs:
-        agg = schedule_closed_batch(mb).aggregates()
+    for mb, agg in zip(mbs, aggs, strict=True):
         row: dict[str, Any] = {"run": mb.name}
         for m in METRICS:
             if m in agg and mb.measured.get(m):
@@ -280,11 +276,14 @@ def fit_from_steps(
 
     cols = [s[c].to_numpy() for c in ("prefill_tokens", "decode_tokens", "context_tokens", "num_adapters", "rank_sum")]
 
+    def predict(coef: dict[str, float], idx: np.ndarray) -> np.ndarray:
+        return LinearStepTime(coef).predict(*[c[idx] for c in cols], max_loras=max_loras, max_lora_rank=max_lora_rank)
+
     def fit(idx: np.ndarray) -> tuple[dict[str, float], float]:
         from scipy.optimize import nnls
 
         f = fit_linear(x[idx], y_model[idx], use=use)
-        pred = LinearStepTime(f.coef).predict(*[c[idx] for c in cols], max_loras=max_loras, max_lora_rank=max_lora_rank)
+        pred = predict(f.coef, idx)
         per_load = 0.0
         if xa.shape[1] > x.shape[1]:
             # Seconds per adapter load: NNLS on what the step model leaves over.
@@ -306,18 +305,11 @@ def fit_from_steps(
     err: dict[str, Any] = {"method": f"random {holdout:.0%} of steps held out (seed {seed})"}
     if n_test:
         coef_tr, per_load_tr = fit(train)
-        pred = LinearStepTime(coef_tr).predict(
-            *[s[c].to_numpy()[test] for c in ("prefill_tokens", "decode_tokens", "context_tokens", "num_adapters", "rank_sum")],
-            max_loras=max_loras,
-            max_lora_rank=max_lora_rank,
-        ) + per_load_tr * loads[test]
+        pred = predict(coef_tr, test) + per_load_tr * loads[test]
         err["held_out"] = error_stats(pred, y_model[test])
-    coef, per_load = fit(np.arange(len(s)))
-    pred_all = LinearStepTime(coef).predict(
-        *[s[c].to_numpy() for c in ("prefill_tokens", "decode_tokens", "context_tokens", "num_adapters", "rank_sum")],
-        max_loras=max_loras,
-        max_lora_rank=max_lora_rank,
-    ) + per_load * loads
+    everything = np.arange(len(s))
+    coef, per_load = fit(everything)
+    pred_all = predict(coef, everything) + per_load * loads
     err["in_sample"] = error_stats(pred_all, y_model)
     section = {
         "kind": "linear",

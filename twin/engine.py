@@ -503,10 +503,8 @@ class _Loop:
         dur = base
         for _ in range(8):
             arrived = arrival.searchsorted(starts, "right")
-            if prev is not None:
-                same = arrived == prev
-                if same.all():
-                    return len(base), dur, starts, ends
+            if prev is not None and (arrived == prev).all():
+                return len(base), dur, starts, ends
             taken = np.diff(arrived, prepend=self.ingested)
             dur = base + c * taken
             ends = np.cumsum(np.concatenate([[starts[0]], dur]))[1:]
@@ -514,8 +512,8 @@ class _Loop:
             prev = arrived
         # Not converged: keep the prefix whose arrival counts held in the last iteration
         # (their starts, and so their durations, are final).
-        arrived = arrival.searchsorted(starts, "right")
-        k = int(np.argmin(arrived == prev)) if not (arrived == prev).all() else len(base)
+        same = arrival.searchsorted(starts, "right") == prev
+        k = len(base) if same.all() else int(np.argmin(same))
         return k, dur, starts, ends
 
     def _record_stretch(self, starts: np.ndarray, dur: np.ndarray, ctx: np.ndarray, need: np.ndarray, n_dec: int) -> None:
