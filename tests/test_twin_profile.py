@@ -185,6 +185,10 @@ def test_bad_profiles(tmp_path: Path) -> None:
     bad.write_text(json.dumps({"name": "x", "step_time": {"kind": "transformer"}}))
     with pytest.raises(TracekitError, match="unknown kind"):
         load_profile(bad)
+    for intake in ({"s_per_request": "abc"}, 5, {"s_per_request": -1.0}):
+        bad.write_text(json.dumps({"name": "x", "step_time": {"kind": "linear", "coef": {}}, "request_intake": intake}))
+        with pytest.raises(TracekitError, match="request_intake must be"):
+            load_profile(bad)
 
 
 # --- microbenchmark replay and the aggregate fit -------------------------------------------

@@ -308,7 +308,7 @@ class _Loop:
         self.step_time = _step_time_scalar(profile, config)
         # Engine time per arriving request, charged to the first step that starts after
         # its arrival; `ingested`: arrivals charged so far.
-        self.intake = float(getattr(profile, "request_intake_s", 0.0))
+        self.intake = profile.request_intake_s
         self.ingested = 0
         self.kw = {"max_lora_rank": config.max_lora_rank, "max_loras": config.max_loras}
         self.step = 0

@@ -132,7 +132,7 @@ class Profile:
         """Engine time per arriving request (the engine core takes each new request in
         between steps: deserialise, build the request, queue it), charged to the step
         that follows its arrival. 0 when the profile has no `request_intake` section."""
-        return float(self.data.get("request_intake", {}).get("s_per_request", 0.0))
+        return float(self.data.get("request_intake", {}).get("s_per_request", 0.0))  # checked by from_dict
 
     # --- adapter loads --------------------------------------------------------------
     def adapter_load_s(self, rank: int, max_lora_rank: int) -> float:
@@ -154,6 +154,12 @@ class Profile:
                 raise TracekitError(f"profile: missing section {key!r}")
         prof = cls(name=str(data["name"]), data=data)
         prof.step_model  # noqa: B018 - fail now, with one clear line, on a bad section
+        intake = data.get("request_intake", {})
+        value = intake.get("s_per_request", 0.0) if isinstance(intake, dict) else None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise TracekitError(
+                f"profile {prof.name}: request_intake must be {{\"s_per_request\": seconds >= 0}}, got {intake!r}"
+            )
         return prof
 
     def to_dict(self) -> dict[str, Any]:
