@@ -6,6 +6,7 @@ so slots are contended and adapters are loaded during the run."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import random
@@ -194,20 +195,29 @@ def test_stat_logger_fallback(tmp_path: Path, tiny_model: Path, tiny_adapters: d
     assert not (steps_dir / "_tracekit_engine_hook.json").exists()
 
 
-def test_steps_of_a_running_burst_survive_a_server_stop(tmp_path: Path, tiny_model: Path, tiny_adapters: dict[str, Path]) -> None:
-    """Stopping the server (SIGTERM, as a process manager does) in the middle of a burst:
-    the steps buffered in the EngineCore are flushed before it exits. vLLM's default
-    shutdown kills the EngineCore right after SIGTERM; the plugin asks for a grace
-    window. The periodic flush is set far beyond the test, so any row on disk came from
-    the flush at shutdown."""
+@pytest.mark.parametrize("mode", ["abort", "drain"])
+def test_steps_of_a_running_burst_survive_a_server_stop(
+    tmp_path: Path, tiny_model: Path, tiny_adapters: dict[str, Path], mode: str
+) -> None:
+    """Stopping the server (SIGTERM) in the middle of a burst: the steps buffered in the
+    EngineCore are flushed before it exits. The periodic flush is set far beyond the
+    test, so any row on disk came from the flushes at shutdown.
+
+    abort: vLLM's default (`--shutdown-timeout 0`), SIGTERM to the whole process group as
+    systemd sends it; vLLM would kill the EngineCore right after, so the plugin asks for
+    a grace window; the workers stop too, so the running step fails and the EngineCore
+    leaves through its error path. drain: `--shutdown-timeout 60`, SIGTERM to the API
+    server only (as `docker stop` sends it); the engine keeps stepping until the burst is
+    done, and those steps are written as they come."""
     steps_dir = tmp_path / "steps"
     rng = random.Random(5)
     adapters = sorted(tiny_adapters)
     reqs = [{"adapter": rng.choice(adapters), "prompt": [rng.randint(10, 2000) for _ in range(rng.randint(4, 60))],
              "max_tokens": rng.choice([4, 8, 300])} for _ in range(24)]  # fmt: skip
+    drain = ["--shutdown-timeout", "60"] if mode == "drain" else []
     srv = VllmServer(tiny_model, tiny_adapters, max_loras=MAX_LORAS, max_cpu_loras=4, max_num_seqs=8,
                      env={"TRACEKIT_STEPS_DIR": str(steps_dir), "TRACEKIT_STEPS_FLUSH_S": "3600"},
-                     extra_args=["--no-enable-prefix-caching"], log_path=tmp_path / "server.log").start()  # fmt: skip
+                     extra_args=["--no-enable-prefix-caching", *drain], log_path=tmp_path / "server.log").start()  # fmt: skip
     try:
         async def burst() -> list[Any]:
             async with aiohttp.ClientSession() as s:
@@ -224,7 +234,8 @@ def test_steps_of_a_running_burst_survive_a_server_stop(tmp_path: Path, tiny_mod
                 while sum(t.done() for t in tasks) < 4:
                     await asyncio.sleep(0.05)
                 assert not all(t.done() for t in tasks)
-                await asyncio.get_running_loop().run_in_executor(None, srv.stop)
+                stop = functools.partial(srv.stop, timeout=90, group=mode == "abort")
+                await asyncio.get_running_loop().run_in_executor(None, stop)
                 return await asyncio.gather(*tasks, return_exceptions=True)
 
         results = asyncio.run(burst())
@@ -238,6 +249,10 @@ def test_steps_of_a_running_burst_survive_a_server_stop(tmp_path: Path, tiny_mod
     assert "tracekit: ERROR" not in log, log[-3000:]
     # Every finished request's tokens are in the flushed steps (more may be: aborted
     # requests had started).
+    if mode == "drain":  # every request ran to its end, and every step of it is on disk
+        assert len(done) == len(reqs), [r for r in results if not isinstance(r, dict)][:3]
+        assert steps["prefill_tokens"].sum() == sum(len(r["prompt"]) for r in reqs), log[-4000:]
+        assert steps["decode_tokens"].sum() == sum(r["max_tokens"] - 1 for r in reqs)
     assert steps["prefill_tokens"].sum() >= sum(len(r["prompt"]) for r in done), log[-4000:]
     assert steps["decode_tokens"].sum() >= sum(r["max_tokens"] - 1 for r in done)
     assert steps["step"].is_sorted() and steps["active_adapters"].list.len().max() <= MAX_LORAS

@@ -49,6 +49,30 @@ def test_recorder_background_flush(tmp_path: Path, flush_every: float) -> None:
     rec.close()
 
 
+def test_recorder_hurries_once_the_server_stops(tmp_path: Path) -> None:
+    """A busy engine with the timer far away writes nothing until shutdown; from the
+    shutdown signal on, rows reach disk within a flush-loop turn while the engine still
+    steps (a draining shutdown), and rows added after close() are written by the next."""
+    rec = vp.StepRecorder(tmp_path / "s", {}, flush_every_s=3600)
+
+    def busy(first: int, n: int) -> None:
+        for i in range(first, first + n):
+            rec.add(_row(i, i * 0.05, 0.05))
+            time.sleep(0.05)  # never idle for IDLE_FLUSH_S
+
+    busy(0, 16)
+    assert not list((tmp_path / "s").glob("*.parquet"))
+    rec.hurry()
+    busy(16, 16)
+    parts = list((tmp_path / "s").glob("*.parquet"))
+    assert len(parts) >= 3, parts  # the signal's flush, then one per loop turn
+    assert schema.read(tmp_path / "s", "steps")[0].height >= 30
+    rec.close()
+    rec.add(_row(32, 1.6, 0.05))  # a step after an early close (shutdown while draining)
+    rec.close()
+    assert schema.read(tmp_path / "s", "steps")[0]["step"].to_list() == list(range(33))
+
+
 def test_recorder_write_error_is_logged_once_and_rows_kept(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     blocker = tmp_path / "f"
     blocker.write_text("x")

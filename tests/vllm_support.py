@@ -337,12 +337,16 @@ class VllmServer:
         except OSError:
             return "(no log)"
 
-    def stop(self, timeout: float = 20.0) -> int | None:
-        """SIGTERM the server's process group, SIGKILL it if it lingers; remove temp files."""
+    def stop(self, timeout: float = 20.0, group: bool = True) -> int | None:
+        """SIGTERM the server's process group (as systemd does), or with group=False only
+        the API server (as `docker stop` does); SIGKILL what lingers; remove temp files."""
         rc = None
         if self.proc is not None:
             if self.proc.poll() is None:
-                _signal_group(self.proc.pid, signal.SIGTERM)
+                if group:
+                    _signal_group(self.proc.pid, signal.SIGTERM)
+                else:
+                    self.proc.send_signal(signal.SIGTERM)
                 try:
                     self.proc.wait(timeout=timeout)
                 except subprocess.TimeoutExpired:

@@ -97,6 +97,7 @@ class StepRecorder:
         self.last_add = time.perf_counter()
         self.rows_dropped = 0
         self._stop = threading.Event()
+        self.shutting_down = False  # set once the server is shutting down
         _warm_up_writer()
         self._thread = threading.Thread(target=self._flush_loop, name="tracekit-steps-flush", daemon=True)
         self._thread.start()
@@ -118,7 +119,8 @@ class StepRecorder:
         last = time.perf_counter()
         while not self._stop.wait(min(self.flush_every_s, IDLE_FLUSH_S / 2)):
             now = time.perf_counter()
-            if self._rows and (now - last >= self.flush_every_s or now - self.last_add >= IDLE_FLUSH_S):
+            due = self.shutting_down or now - last >= self.flush_every_s or now - self.last_add >= IDLE_FLUSH_S
+            if self._rows and due:
                 self.flush()
                 last = now
 
@@ -146,9 +148,16 @@ class StepRecorder:
         logger.error("tracekit: %s (steps stay buffered; further errors not logged)", msg)
         print(f"tracekit: ERROR {msg}", file=sys.stderr, flush=True)
 
+    def hurry(self) -> None:
+        """The server is stopping: write what is buffered now, in a thread (a signal
+        handler must not wait for the writer's lock), and from now on write every turn of
+        the flush loop, so that a kill after the grace loses at most that long. A draining
+        shutdown keeps stepping for a while; those rows are written as they come."""
+        self.shutting_down = True
+        threading.Thread(target=self.flush, name="tracekit-steps-shutdown-flush", daemon=True).start()
+
     def close(self) -> None:
-        if self._closed:
-            return
+        """Stop the flush loop and write what is left; later calls write any rows added since."""
         self._closed = True
         self._stop.set()
         self.flush()
@@ -588,7 +597,7 @@ def _flush_on_signal(recorder: StepRecorder) -> None:
             continue  # default or ignored: not vLLM's EngineCore, leave it alone
 
         def handler(signum: int, frame: Any, prev: Callable[..., Any] = prev) -> None:
-            threading.Thread(target=recorder.flush, name="tracekit-steps-signal-flush", daemon=True).start()
+            recorder.hurry()
             prev(signum, frame)
 
         signal.signal(sig, handler)
@@ -630,8 +639,8 @@ def register_general_plugin() -> None:
 
         EngineCore._attach_iteration_details = _attach_iteration_details  # type: ignore[method-assign]
 
-    # Flush at the very start of a shutdown, before vLLM tears the executor down (the
-    # process may be killed right after): EngineCoreProc._handle_shutdown sees it first.
+    # A shutdown requested by other means than a signal (the API server's shutdown
+    # message): EngineCoreProc._handle_shutdown sees it first, every loop turn.
     try:
         from vllm.v1.engine.core import EngineCoreProc
     except ImportError:  # pragma: no cover - other vLLM layouts: the idle flush still applies
@@ -642,11 +651,24 @@ def register_general_plugin() -> None:
         def _handle_shutdown(self: Any, *args: Any, **kwargs: Any) -> Any:
             hook = getattr(getattr(self, "scheduler", None), "_tracekit_hook", None)
             state = getattr(getattr(self, "shutdown_state", None), "name", "RUNNING")
-            if hook is not None and state != "RUNNING":
-                hook.recorder.close()
+            if hook is not None and state != "RUNNING" and not hook.recorder.shutting_down:
+                hook.recorder.hurry()
             return orig_handle(self, *args, **kwargs)
 
         EngineCoreProc._handle_shutdown = _handle_shutdown  # type: ignore[union-attr]
+
+    # Write the last rows before the executor's teardown, which takes seconds and may
+    # outlast the grace: EngineCore.shutdown runs on every exit path, including a step
+    # that failed because the workers were stopped by the same signal.
+    orig_core_shutdown = EngineCore.shutdown
+
+    def shutdown(self: Any, *args: Any, **kwargs: Any) -> Any:
+        hook = getattr(getattr(self, "scheduler", None), "_tracekit_hook", None)
+        if hook is not None:
+            hook.recorder.close()
+        return orig_core_shutdown(self, *args, **kwargs)
+
+    EngineCore.shutdown = shutdown  # type: ignore[method-assign]
     _grant_shutdown_grace()
     _wrap_lora_loads()
 
