@@ -46,6 +46,7 @@ HOOK_MARKER = "_tracekit_engine_hook.json"  # leading "_": Parquet readers skip 
 ERROR_FILE = "_tracekit_error.txt"
 ENV_SHUTDOWN_GRACE = "TRACEKIT_SHUTDOWN_GRACE_S"  # EngineCore's time to flush before SIGKILL
 IDLE_FLUSH_S = 0.5  # write buffered rows once the engine has been idle this long
+SHUTDOWN_FLUSH_S = 1.0  # while a shutdown drains, write at least this often
 MAX_BUFFERED_ROWS = 2_000_000  # if writes keep failing, drop the oldest rows beyond this
 
 try:  # the stat logger must subclass vLLM's base; outside the vLLM env this module still imports
@@ -93,7 +94,6 @@ class StepRecorder:
         self._merger = merger  # fills adapter-load columns from load events, if given
         self._write_lock = threading.Lock()  # one write at a time (flusher vs shutdown)
         self._error_logged = False
-        self._closed = False
         self.last_add = time.perf_counter()
         self.rows_dropped = 0
         self._stop = threading.Event()
@@ -119,7 +119,8 @@ class StepRecorder:
         last = time.perf_counter()
         while not self._stop.wait(min(self.flush_every_s, IDLE_FLUSH_S / 2)):
             now = time.perf_counter()
-            due = self.shutting_down or now - last >= self.flush_every_s or now - self.last_add >= IDLE_FLUSH_S
+            every = SHUTDOWN_FLUSH_S if self.shutting_down else self.flush_every_s
+            due = now - last >= every or now - self.last_add >= IDLE_FLUSH_S
             if self._rows and due:
                 self.flush()
                 last = now
@@ -150,15 +151,14 @@ class StepRecorder:
 
     def hurry(self) -> None:
         """The server is stopping: write what is buffered now, in a thread (a signal
-        handler must not wait for the writer's lock), and from now on write every turn of
-        the flush loop, so that a kill after the grace loses at most that long. A draining
+        handler must not wait for the writer's lock), and from now on every
+        SHUTDOWN_FLUSH_S, so that a kill after the grace loses at most that long. A draining
         shutdown keeps stepping for a while; those rows are written as they come."""
         self.shutting_down = True
         threading.Thread(target=self.flush, name="tracekit-steps-shutdown-flush", daemon=True).start()
 
     def close(self) -> None:
         """Stop the flush loop and write what is left; later calls write any rows added since."""
-        self._closed = True
         self._stop.set()
         self.flush()
 
