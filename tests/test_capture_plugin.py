@@ -5,6 +5,9 @@ The real engine is exercised by tests/test_capture_e2e.py."""
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -71,6 +74,27 @@ def test_recorder_hurries_once_the_server_stops(tmp_path: Path) -> None:
     rec.add(_row(46, 2.3, 0.05))  # a step after an early close (shutdown while draining)
     rec.close()
     assert schema.read(tmp_path / "s", "steps")[0]["step"].to_list() == list(range(47))
+
+
+def test_signals_deferred_delivers_after_the_block(tmp_path: Path) -> None:
+    """A SIGTERM that lands while the last steps are written (the EngineCore has already
+    reset it to the default action) waits for the write, then ends the process as it would
+    have."""
+    done, after = tmp_path / "done", tmp_path / "after"
+    script = f"""
+import os, signal, time
+from tracekit import vllm_plugin as vp
+signal.signal(signal.SIGTERM, signal.SIG_DFL)
+with vp.signals_deferred():
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.2)
+    open({str(done)!r}, "w").write("x")
+open({str(after)!r}, "w").write("x")
+"""
+    r = subprocess.run([sys.executable, "-c", script], timeout=60, capture_output=True, text=True)
+    assert done.exists(), r.stderr
+    assert not after.exists()
+    assert r.returncode == -signal.SIGTERM
 
 
 def test_recorder_write_error_is_logged_once_and_rows_kept(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -34,7 +34,8 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -603,6 +604,29 @@ def _flush_on_signal(recorder: StepRecorder) -> None:
         signal.signal(sig, handler)
 
 
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGTERM/SIGINT until the block is done, then deliver them as they would have
+    been. The EngineCore resets both to the default action before its teardown, and the
+    process manager's own SIGTERM often lands there, a moment after the one that started
+    the shutdown: it would kill the process in the middle of writing the last steps."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    sigs = (signal.SIGTERM, signal.SIGINT)
+    prev = {sig: signal.signal(sig, lambda signum, frame: got.append(signum)) for sig in sigs}
+    try:
+        yield
+    finally:
+        for sig, handler in prev.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        for sig in dict.fromkeys(got):
+            signal.raise_signal(sig)
+
+
 _installed = False
 
 
@@ -665,7 +689,8 @@ def register_general_plugin() -> None:
     def shutdown(self: Any, *args: Any, **kwargs: Any) -> Any:
         hook = getattr(getattr(self, "scheduler", None), "_tracekit_hook", None)
         if hook is not None:
-            hook.recorder.close()
+            with signals_deferred():
+                hook.recorder.close()
         return orig_core_shutdown(self, *args, **kwargs)
 
     EngineCore.shutdown = shutdown  # type: ignore[method-assign]
