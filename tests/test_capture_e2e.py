@@ -206,7 +206,7 @@ def test_steps_of_a_running_burst_survive_a_server_stop(
     abort: vLLM's default (`--shutdown-timeout 0`), SIGTERM to the whole process group as
     systemd sends it; vLLM would kill the EngineCore right after, so the plugin asks for
     a grace window; the workers stop too, so the running step fails and the EngineCore
-    leaves through its error path. drain: `--shutdown-timeout 60`, SIGTERM to the API
+    leaves through its error path. drain: `--shutdown-timeout 120`, SIGTERM to the API
     server only (as `docker stop` sends it); the engine keeps stepping until the burst is
     done, and those steps are written as they come."""
     steps_dir = tmp_path / "steps"
