@@ -30,6 +30,7 @@ import atexit
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -439,7 +440,6 @@ class StepHook:
         sched = self.scheduler
         orig_schedule: Callable[..., Any] = sched.schedule
         orig_update: Callable[..., Any] = sched.update_from_output
-        orig_shutdown: Callable[..., Any] = sched.shutdown
 
         def schedule(*args: Any, **kwargs: Any) -> Any:
             start = time.perf_counter()
@@ -458,13 +458,8 @@ class StepHook:
                 self._close_row(entry)
             return result
 
-        def shutdown(*args: Any, **kwargs: Any) -> Any:
-            self.recorder.close()  # EngineCore.shutdown calls this; flush before teardown
-            return orig_shutdown(*args, **kwargs)
-
         sched.schedule = schedule
         sched.update_from_output = update_from_output
-        sched.shutdown = shutdown
         sched._tracekit_hook = self
 
     def _disable(self, msg: str) -> None:
@@ -588,8 +583,6 @@ def _flush_on_signal(recorder: StepRecorder) -> None:
     in a thread (a signal handler must not wait for the writer's lock), instead of at the
     engine loop's next turn, which the process manager's SIGKILL may pre-empt. vLLM's own
     handler (registered before the engine is built) runs as before."""
-    import signal
-
     if threading.current_thread() is not threading.main_thread():
         return  # only the main thread may set handlers
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -610,8 +603,6 @@ def signals_deferred() -> Iterator[None]:
     been. The EngineCore resets both to the default action before its teardown, and the
     process manager's own SIGTERM often lands there, a moment after the one that started
     the shutdown: it would kill the process in the middle of writing the last steps."""
-    import signal
-
     if threading.current_thread() is not threading.main_thread():
         yield
         return
