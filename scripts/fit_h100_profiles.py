@@ -33,6 +33,19 @@ from twin.calibrate import (  # noqa: E402
 from twin.memory import estimate_kv, fit_memory  # noqa: E402
 from twin.timing import FEATURE_DOC, FEATURES  # noqa: E402
 
+# What the paper's servers ran with (the profile's serving defaults, twin.config).
+PAPER_SERVER = {
+    "vllm_version": "0.8.5",
+    "note": "the paper's patched vLLM 0.8.5 V1 servers: prefix caching off, synchronous scheduling, "
+    "admission on the first chunk; --max-num-seqs 2048 --max-num-batched-tokens 2048 as the paper ran them",
+    "max_num_seqs": 2048,
+    "max_num_batched_tokens": 2048,
+    "block_size": 16,
+    "gpu_memory_utilization": 0.9,
+    "enable_prefix_caching": False,
+    "scheduler_reserve_full_isl": False,
+    "async_scheduling": False,
+}
 DATA = ROOT / "twin" / "data"
 
 # Architecture facts (config.json of each model): KV bytes per token =
@@ -151,6 +164,7 @@ def build(name: str, spec: dict) -> dict:
             "kv_bytes_per_token": kvb,
             "max_model_len": spec["max_model_len"],
         },
+        "server": PAPER_SERVER,
         "memory": mem,
         "step_time": {
             "kind": "linear",

@@ -35,6 +35,8 @@ META_SCHEMA = b"tracekit.schema"
 META_CONTEXT = b"tracekit.context"
 
 RESULT_STATUSES = ("ok", "error", "timeout", "unfinished")
+# Context key: tokens per block of a trace's `prefix_hashes`.
+CTX_PREFIX_BLOCK_TOKENS = "prefix_block_tokens"
 
 
 class TracekitError(Exception):
@@ -55,6 +57,11 @@ TRACE_REQUIRED = pa.schema(
 TRACE_OPTIONAL = pa.schema(
     [
         pa.field("prompt_token_ids", pa.list_(pa.int32())),
+        # Prefix sharing without the prompt: one hash per full prompt block of
+        # `prefix_block_tokens` tokens (named in the context, CTX_PREFIX_BLOCK_TOKENS),
+        # chained (a block's hash covers every token before it), keyed by adapter, and
+        # salted per capture; equal prefixes of one adapter hash equal.
+        pa.field("prefix_hashes", pa.list_(pa.int64())),
         pa.field("tenant", pa.string()),
         pa.field("session_id", pa.string()),
     ]
@@ -108,6 +115,10 @@ RESULTS_OPTIONAL = pa.schema(
     [
         # Every inter-token (inter-chunk) gap of the stream, in seconds.
         pa.field("itl_s", pa.list_(pa.float32())),
+        # Prompt tokens served from the prefix cache (vLLM's num_cached_tokens).
+        pa.field("cached_tokens", pa.int32()),
+        # The fleet replica (GPU) that served the request.
+        pa.field("replica", pa.string()),
     ]
 )
 

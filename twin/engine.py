@@ -33,7 +33,7 @@ import pyarrow as pa
 
 from tracekit.metrics import summarize
 from tracekit.schema import TracekitError, adapter_ranks, conform
-from twin.api import ServingConfig, SimResult
+from twin.config import ServingConfig, SimResult
 from twin.profile import Profile, load_profile
 from twin.scheduler import BASE, DEFAULT_CPU_MISS_FACTOR, Scheduler, cdiv
 

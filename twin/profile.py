@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from tracekit.schema import TracekitError
-from twin.api import ServingConfig
+from twin.config import ServingConfig
 from twin.memory import KVEstimate, estimate_kv
 from twin.timing import LinearStepTime, step_time_model
 

@@ -1,0 +1,106 @@
+"""The twin's configuration and result types. This module imports no other twin module,
+so `api`, `engine`, `profile` and the scheduler can all depend on it without a cycle.
+
+Field names are vLLM's own (`EngineArgs`), so a configuration reads as the server's
+command line. Where vLLM's default depends on the server (its GPU, its version), the
+default here is None and is filled from the profile's `server` section by
+`ServingConfig.for_profile`: a profile records what its server ran with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+import pyarrow as pa
+
+# What a profile without a `server` section stands for: the paper's patched vLLM 0.8.5
+# (synchronous scheduling, prefix caching off, admission on the first chunk only) with
+# vLLM's engine defaults below a 70 GiB GPU.
+SERVER_DEFAULTS: dict[str, Any] = {
+    "vllm_version": "0.8.5",
+    "max_num_seqs": 256,
+    "max_num_batched_tokens": 2048,
+    "block_size": 16,
+    "gpu_memory_utilization": 0.9,
+    "enable_prefix_caching": False,
+    "scheduler_reserve_full_isl": False,
+    "async_scheduling": False,
+}
+# The fields of ServingConfig that a profile's `server` section may set.
+SERVER_FIELDS = tuple(k for k in SERVER_DEFAULTS if k != "vllm_version")
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """vLLM engine arguments the twin models, named as vLLM names them.
+
+    Build one with `ServingConfig.for_profile(profile, ...)` so that every field the
+    user did not set takes the profile's server's value; the plain constructor keeps
+    the defaults of `SERVER_DEFAULTS`."""
+
+    max_loras: int = 1
+    # None = vLLM's default: the CPU cache holds as many adapters as GPU slots.
+    max_cpu_loras: int | None = None
+    max_lora_rank: int = 16
+    max_num_seqs: int = SERVER_DEFAULTS["max_num_seqs"]
+    max_num_batched_tokens: int = SERVER_DEFAULTS["max_num_batched_tokens"]
+    block_size: int = SERVER_DEFAULTS["block_size"]
+    gpu_memory_utilization: float = SERVER_DEFAULTS["gpu_memory_utilization"]
+    enable_lora: bool = True
+    # Override of the KV capacity in tokens (e.g. taken from a captured server); None = model it.
+    kv_capacity_tokens: int | None = None
+    max_model_len: int | None = None
+    # vLLM's prefix caching (`--enable-prefix-caching`): full prompt blocks, hashed in a
+    # chain keyed by the adapter, are reused by later requests of the same adapter.
+    enable_prefix_caching: bool = SERVER_DEFAULTS["enable_prefix_caching"]
+    # `--scheduler-reserve-full-isl`: a waiting request is admitted only when blocks for
+    # its whole prompt are free (not just for its first chunk).
+    scheduler_reserve_full_isl: bool = SERVER_DEFAULTS["scheduler_reserve_full_isl"]
+    # `--async-scheduling`: the next step is scheduled while the current one executes.
+    async_scheduling: bool = SERVER_DEFAULTS["async_scheduling"]
+
+    @property
+    def cpu_loras(self) -> int:
+        return self.max_cpu_loras if self.max_cpu_loras is not None else self.max_loras
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def replace(self, **changes: Any) -> ServingConfig:
+        return replace(self, **changes)
+
+    @classmethod
+    def for_profile(cls, profile: Any, **overrides: Any) -> ServingConfig:
+        """A configuration whose unset fields (absent or None in `overrides`) take the
+        profile's server values (`server_defaults`). `profile`: a Profile, or its data."""
+        data = getattr(profile, "data", profile)
+        base = server_defaults(data if isinstance(data, Mapping) else {})
+        names = {f.name for f in fields(cls)}
+        unknown = set(overrides) - names
+        if unknown:
+            raise TypeError(f"ServingConfig has no field(s) {', '.join(sorted(unknown))}")
+        kw = {k: v for k, v in base.items() if k in names}
+        kw.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**kw)
+
+
+def server_defaults(profile_data: Mapping[str, Any]) -> dict[str, Any]:
+    """The serving defaults a profile's server ran with: its `server` section over
+    `SERVER_DEFAULTS` (a profile without one mirrors the paper's servers)."""
+    out = dict(SERVER_DEFAULTS)
+    section = profile_data.get("server") or {}
+    if isinstance(section, Mapping):
+        out.update({k: v for k, v in section.items() if k in SERVER_DEFAULTS and v is not None})
+    return out
+
+
+@dataclass
+class SimResult:
+    """What `simulate` returns: results and (optionally) steps in the tracekit schemas."""
+
+    results: pa.Table  # tracekit results schema (conforming columns)
+    steps: pa.Table | None  # tracekit steps schema, when asked for
+    summary: dict[str, Any]  # tracekit.metrics.summarize(...) plus twin counters
+    context: dict[str, Any] = field(default_factory=dict)  # to write as tracekit.context
