@@ -9,10 +9,10 @@ import click
 import polars as pl
 
 from tracekit.cliutil import console, user_errors
-from tracekit.schema import KIND_RESULTS, TracekitError, adapter_ranks, read_trace, write
+from tracekit.schema import KIND_RESULTS, TracekitError, read_trace, write
+from twin.options import SERVING_FLAG_NAMES, config_from_options, serving_options
 
-TWIN_FLAGS = ("profile", "max_loras", "max_cpu_loras", "max_lora_rank", "max_num_seqs",
-              "max_num_batched_tokens", "gpu_memory_utilization", "block_size", "kv_capacity_tokens")
+TWIN_FLAGS = ("profile", *SERVING_FLAG_NAMES)
 VLLM_FLAGS = ("url", "lora_dir", "model", "max_concurrency", "request_timeout", "drain_timeout")
 
 
@@ -80,14 +80,7 @@ def _check_writable(out: Path) -> None:
               help="vllm: LO:HI band of token ids drawn for prompts the trace did not capture.")
 @click.option("--no-progress", is_flag=True, help="No live progress line.")
 @click.option("--profile", default=None, help="twin: profile name or path.")
-@click.option("--max-loras", type=int, default=None, help="twin: GPU adapter slots.")
-@click.option("--max-cpu-loras", type=int, default=None, help="twin: CPU adapter cache size.")
-@click.option("--max-lora-rank", type=int, default=None, help="twin: largest adapter rank.")
-@click.option("--max-num-seqs", type=int, default=None, help="twin: max requests per step.")
-@click.option("--max-num-batched-tokens", type=int, default=None, help="twin: token budget per step.")
-@click.option("--gpu-memory-utilization", type=float, default=None, help="twin: fraction of GPU memory.")
-@click.option("--block-size", type=int, default=None, help="twin: KV-cache block size (tokens).")
-@click.option("--kv-capacity-tokens", type=int, default=None, help="twin: override the profile's KV capacity.")
+@serving_options(help_prefix="twin: ")
 @user_errors
 def run_cmd(trace: Path, target: str, out: Path, speed: float, duration: float | None, until_done: bool,
             warmup: float, no_progress: bool, seed: int, token_id_range: str, **flags: Any) -> None:
@@ -128,26 +121,16 @@ def run_cmd(trace: Path, target: str, out: Path, speed: float, duration: float |
                          token_id_range=_parse_id_range(token_id_range), progress=not no_progress)
     else:
         from replay.targets import TwinTarget
-        from twin.api import ServingConfig
 
         if not flags["profile"]:
             raise TracekitError("--target twin needs --profile (see `twin profiles`)")
-        cfg_kwargs = {k: flags[k] for k in TWIN_FLAGS[1:] if flags[k] is not None}
-        if "max_lora_rank" not in cfg_kwargs:
-            # As `twin run`: the largest rank among the adapters the trace uses.
-            ranks = adapter_ranks(meta.context)
-            used = set(df["adapter"].drop_nulls().unique().to_list())
-            known = [r for name, r in ranks.items() if name in used]
-            cfg_kwargs["max_lora_rank"] = max(known) if known else 16
-        try:
-            config = ServingConfig(**cfg_kwargs)
-        except (TypeError, ValueError) as e:
-            raise TracekitError(f"bad serving configuration: {e}") from None
         try:
             from twin.profile import load_profile
         except ModuleNotFoundError as e:
             raise TracekitError(f"the twin is not available in this installation ({e})") from None
-        tgt = TwinTarget(profile=load_profile(flags["profile"]), config=config)
+        profile = load_profile(flags["profile"])
+        config = config_from_options(profile, df, meta.context, flags)
+        tgt = TwinTarget(profile=profile, config=config)
 
     replayed = tgt.replay(df, dict(meta.context), cut)
     context = {k: v for k, v in meta.context.items() if k not in ("window_s", "parts")}

@@ -15,6 +15,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from tracekit.schema import TracekitError
+
 # What a profile without a `server` section stands for: the paper's patched vLLM 0.8.5
 # (synchronous scheduling, prefix caching off, admission on the first chunk only) with
 # vLLM's engine defaults below a 70 GiB GPU.
@@ -67,6 +69,19 @@ class ServingConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def check(self) -> ServingConfig:
+        """Raise one TracekitError line, naming the flag, for what vLLM would refuse."""
+        for name in ("max_loras", "max_lora_rank", "max_num_seqs", "max_num_batched_tokens", "block_size"):
+            if getattr(self, name) < 1:
+                raise TracekitError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.cpu_loras < self.max_loras:
+            raise TracekitError(
+                f"--max-cpu-loras ({self.cpu_loras}) must be >= --max-loras ({self.max_loras}), as vLLM requires"
+            )
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise TracekitError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        return self
 
     def replace(self, **changes: Any) -> ServingConfig:
         return replace(self, **changes)

@@ -189,7 +189,7 @@ def simulate(
     step (slow; for tests)."""
     prof = load_profile(profile)
     ctx_in = dict(trace_context or {})
-    _check_config(config)
+    config.check()
     if window_s is None and ctx_in.get("window_s"):
         window_s = float(ctx_in["window_s"])
     if window_s is not None and not window_s > 0:
@@ -266,18 +266,6 @@ def simulate(
     )
     steps = loop.steps.table(names) if record_steps else None
     return SimResult(results=results, steps=steps, summary=summary, context=ctx)
-
-
-def _check_config(config: ServingConfig) -> None:
-    for name in ("max_loras", "max_lora_rank", "max_num_seqs", "max_num_batched_tokens", "block_size"):
-        if getattr(config, name) < 1:
-            raise TracekitError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
-    if config.cpu_loras < config.max_loras:
-        raise TracekitError(
-            f"--max-cpu-loras ({config.cpu_loras}) must be >= --max-loras ({config.max_loras}), as vLLM requires"
-        )
-    if not 0.0 < config.gpu_memory_utilization <= 1.0:
-        raise TracekitError(f"--gpu-memory-utilization must be in (0, 1], got {config.gpu_memory_utilization}")
 
 
 class _Loop:

@@ -16,10 +16,10 @@ from tracekit.schema import (
     KIND_RESULTS,
     KIND_STEPS,
     TracekitError,
-    adapter_ranks,
     read_trace,
     write,
 )
+from twin.options import config_from_options, serving_options
 
 
 def _fmt(v: Any, digits: int = 1) -> str:
@@ -75,14 +75,7 @@ def render(summary: dict[str, Any], title: str) -> None:
 @click.command("run")
 @click.argument("trace", type=click.Path(path_type=Path))
 @click.option("--profile", "profile_name", required=True, help="Shipped profile name or profile JSON path.")
-@click.option("--max-loras", type=int, default=1, show_default=True, help="GPU adapter slots (adapters per batch).")
-@click.option("--max-cpu-loras", type=int, default=None, help="CPU adapter cache size [default: --max-loras].")
-@click.option("--max-lora-rank", type=int, default=None, help="Largest adapter rank [default: the trace's largest].")
-@click.option("--max-num-seqs", type=int, default=256, show_default=True, help="Max requests per step.")
-@click.option("--max-num-batched-tokens", type=int, default=2048, show_default=True, help="Token budget per step.")
-@click.option("--gpu-memory-utilization", type=float, default=0.9, show_default=True, help="Fraction of GPU memory vLLM may use.")
-@click.option("--block-size", type=int, default=16, show_default=True, help="KV-cache block size (tokens).")
-@click.option("--kv-capacity-tokens", type=int, default=None, help="Override the profile's KV capacity (tokens).")
+@serving_options()
 @click.option("--window", "window", type=float, default=None,
               help="Seconds simulated; unfinished requests then are `unfinished` [default: the trace's window_s, else until all finish].")
 @click.option("--out", "out", type=click.Path(path_type=Path), required=True, help="Results Parquet file.")
@@ -93,22 +86,14 @@ def render(summary: dict[str, Any], title: str) -> None:
 def run_cmd(
     trace: Path,
     profile_name: str,
-    max_loras: int,
-    max_cpu_loras: int | None,
-    max_lora_rank: int | None,
-    max_num_seqs: int,
-    max_num_batched_tokens: int,
-    gpu_memory_utilization: float,
-    block_size: int,
-    kv_capacity_tokens: int | None,
     window: float | None,
     out: Path,
     steps_out: Path | None,
     no_fast_forward: bool,
     as_json: bool,
+    **serving: Any,
 ) -> None:
     """Simulate vLLM serving TRACE with LoRA adapters; write per-request results."""
-    from twin.api import ServingConfig
     from twin.engine import simulate
     from twin.profile import load_profile
 
@@ -117,23 +102,9 @@ def run_cmd(
     df, meta = read_trace(trace)
     if df.height == 0:
         raise TracekitError(f"{trace}: the trace has no requests")
-    if max_lora_rank is None:
-        ranks = adapter_ranks(meta.context)
-        used = set(df.get_column("adapter").drop_nulls().unique().to_list())
-        known = [r for name, r in ranks.items() if name in used]
-        max_lora_rank = max(known) if known else 16
     if window is not None and not window > 0:
         raise TracekitError(f"--window must be positive, got {window}")
-    config = ServingConfig(
-        max_loras=max_loras,
-        max_cpu_loras=max_cpu_loras,
-        max_lora_rank=max_lora_rank,
-        max_num_seqs=max_num_seqs,
-        max_num_batched_tokens=max_num_batched_tokens,
-        block_size=block_size,
-        gpu_memory_utilization=gpu_memory_utilization,
-        kv_capacity_tokens=kv_capacity_tokens,
-    )
+    config = config_from_options(profile, df, meta.context, serving)
     context = {k: v for k, v in meta.context.items() if k != "parts"}
     res = simulate(
         df,
@@ -152,8 +123,8 @@ def run_cmd(
     if as_json:
         click.echo(json.dumps(res.summary, indent=2, default=str))
         return
-    render(res.summary, f"twin: {profile.name}, max_loras {max_loras}, max_cpu_loras {config.cpu_loras}, "
-                        f"max_lora_rank {max_lora_rank}")
+    render(res.summary, f"twin: {profile.name}, max_loras {config.max_loras}, max_cpu_loras {config.cpu_loras}, "
+                        f"max_lora_rank {config.max_lora_rank}")
     console.print(f"wrote {out} ({res.results.num_rows:,} requests)"
                   + (f" and {steps_out} ({res.steps.num_rows:,} steps)" if steps_out and res.steps is not None else "")
                   + f" in {res.summary['wall_s']:.2f} s")

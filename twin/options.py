@@ -1,0 +1,76 @@
+"""The serving-configuration flags, by vLLM's names, shared by every command that runs
+the twin (`twin run`, `replay run --target twin`, `predictor recommend`).
+
+Every flag defaults to None, meaning "what the profile's server ran with"
+(`ServingConfig.for_profile`), so one profile's defaults hold everywhere and a command
+never carries a second copy of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+import click
+import polars as pl
+
+from tracekit.schema import TracekitError, adapter_ranks
+from twin.config import ServingConfig
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# (flag, type, help); bool flags get vLLM's `--no-` form too.
+SERVING_FLAGS: tuple[tuple[str, Any, str], ...] = (
+    ("max_loras", int, "GPU adapter slots (adapters per batch) [default: 1, as vLLM]."),
+    ("max_cpu_loras", int, "CPU adapter cache size [default: --max-loras, as vLLM]."),
+    ("max_lora_rank", int, "Largest adapter rank [default: the trace's largest]."),
+    ("max_num_seqs", int, "Max requests per step [default: the profile's server]."),
+    ("max_num_batched_tokens", int, "Token budget per step [default: the profile's server]."),
+    ("gpu_memory_utilization", float, "Fraction of GPU memory vLLM may use [default: the profile's server]."),
+    ("block_size", int, "KV-cache block size in tokens [default: the profile's server]."),
+    ("kv_capacity_tokens", int, "Override the profile's KV capacity (tokens)."),
+    ("enable_prefix_caching", bool, "vLLM's prefix caching, keyed by adapter [default: the profile's server]."),
+    ("scheduler_reserve_full_isl", bool,
+     "Admit a waiting request only when blocks for its whole prompt are free [default: the profile's server]."),
+    ("async_scheduling", bool, "Schedule the next step while one executes [default: the profile's server]."),
+)
+SERVING_FLAG_NAMES = tuple(name for name, _, _ in SERVING_FLAGS)
+
+
+def serving_options(help_prefix: str = "") -> Callable[[F], F]:
+    """Add every serving flag to a click command (values arrive as keyword arguments)."""
+
+    def deco(fn: F) -> F:
+        for name, typ, text in reversed(SERVING_FLAGS):
+            flag = "--" + name.replace("_", "-")
+            if typ is bool:
+                fn = click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_prefix + text)(fn)
+            else:
+                fn = click.option(flag, name, type=typ, default=None, help=help_prefix + text)(fn)
+        return fn
+
+    return deco
+
+
+def trace_max_rank(trace: pl.DataFrame, context: Mapping[str, Any], default: int = 16) -> int:
+    """The largest rank among the adapters the trace uses (vLLM's `--max-lora-rank` must
+    be at least that), from the trace context's adapters; `default` when none is known."""
+    ranks = adapter_ranks(context)
+    used = set(trace.get_column("adapter").drop_nulls().unique().to_list())
+    known = [r for name, r in ranks.items() if name in used]
+    return max(known) if known else default
+
+
+def config_from_options(
+    profile: Any, trace: pl.DataFrame | None, context: Mapping[str, Any], options: Mapping[str, Any]
+) -> ServingConfig:
+    """The ServingConfig for these flag values: unset ones from the profile's server,
+    `max_lora_rank` from the trace. Bad values are one TracekitError line."""
+    kw = {k: options.get(k) for k in SERVING_FLAG_NAMES}
+    if kw["max_lora_rank"] is None and trace is not None:
+        kw["max_lora_rank"] = trace_max_rank(trace, context)
+    try:
+        config = ServingConfig.for_profile(profile, **kw)
+    except (TypeError, ValueError) as e:
+        raise TracekitError(f"bad serving configuration: {e}") from None
+    return config.check()
