@@ -241,3 +241,43 @@ def test_sine_modulation_keeps_the_mean_rate_and_shapes_time() -> None:
     assert ctx["generator"]["modulation"] == f"sine:{duration},{amp}"
     with pytest.raises(TracekitError, match="AMPLITUDE in"):
         synthesize(1, [1.0], [8], 10.0, lengths="fixed:4,4", modulation="sine:10,2")
+
+
+def test_multi_turn_conversations_share_prefixes_within_an_adapter_only() -> None:
+    from tracekit.prefix import block_hashes
+
+    df, ctx = synthesize(adapters=3, rates=[2.0], ranks=[8], duration_s=30, lengths="fixed:20,8",
+                         seed=1, turns=3, system_prompts="2:32")
+    assert df["prompt_token_ids"].list.len().to_list() == df["prompt_tokens"].to_list()
+    for _, g in df.group_by("adapter", maintain_order=True):
+        ids = g["prompt_token_ids"].to_list()
+        # Turn k + 1 extends turn k by its answer and a new user message.
+        for k in range(0, len(ids) - 1, 3):
+            if k + 1 < len(ids):
+                assert ids[k + 1][: len(ids[k])] == ids[k]
+                assert len(ids[k + 1]) == len(ids[k]) + 8 + 20
+        assert all(len(x) >= 32 + 20 for x in ids)
+    rows = df.to_dicts()
+    a = rows[0]
+    b = next(r for r in rows if r["adapter"] != a["adapter"] and r["prompt_token_ids"][:32] == a["prompt_token_ids"][:32])
+    ha, hb = block_hashes(a["prompt_token_ids"], a["adapter"]), block_hashes(b["prompt_token_ids"], b["adapter"])
+    # Same system prompt, other adapter: no shared block (vLLM keys blocks by adapter).
+    assert set(ha).isdisjoint(hb)
+    hashed, hctx = synthesize(adapters=3, rates=[2.0], ranks=[8], duration_s=30, lengths="fixed:20,8",
+                              seed=1, turns=3, system_prompts="2:32", token_ids="hashes")
+    assert hctx["prefix_block_tokens"] == 16
+    assert hashed["prefix_hashes"].to_list()[0] == block_hashes(rows[0]["prompt_token_ids"], rows[0]["adapter"], 16)
+    assert "prompt_token_ids" not in hashed.columns
+
+
+def test_prefix_hash_key_changes_every_hash_but_keeps_equality() -> None:
+    from tracekit.prefix import block_hashes, new_salt
+
+    ids = list(range(1000, 1040))
+    plain = block_hashes(ids, "a")
+    assert len(plain) == 2 and block_hashes(ids[:35], "a") == plain  # full blocks only
+    assert block_hashes(ids[:16] + [7] * 16, "a")[0] == plain[0]
+    assert block_hashes(ids[:16] + [7] * 16, "a")[1] != plain[1]
+    salt = new_salt()
+    salted = block_hashes(ids, "a", key=salt)
+    assert set(salted).isdisjoint(plain) and salted == block_hashes(ids, "a", key=salt)

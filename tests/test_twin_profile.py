@@ -273,6 +273,24 @@ def test_fit_from_microbenches_recovers_known_coefficients() -> None:
 
 
 @pytest.mark.slow
+def _approx_tree(a: object, b: object, rel: float = 1e-9) -> bool:
+    """Equal JSON trees, floats within `rel` (ints, strings and keys exactly)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_approx_tree(a[k], b[k], rel) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_approx_tree(x, y, rel) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and a == pytest.approx(b, rel=rel, abs=1e-15)
+    return a == b
+
+
+def test_approx_tree_tolerates_last_bits_only() -> None:
+    old = {"sampler_gib_per_seq": 0.0017119140624999988, "runs": 40, "rule": "x"}
+    assert _approx_tree({"sampler_gib_per_seq": 0.0017119140624999995, "runs": 40, "rule": "x"}, old)
+    assert not _approx_tree({"sampler_gib_per_seq": 0.00171192, "runs": 40, "rule": "x"}, old)
+    assert not _approx_tree({"sampler_gib_per_seq": 0.0017119140624999988, "runs": 41, "rule": "x"}, old)
+
+
 def test_fit_script_reproduces_shipped_profiles(tmp_path: Path) -> None:
     import subprocess
     import sys
@@ -282,7 +300,10 @@ def test_fit_script_reproduces_shipped_profiles(tmp_path: Path) -> None:
     for name in PROFILES.values():
         new = json.loads((tmp_path / f"{name}.json").read_text())
         old = load_profile(name).data
-        assert new["memory"] == old["memory"]
+        # Refits on another CPU differ in the last bits (AVX2 vs AVX-512 reductions), so
+        # floats compare within 1e-9 relative; any real change of the fit is far larger.
+        assert _approx_tree(new["memory"], old["memory"])
+        assert new["server"] == old["server"]
         for f in FEATURES:
             assert new["step_time"]["coef"][f] == pytest.approx(old["step_time"]["coef"][f], rel=1e-9, abs=1e-15)
         assert new["request_intake"]["s_per_request"] == pytest.approx(old["request_intake"]["s_per_request"], rel=1e-9)

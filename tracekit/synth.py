@@ -159,6 +159,10 @@ def synthesize(
     popularity: str = "uniform",
     arrivals: str = "poisson",
     modulation: str = "none",
+    turns: int = 1,
+    system_prompts: str = "none",
+    token_ids: str = "auto",
+    token_id_range: tuple[int, int] = (1000, 2000),
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
     """A synthetic trace (sorted by arrival) and its context.
 
@@ -166,7 +170,11 @@ def synthesize(
     `popularity` must be given; `rates` with a non-uniform `popularity` keeps sum(rates)
     and splits it by the law. `ranks` are assigned like rates, independently.
     `modulation` `sine:PERIOD_S,AMPLITUDE` makes every rate vary over time as
-    rate x (1 + AMPLITUDE x sin(2 pi t / PERIOD_S)) (e.g. a diurnal cycle), by thinning."""
+    rate x (1 + AMPLITUDE x sin(2 pi t / PERIOD_S)) (e.g. a diurnal cycle), by thinning.
+
+    Prefix sharing (`turns`, `system_prompts`, see `_conversations`): the trace then
+    carries its prompts as `prompt_token_ids` (`token_ids="ids"`, the default for such a
+    trace) or as `prefix_hashes` (`"hashes"`, for traces too large to hold the ids)."""
     if adapters < 1:
         raise TracekitError("--adapters must be at least 1")
     if not (duration_s > 0 and np.isfinite(duration_s)):
@@ -176,6 +184,14 @@ def synthesize(
     if not ranks or any(int(r) < 1 for r in ranks):
         raise TracekitError(f"--ranks must be positive integers, got {ranks}")
     parse_popularity(popularity)
+    n_sys, sys_tokens = parse_system_prompts(system_prompts)
+    if turns < 1:
+        raise TracekitError(f"--turns must be at least 1, got {turns}")
+    if token_ids not in ("auto", "ids", "hashes", "none"):
+        raise TracekitError(f"--token-ids must be auto, ids, hashes or none, got {token_ids!r}")
+    sharing = turns > 1 or n_sys > 0
+    if token_ids == "auto":
+        token_ids = "ids" if sharing else "none"
     kind, cv = parse_arrivals(arrivals)
     mod = parse_modulation(modulation)
     pairs = source_pairs(lengths)  # checked before any work
@@ -214,6 +230,10 @@ def synthesize(
     prompt, output = sample_pairs(pairs, n, rng)
 
     names = adapter_names(adapters)
+    prompt_ids: list[np.ndarray] | None = None
+    if sharing or token_ids != "none":
+        prompt_ids = _conversations(idx, prompt, output, turns, n_sys, sys_tokens, token_id_range, rng)
+        prompt = np.array([len(x) for x in prompt_ids], dtype=np.int64)
     width = max(8, len(str(max(n - 1, 0))))
     df = pl.DataFrame(
         {
@@ -226,6 +246,15 @@ def synthesize(
             "output_tokens": pl.Series(output, dtype=pl.Int32),
         }
     ).with_columns(pl.concat_str(pl.lit("req-"), pl.col("request_id")).alias("request_id"))
+    extra_ctx: dict[str, Any] = {}
+    if prompt_ids is not None and token_ids == "ids":
+        df = df.with_columns(pl.Series("prompt_token_ids", [x.tolist() for x in prompt_ids], dtype=pl.List(pl.Int32)))
+    elif prompt_ids is not None and token_ids == "hashes":
+        from tracekit.prefix import DEFAULT_BLOCK_TOKENS, block_hashes_many
+
+        hashes = block_hashes_many(prompt_ids, df["adapter"].to_list(), DEFAULT_BLOCK_TOKENS)
+        df = df.with_columns(pl.Series("prefix_hashes", hashes, dtype=pl.List(pl.Int64)))
+        extra_ctx[schema.CTX_PREFIX_BLOCK_TOKENS] = DEFAULT_BLOCK_TOKENS
 
     generator = {
         "adapters": adapters,
@@ -237,6 +266,10 @@ def synthesize(
         "popularity": popularity,
         "arrivals": arrivals,
         "modulation": modulation,
+        "turns": turns,
+        "system_prompts": system_prompts,
+        "token_ids": token_ids,
+        "token_id_range": list(token_id_range),
     }
     context = schema.new_context(
         source="synth",
@@ -247,8 +280,61 @@ def synthesize(
         window_s=float(duration_s),
         generator=generator,
         seed=int(seed),
+        **extra_ctx,
     )
     return df, context
+
+
+def parse_system_prompts(spec: str) -> tuple[int, int]:
+    """`none` or `K:TOKENS` (K distinct system prompts of TOKENS tokens each)."""
+    if spec == "none":
+        return 0, 0
+    try:
+        k, tokens = (int(x) for x in spec.split(":"))
+    except ValueError:
+        raise TracekitError(f"--system-prompts: expected none or K:TOKENS, got {spec!r}") from None
+    if k < 1 or tokens < 1:
+        raise TracekitError(f"--system-prompts: K and TOKENS must be at least 1, got {spec!r}")
+    return k, tokens
+
+
+def _conversations(
+    adapter_idx: np.ndarray,
+    user_tokens: np.ndarray,
+    output_tokens: np.ndarray,
+    turns: int,
+    n_sys: int,
+    sys_tokens: int,
+    id_range: tuple[int, int],
+    rng: np.random.Generator,
+) -> list[np.ndarray]:
+    """Prompt token ids of multi-turn conversations with shared system prompts.
+
+    Each adapter's requests, in arrival order, form conversations of `turns` turns (the
+    last may be shorter). A conversation opens with one of `n_sys` system prompts of
+    `sys_tokens` tokens (the same K prompts for every adapter; the prefix cache still
+    shares nothing across adapters), and turn k's prompt is the system prompt, then every
+    earlier turn's user message and answer, then its own user message: the prompt grows
+    as a chat does. A drawn length is the user message's; `output_tokens` is the answer's
+    length, and the next turn's prompt holds an answer of that length (drawn ids: a
+    replay with `ignore_eos` generates other tokens, as a real chat's history is what
+    the client sends, not what the cache holds)."""
+    lo, hi = id_range
+    systems = [rng.integers(lo, hi, sys_tokens, dtype=np.int32) for _ in range(n_sys)]
+    out: list[np.ndarray] = [np.empty(0, np.int32)] * len(adapter_idx)
+    history: dict[int, tuple[int, np.ndarray]] = {}  # adapter -> (turns so far, prompt + answer)
+    for i in range(len(adapter_idx)):
+        a = int(adapter_idx[i])
+        done, prefix = history.get(a, (0, None))  # type: ignore[arg-type]
+        if prefix is None or done >= turns:
+            prefix = systems[int(rng.integers(n_sys))] if n_sys else np.empty(0, np.int32)
+            done = 0
+        user = rng.integers(lo, hi, int(user_tokens[i]), dtype=np.int32)
+        ids = np.concatenate([prefix, user])
+        out[i] = ids
+        answer = rng.integers(lo, hi, int(output_tokens[i]), dtype=np.int32)
+        history[a] = (done + 1, np.concatenate([ids, answer]))
+    return out
 
 
 def print_summary(df: pl.DataFrame, context: dict[str, Any], out: Path, elapsed: float) -> None:
@@ -287,6 +373,13 @@ def _synth_and_write(out: Path, **kwargs: Any) -> tuple[pl.DataFrame, dict[str, 
 @click.option("--duration", type=float, default=3600.0, show_default=True, help="Trace window in seconds.")
 @click.option("--lengths", default="sharegpt", show_default=True, help=SPEC_HELP)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--turns", type=int, default=1, show_default=True,
+              help="Multi-turn chats: each adapter's requests form conversations of N turns whose prompts grow.")
+@click.option("--system-prompts", default="none", show_default=True,
+              help="none | K:TOKENS: K shared system prompts of TOKENS tokens open the conversations.")
+@click.option("--token-ids", "token_ids", type=click.Choice(["auto", "ids", "hashes", "none"]), default="auto",
+              show_default=True, help="Write prompts as prompt_token_ids, as prefix_hashes (large traces), or "
+              "not at all (auto: ids when --turns or --system-prompts share prefixes).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Output trace Parquet file.")
 @user_errors
 def synth_cmd(
@@ -300,6 +393,9 @@ def synth_cmd(
     duration: float,
     lengths: str,
     seed: int,
+    turns: int,
+    system_prompts: str,
+    token_ids: str,
     out: Path,
 ) -> None:
     """Synthesise a multi-adapter trace (the paper's generator and more)."""
@@ -316,6 +412,9 @@ def synth_cmd(
             popularity=popularity,
             arrivals=arrivals,
             modulation=modulation,
+            turns=turns,
+            system_prompts=system_prompts,
+            token_ids=token_ids,
             out=out,
         )
     print_summary(df, context, out, time.perf_counter() - t0)
