@@ -166,7 +166,13 @@ def test_profiles_command_lists_shipped() -> None:
     assert res.exit_code == 0, res.output
     for name in ("h100-llama-3.1-8b", "h100-qwen-2.5-7b"):
         assert name in res.output
-    assert "aggregate benchmark runs" in res.output
+    assert "aggregate benchmark runs" in res.output and "0.8.5" in res.output
+    # In a terminal of 80 columns the table fits and the names a user types stay whole.
+    narrow = CliRunner().invoke(twin_cli, ["profiles"], env={"COLUMNS": "80"})
+    assert narrow.exit_code == 0, narrow.output
+    assert max(len(line) for line in narrow.output.splitlines()) <= 80
+    for name in ("h100-llama-3.1-8b", "h100-qwen-2.5-7b"):
+        assert name in narrow.output
 
 
 def test_features_cover_the_interface() -> None:

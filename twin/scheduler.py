@@ -1,6 +1,10 @@
 """The twin's scheduler: vLLM V1's `Scheduler.schedule()` decisions, with LoRA.
 
-Read it next to `vllm/v1/core/sched/scheduler.py`; the order of decisions is the same:
+One scheduler for everything that needs vLLM's decisions: serving (`twin.engine`), its
+fast-forward over decode-only stretches (`decode_stretch` / `advance`, which decide with
+the same admission rule as a normal step) and the step-time fitting from benchmark runs
+(`twin.microbench`). Read it next to `vllm/v1/core/sched/scheduler.py`; the order of
+decisions is the same:
 
 1. RUNNING requests first, in running order: each gets `min(tokens it still needs,
    token_budget)` (1 for a decode, a chunk for a prefill), while `token_budget > 0`.
@@ -11,10 +15,22 @@ Read it next to `vllm/v1/core/sched/scheduler.py`; the order of decisions is the
 2. Then, only if nothing was preempted this step, WAITING requests FCFS while
    `token_budget > 0` and `len(running) < max_num_seqs`: a request whose adapter would
    make more than `max_loras` distinct adapters is skipped (stays waiting, the scan
-   goes on); the first request whose blocks do not fit stops the scan.
+   goes on); the first request whose blocks do not fit stops the scan (`_admission`).
+   With prefix caching (`enable_prefix_caching`) a request first takes the longest
+   cached prefix of its prompt (`twin.kv_cache`); with `scheduler_reserve_full_isl` it
+   is admitted only if blocks for its whole prompt are free, not just its first chunk.
+   Which limit ended the scan while requests were left waiting is counted per step
+   (`admission_blocked`).
 3. Adapters of the batch must sit in GPU slots (`max_loras`, LRU); an adapter missing
    there is loaded from the CPU cache (`max_cpu_loras`, LRU), or from disk first when it
    is not cached there either. Each load adds its time to the step.
+4. `update` is vLLM's `update_from_output`: tokens sampled, finished requests freed. With
+   `async_scheduling`, vLLM schedules step N+1 before step N's output is processed, so a
+   request finishing at step N keeps its blocks and its `max_num_seqs` seat through the
+   scheduling of step N+1 (`pending`, freed at the start of `update(N+1)`); a step that
+   could schedule nothing but for those is scheduled again once they are freed (vLLM
+   runs no batch for an empty schedule). The engine loop models the rest of async
+   scheduling (arrivals seen one step later, intake overlapped with execution).
 
 What is different, and why (speed: one simulated hour of a saturated server in seconds):
 
@@ -29,16 +45,18 @@ What is different, and why (speed: one simulated hour of a saturated server in s
   context they hold a running sum, finishes a heap. Only requests that change phase
   (admitted, prefill done, finished, preempted) cost Python work. When the fast check
   (everything running fits the token budget and the free blocks) fails, vLLM's running
-  loop runs exactly: vectorised in numpy when only KV blocks bind (preemption from
-  the tail has a closed form, see `_schedule_running_vectorized`), else request by
-  request.
+  loop runs exactly: vectorised in numpy when only KV blocks bind and no block is shared
+  (preemption from the tail has a closed form, see `_schedule_running_vectorized`), else
+  request by request.
 - The `max_loras` check counts the adapters of every running request (vLLM counts those
-  scheduled this step; they differ only when the token budget cuts the running list).
-  This keeps vLLM's own assertion (never more than `max_loras` adapters in a batch) true.
+  scheduled this step). They differ only when the token budget cuts the running list,
+  and then the budget is spent, so no waiting request is looked at: the same admissions.
+- With async scheduling a request finished in the previous step is never chosen for
+  preemption (vLLM may pick it as the tail of `running` and free its blocks a step early).
 
-Not modelled (the paper's servers ran without them): prefix caching, speculative
-decoding, async scheduling, priority scheduling, long_prefill_token_threshold. KV
-capacity is the profile's, less vLLM's null block.
+Not modelled: speculative decoding, priority scheduling, long_prefill_token_threshold,
+the KV watermark (0 by default), KV connectors. KV capacity is the profile's, less vLLM's
+null block.
 
 Adapter-load cost (our choice, documented): `profile.adapter_load_s(rank, max_lora_rank)`
 is the CPU->GPU slot load the paper measured. An adapter also missing from the CPU cache
@@ -50,14 +68,21 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
+from dataclasses import dataclass
 
 import numpy as np
+
+from twin.kv_cache import BlockPool, PrefixKeys
 
 BASE = -1  # adapter index of base-model requests (no LoRA)
 DEFAULT_CPU_MISS_FACTOR = 2.0
 # Below this many running requests the per-request loop is cheaper than numpy. Tests set
 # it very high to check that both ways give the same schedule.
 VECTORIZED_MIN_RUNNING = 8
+# The limits that can end the waiting scan with requests left waiting, in the order vLLM
+# checks them (the keys of summary["admission_blocked"]).
+BLOCK_REASONS = ("max_num_batched_tokens", "max_num_seqs", "kv_blocks", "max_loras")
+TOKENS, SEQS, KV, LORAS = range(4)
 
 
 def cdiv(a: int, b: int) -> int:
@@ -182,6 +207,12 @@ class WaitingQueue:
     def next_key(self, q: int) -> int | None:
         return self._head_key(q)
 
+    def first_key(self) -> int | None:
+        """Key of the first request in FCFS order, admissible or not, arrived or not
+        (negative: a preempted one); None when no request is left to wait."""
+        keys = [top[0] for top in (self._top(True), self._top(False)) if top is not None]
+        return min(keys) if keys else None
+
 
 class AdapterSlots:
     """GPU adapter slots (`max_loras`) and the CPU adapter cache (`max_cpu_loras`), both
@@ -241,13 +272,14 @@ class StepPlan:
         "adapter_load_s",
         "loaded",
         "batch_adapters",
+        "blocked",
     )
 
     def __init__(self) -> None:
-        self.prefills: list[tuple[int, int]] = []  # (request, tokens scheduled)
+        self.prefills: list[tuple[int, int]] = []  # (request, tokens computed this step)
         self.num_decodes = 0
         self.unscheduled_decodes = 0
-        self.prefill_tokens = 0
+        self.prefill_tokens = 0  # prompt tokens computed (a prefix-cache hit is not)
         self.context_tokens = 0
         self.num_adapters = 0
         self.rank_sum = 0
@@ -257,10 +289,26 @@ class StepPlan:
         self.loaded: list[int] = []
         # Distinct adapters of the batch when it is not all of `running` (slow path).
         self.batch_adapters: tuple[int, ...] | None = None
+        self.blocked: int | None = None  # the limit that ended the waiting scan (BLOCK_REASONS)
 
     @property
     def num_scheduled(self) -> int:
         return len(self.prefills) + self.num_decodes
+
+
+@dataclass
+class Stretch:
+    """A decode-only stretch that may start at `step` (`Scheduler.decode_stretch`):
+    every running request decodes, none finishes before `next_finish`, and no waiting
+    request can be admitted while no arrival reaches `until_s`."""
+
+    next_finish: int  # the step at which the first running request finishes
+    until_s: float  # the earliest arrival that could let a waiting request in (inf: none)
+    num_decodes: int
+    ctx_base: int  # context tokens of step s: ctx_base + num_decodes * s
+    num_adapters: int
+    rank_sum: int
+    blocked: int | None  # the limit that keeps waiting requests out (BLOCK_REASONS)
 
 
 class Scheduler:
@@ -269,7 +317,10 @@ class Scheduler:
     Request state (lists indexed by request, arrival order): `gen` tokens generated so
     far (for requests in prefill; decoding ones derive it from `dbase`), `computed`
     (num_computed_tokens of a request in prefill), `dbase` (a decoding request has
-    generated `step - dbase` tokens at the start of `step`)."""
+    generated `step - dbase` tokens at the start of `step`).
+
+    `schedule(step, num_arrived)`: `num_arrived` is how many requests (arrival order)
+    this step's scheduling sees; `arrival` their times (for `decode_stretch`)."""
 
     def __init__(
         self,
@@ -287,10 +338,16 @@ class Scheduler:
         max_num_batched_tokens: int,
         block_size: int,
         num_blocks: int,
+        arrival: np.ndarray | None = None,
+        enable_prefix_caching: bool = False,
+        scheduler_reserve_full_isl: bool = False,
+        async_scheduling: bool = False,
+        prefix: PrefixKeys | None = None,
     ):
         n = len(prompt)
         self.prompt = prompt
         self.output = output
+        self.arrival = np.zeros(n) if arrival is None else arrival
         self.adapter: list[int] = adapter_idx.tolist()
         self.num_adapters = len(adapter_rank)
         self.adapter_rank = adapter_rank
@@ -301,7 +358,9 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.used_blocks = 0
+        self.used_blocks = 0  # blocks some request holds (vLLM: not in the free queue)
+        self.reserve_full_isl = scheduler_reserve_full_isl
+        self.async_scheduling = async_scheduling
 
         self.gen = [0] * n
         self.computed = [0] * n
@@ -314,6 +373,8 @@ class Scheduler:
         # written once per request, read as whole columns for the results.
         self.first_token_step = np.full(n, -1, dtype=np.int64)
         self.end_step = np.full(n, -1, dtype=np.int64)
+        # vLLM's num_cached_tokens: the prefix-cache hit at the first admission (-1: never admitted).
+        self.cached_tokens = np.full(n, -1, dtype=np.int64)
 
         self.waiting = WaitingQueue(adapter_idx, valid, self.num_adapters)
         self.running: dict[int, None] = {}  # running order = admission order
@@ -331,13 +392,30 @@ class Scheduler:
         self.running_rank_sum = 0
         self.adapters_version = 0  # bumped whenever the running adapter set changes
         self.slots = AdapterSlots(max_loras, max_cpu_loras)
+        # Async scheduling: (request, computed tokens) finished last step, blocks and seat
+        # not yet given back.
+        self.pending: list[tuple[int, int]] = []
+
+        # Prefix caching: the block pool and, per request holding blocks, the cached units
+        # it holds (path order), their blocks, how many of its prompt's units it has
+        # allocated, its keys, and its resumable run after a preemption.
+        self.pool: BlockPool | None = None
+        self.prefix = prefix
+        if enable_prefix_caching:
+            self.pool = BlockPool(num_blocks, self.num_adapters + 1)
+            self.held_units: dict[int, list[int]] = {}
+            self.held_w: dict[int, int] = {}
+            self.kpos: dict[int, int] = {}
+            self._keys: dict[int, tuple[list[int], list[int]]] = {}
+            self.run_of: dict[int, int] = {}
 
         # (arrived, waiting.version, loras full) when the waiting scan last found nothing.
         self._no_waiting: tuple[int, int, bool] | None = None
         self.total_preemptions = 0
         self.total_adapter_loads = 0
         self.total_adapter_load_s = 0.0
-        self.finished_steps: list[tuple[int, int]] = []  # (request, step) finished last update
+        self.admission_blocked = [0] * len(BLOCK_REASONS)  # steps per limit (BLOCK_REASONS)
+        self.cached_tokens_total = 0  # prompt tokens taken from the prefix cache, all admissions
 
     # --- helpers ------------------------------------------------------------------------
     def num_computed(self, r: int, step: int) -> int:
@@ -350,6 +428,24 @@ class Scheduler:
 
     def num_waiting(self, num_arrived_valid: int) -> int:
         return num_arrived_valid - self.waiting.num_taken + self.waiting.num_front
+
+    @property
+    def num_seats(self) -> int:
+        """Requests that hold a `max_num_seqs` seat (vLLM's len(running))."""
+        return len(self.running) + len(self.pending)
+
+    def summary(self) -> dict[str, object]:
+        out: dict[str, object] = {
+            "admission_blocked": dict(zip(BLOCK_REASONS, self.admission_blocked, strict=True)),
+        }
+        if self.pool is not None:
+            out["cached_prompt_tokens"] = self.cached_tokens_total
+            out["evicted_cached_units"] = self.pool.evicted_units
+        return out
+
+    def _queue(self, r: int) -> int:
+        a = self.adapter[r]
+        return a if a != BASE else self.num_adapters
 
     def _add_running_adapter(self, a: int, step: int, plan: StepPlan) -> None:
         if a == BASE:
@@ -412,24 +508,184 @@ class Scheduler:
         self._pmd_np[r] -= 1
         heapq.heappush(self.finish_heap, (dbase + self.output[r], r))
 
+    # --- KV blocks ----------------------------------------------------------------------
+    def _allocate(self, n: int) -> None:
+        """Take `n` free blocks (the caller checked that they are free)."""
+        self.used_blocks += n
+        if self.pool is not None:
+            self.pool.take(n)
+
+    def _cache_units(self, r: int, full_blocks: int) -> None:
+        """vLLM caches a request's blocks as soon as a scheduled chunk will fill them:
+        register the prompt's units that end within `full_blocks` full blocks. A unit
+        some other request cached first stays that request's; this one's copy is its own."""
+        pool = self.pool
+        assert pool is not None
+        keys, ends = self._keys[r]
+        k = self.kpos[r]
+        if k >= len(keys) or ends[k] > full_blocks:
+            return
+        q = self._queue(r)
+        cached = pool.cached[q]
+        held = self.held_units[r]
+        while k < len(keys) and ends[k] <= full_blocks:
+            key = keys[k]
+            if key not in cached:
+                width = ends[k] - (ends[k - 1] if k else 0)
+                held.append(pool.register(q, key, width))
+                self.held_w[r] += width
+            k += 1
+        self.kpos[r] = k
+
+    def _free_blocks(self, r: int, computed: int, resumable: bool) -> int:
+        """Give back request `r`'s blocks (it holds cdiv(computed, block_size)); returns
+        the blocks that became free (with prefix caching, shared ones stay held). vLLM
+        frees tail first: the partial last block (no hash) is reused first; full blocks
+        stay cached in the free queue, deepest first; after a preemption the request may
+        hit its own blocks past its prompt's units again when it resumes."""
+        bs = self.block_size
+        total = cdiv(computed, bs)
+        pool = self.pool
+        if pool is None:
+            self.used_blocks -= total
+            return total
+        full = computed // bs
+        pool.free_plain += total - full
+        keys, ends = self._keys[r]
+        own = full - self.held_w[r]  # full blocks no other request can hit
+        if own > 0:
+            beyond = full - (ends[-1] if keys else 0) if resumable and self.kpos[r] == len(keys) else 0
+            if beyond > 0:
+                self.run_of[r] = pool.add_run(beyond, owner=r)
+            if own > beyond:
+                pool.add_run(own - beyond)
+        freed = total - self.held_w[r]
+        for uid in reversed(self.held_units[r]):
+            freed += pool.release(uid)
+        self.used_blocks -= freed
+        self.held_units[r] = []
+        self.held_w[r] = 0
+        self.kpos[r] = 0
+        if not resumable:
+            del self._keys[r], self.held_units[r], self.held_w[r], self.kpos[r]
+        return freed
+
+    def release_pending(self) -> None:
+        """Async scheduling: give back the blocks and seats of last step's finished
+        requests (vLLM's update of the step in flight)."""
+        for r, computed in self.pending:
+            self._free_blocks(r, computed, False)
+        self.pending.clear()
+
     def _preempt(self, r: int, step: int) -> int:
         """Preempt by recompute; returns the blocks freed."""
         del self.running[r]
-        freed = cdiv(self.num_computed(r, step), self.block_size)
+        freed = self._free_blocks(r, self.num_computed(r, step), True)
         if self.in_decode[r]:
             self._stop_decode(r, step)
         else:
             del self.prefilling[r]
         self.computed[r] = 0
-        self.used_blocks -= freed
         self._remove_running_adapter(self.adapter[r], step)
-        q = self.adapter[r] if self.adapter[r] != BASE else self.num_adapters
-        self.waiting.prepend(q, r)
+        self.waiting.prepend(self._queue(r), r)
         self.total_preemptions += 1
         return freed
 
+    # --- admission ----------------------------------------------------------------------
+    def _admission(self, r: int, token_budget: int, free_blocks: int) -> tuple[int, int, list[int], int, int] | None:
+        """vLLM's check for admitting waiting request `r` (its prefix-cache hit, then
+        `allocate_slots`): (tokens to compute now, new blocks, hit units, hit blocks, own
+        resumable blocks hit), or None when its blocks do not fit `free_blocks`. The one
+        admission rule: the waiting scan and `decode_stretch` both ask it."""
+        bs = self.block_size
+        num_tokens = self.prompt[r] + self.gen[r]
+        pool = self.pool
+        if pool is None:
+            n = num_tokens if num_tokens < token_budget else token_budget
+            new_blocks = cdiv(n, bs)
+            required = cdiv(num_tokens, bs) if self.reserve_full_isl else new_blocks
+            return None if required > free_blocks else (n, new_blocks, [], 0, 0)
+        keys, ends = self._keys.get(r) or self.prefix_of(r)
+        # A hit leaves the last token to compute (vLLM samples from it), in whole blocks.
+        max_hit = (num_tokens - 1) // bs
+        uids, hit_blocks, walked = pool.lookup(self._queue(r), keys, ends, max_hit)
+        evictable = pool.evictable(uids)
+        own = 0
+        rid = self.run_of.get(r)
+        if rid is not None and walked == len(keys):
+            own = min(pool.run_blocks(rid, r), max_hit - hit_blocks)
+            hit_blocks += own
+            evictable += own
+        hit = hit_blocks * bs
+        n = min(num_tokens - hit, token_budget)
+        new_blocks = cdiv(hit + n, bs) - hit_blocks
+        required = (cdiv(num_tokens, bs) - hit_blocks if self.reserve_full_isl else new_blocks) + evictable
+        return None if required > free_blocks else (n, new_blocks, uids, hit_blocks, own)
+
+    def prefix_of(self, r: int) -> tuple[list[int], list[int]]:
+        """Request `r`'s prefix units (keys, engine-block ends); none without prefix info."""
+        return self.prefix.of(r) if self.prefix is not None else ([], [])
+
+    def _admit(self, r: int, q: int, step: int, plan: StepPlan, adm: tuple[int, int, list[int], int, int]) -> int:
+        """Move waiting request `r` (head of queue `q`) to running with the allocation
+        `_admission` found; returns the tokens scheduled."""
+        n, new_blocks, uids, hit_blocks, own = adm
+        self.waiting.pop(q)
+        self.running[r] = None
+        self.prefilling[r] = None
+        hit = 0
+        pool = self.pool
+        if pool is not None:
+            if r not in self._keys:
+                self._keys[r] = self.prefix_of(r)
+            for uid in uids:
+                self.used_blocks += pool.touch(uid)
+            rid = self.run_of.pop(r, None)
+            if rid is not None:
+                if own:
+                    pool.take_run(rid, own)
+                    self.used_blocks += own
+                else:
+                    pool.disown_run(rid)
+            self.held_units[r] = list(uids)
+            self.held_w[r] = (self._keys[r][1][len(uids) - 1] if uids else 0)
+            self.kpos[r] = len(uids)
+            hit = hit_blocks * self.block_size
+            self.cached_tokens_total += hit
+        if self.cached_tokens[r] < 0:
+            self.cached_tokens[r] = hit
+        self.computed[r] = hit
+        self._allocate(new_blocks)
+        if pool is not None:
+            self._cache_units(r, (hit + n) // self.block_size)
+        a = self.adapter[r]
+        if a != BASE:
+            count = self.running_adapters.get(a, 0)
+            if count:
+                self.running_adapters[a] = count + 1
+            else:
+                self._add_running_adapter(a, step, plan)  # first one: slots, loads
+        plan.prefills.append((r, n))
+        plan.prefill_tokens += n
+        plan.context_tokens += hit + n
+        return n
+
     # --- schedule -----------------------------------------------------------------------
     def schedule(self, step: int, num_arrived: int) -> StepPlan:
+        plan = self._schedule(step, num_arrived)
+        if plan.num_scheduled == 0 and self.pending:
+            # Async scheduling: only last step's finished requests (their seats, their
+            # blocks) stood in the way. vLLM runs no batch for an empty schedule; it
+            # waits for the step in flight, frees them and schedules again.
+            self.release_pending()
+            plan = self._schedule(step, num_arrived)
+        if plan.blocked is not None and self.waiting.peek(num_arrived, False) is not None:
+            self.admission_blocked[plan.blocked] += 1
+        self.total_adapter_loads += plan.adapter_loads
+        self.total_adapter_load_s += plan.adapter_load_s
+        return plan
+
+    def _schedule(self, step: int, num_arrived: int) -> StepPlan:
         plan = StepPlan()
         bs = self.block_size
         token_budget = self.max_num_batched_tokens
@@ -457,17 +713,27 @@ class Scheduler:
             plan.prefill_tokens = prefill_need
             plan.context_tokens += self.decode_ctx_base + self.num_decoding * step
             token_budget -= self.num_decoding + prefill_need
-            self.used_blocks += decode_blocks + prefill_blocks
+            self._allocate(decode_blocks + prefill_blocks)
+            if self.pool is not None:
+                for r in self.prefilling:
+                    self._cache_units(r, (prompt[r] + gen[r]) // bs)
         else:
             token_budget = self._schedule_running_exact(step, plan)
 
         # Next, schedule the WAITING requests (only when nothing was preempted).
-        if not plan.num_preempted:
+        if plan.num_preempted:
+            plan.blocked = KV
+        else:
             waiting = self.waiting
             free_blocks = self.num_blocks - self.used_blocks
             running_adapters = self.running_adapters
-            while token_budget > 0:
-                if len(self.running) >= self.max_num_seqs:
+            seats = len(self.running) + len(self.pending)
+            while True:
+                if token_budget <= 0:
+                    plan.blocked = TOKENS
+                    break
+                if seats >= self.max_num_seqs:
+                    plan.blocked = SEQS
                     break
                 # A request whose adapter would exceed max_loras is skipped: with
                 # max_loras adapters running, only their queues (and the base
@@ -475,44 +741,32 @@ class Scheduler:
                 loras_full = len(running_adapters) >= self.max_loras
                 idle_key = (num_arrived, waiting.version, loras_full)
                 if idle_key == self._no_waiting:
-                    break  # same arrivals, same queues as when the scan last found none
+                    # Same arrivals, same queues as when the scan last found none.
+                    plan.blocked = LORAS if loras_full else None
+                    break
                 head = waiting.peek(num_arrived, loras_full)
                 if head is None:
                     self._no_waiting = idle_key
+                    plan.blocked = LORAS if loras_full else None
                     break
                 q, r = head
-                a = self.adapter[r]
-                num_new_tokens = min(prompt[r] + gen[r], token_budget)
-                new_blocks = cdiv(num_new_tokens, bs)
-                if new_blocks > free_blocks:
+                adm = self._admission(r, token_budget, free_blocks)
+                if adm is None:
+                    plan.blocked = KV
                     break
-                waiting.pop(q)
-                self.running[r] = None
-                self.prefilling[r] = None
-                computed[r] = 0
-                if a != BASE:
-                    count = running_adapters.get(a, 0)
-                    if count:
-                        running_adapters[a] = count + 1
-                    else:
-                        self._add_running_adapter(a, step, plan)  # first one: slots, loads
-                plan.prefills.append((r, num_new_tokens))
-                plan.prefill_tokens += num_new_tokens
-                plan.context_tokens += num_new_tokens
-                token_budget -= num_new_tokens
-                free_blocks -= new_blocks
-                self.used_blocks += new_blocks
+                used = self.used_blocks
+                token_budget -= self._admit(r, q, step, plan, adm)
+                free_blocks -= self.used_blocks - used
+                seats += 1
 
         if plan.batch_adapters is None:
             plan.num_adapters = len(self.running_adapters)
             plan.rank_sum = self.running_rank_sum
-        self.total_adapter_loads += plan.adapter_loads
-        self.total_adapter_load_s += plan.adapter_load_s
         return plan
 
     def _schedule_running_exact(self, step: int, plan: StepPlan) -> int:
         """vLLM's running loop when not everything fits. Returns the token budget left."""
-        if len(self.running) >= VECTORIZED_MIN_RUNNING:
+        if self.pool is None and len(self.running) >= VECTORIZED_MIN_RUNNING:
             left = self._schedule_running_vectorized(step, plan)
             if left is not None:
                 return left
@@ -527,7 +781,8 @@ class Scheduler:
         tail is preempted. g(i) = the fewest tail preemptions that cover request i;
         i + g(i) grows strictly with i, so the requests scheduled are exactly the
         prefix with i + g(i) <= n - 1, and the rest are preempted, tail first -- what
-        vLLM's loop does one request at a time. None: the token budget binds."""
+        vLLM's loop does one request at a time. None: the token budget binds. (Without
+        prefix caching only: a shared block frees nothing until its last holder goes.)"""
         order = list(self.running)
         n = len(order)
         idx = np.fromiter(order, dtype=np.int64, count=n)
@@ -553,7 +808,7 @@ class Scheduler:
             plan.num_preempted += 1
         if m == 0:
             return self.max_num_batched_tokens
-        self.used_blocks += int(cum_need[m - 1])
+        self._allocate(int(cum_need[m - 1]))
         plan.context_tokens += int((nc[:m] + tokens[:m]).sum())
         plan.num_decodes = int(np.count_nonzero(in_dec[:m]))
         for i in np.flatnonzero(~in_dec[:m]).tolist():
@@ -591,7 +846,7 @@ class Scheduler:
             if preempted_self:
                 break
             free_blocks -= new_blocks
-            self.used_blocks += new_blocks
+            self._allocate(new_blocks)
             token_budget -= num_new_tokens
             plan.context_tokens += nc + num_new_tokens
             if self.in_decode[r]:
@@ -599,6 +854,8 @@ class Scheduler:
             else:
                 plan.prefills.append((r, num_new_tokens))
                 plan.prefill_tokens += num_new_tokens
+                if self.pool is not None:
+                    self._cache_units(r, (nc + num_new_tokens) // bs)
             i += 1
         # Requests the token budget did not reach stay where they are.
         for r in order[i:]:
@@ -615,10 +872,89 @@ class Scheduler:
             self.adapters_version += 1
         return token_budget
 
+    # --- decode-only stretches (the engine's fast-forward) ---------------------------------
+    def decode_stretch(self, step: int, num_arrived: int) -> Stretch | None:
+        """Whether the steps from `step` on can only decode: every running request
+        decodes within the token budget, nothing is pending (async), and no waiting
+        request is admissible (`_admission`, the waiting scan's own rule) now or before
+        an arrival at `until_s`. None: take a normal step."""
+        n_dec = self.num_decoding
+        if self.prefilling or self.pending or n_dec != len(self.running) or n_dec > self.max_num_batched_tokens:
+            return None
+        heap = self.finish_heap
+        while heap:  # the next finish (skip stale entries)
+            f, r = heap[0]
+            if r in self.running and self.in_decode[r] and self.dbase[r] + self.output[r] - 1 == f:
+                break
+            heapq.heappop(heap)
+        if not heap:
+            return None
+        blocked = self._admission_blocked(step, num_arrived)
+        if blocked is None:
+            return None
+        until_s, reason = blocked
+        return Stretch(
+            next_finish=heap[0][0], until_s=until_s, num_decodes=n_dec, ctx_base=self.decode_ctx_base,
+            num_adapters=len(self.running_adapters), rank_sum=self.running_rank_sum, blocked=reason,
+        )  # fmt: skip
+
+    def _admission_blocked(self, step: int, num_arrived: int) -> tuple[float, int | None] | None:
+        """(earliest arrival time that could change it, limit) if no waiting request can
+        be admitted at `step` nor at any later step of a decode-only stretch that
+        starts now (inf: only a finish can); None when a request is admissible now. The
+        checks are the waiting scan's, in its order."""
+        inf = float("inf")
+        budget = self.max_num_batched_tokens - self.num_decoding
+        if budget <= 0:
+            return inf, TOKENS  # the decodes take the whole token budget
+        if self.num_seats >= self.max_num_seqs:
+            return inf, SEQS  # only a finish can free a seat
+        free = self.num_blocks - self.used_blocks - self.block_phase[(-step) % self.block_size]
+        loras_full = len(self.running_adapters) >= self.max_loras
+        head = self.waiting.peek(num_arrived, loras_full)
+        if head is not None:
+            # Free blocks only shrink during the stretch (and evictions only shrink a
+            # hit by what they free): blocked now, blocked then.
+            return (inf, KV) if self._admission(head[1], budget, free) is None else None
+        # Nothing admissible has arrived: the next arrival that would be admissible.
+        head = self.waiting.peek(len(self.prompt) + 1, loras_full)
+        until = inf if head is None else float(self.arrival[head[1]])
+        return until, (LORAS if loras_full else None)
+
+    def stretch_blocks(self, step: int, k: int) -> tuple[int, np.ndarray]:
+        """(steps from `step` whose decode blocks fit the free blocks, at most `k`;
+        blocks allocated by the end of each of them, cumulative)."""
+        bs = self.block_size
+        steps_idx = step + np.arange(k, dtype=np.int64)
+        need = np.cumsum(np.asarray(self.block_phase, dtype=np.int64)[(-steps_idx) % bs])
+        k = min(k, int(np.searchsorted(need, self.num_blocks - self.used_blocks, side="right")))
+        return k, need[:k]
+
+    def advance(self, stretch: Stretch, need: np.ndarray, seen_s: np.ndarray) -> None:
+        """Commit a decode-only stretch of len(need) steps: the blocks its decodes
+        allocated, and the limit that kept waiting requests out in each step in which
+        some were waiting (`seen_s`: the time up to which each step's scheduling saw
+        arrivals)."""
+        k = len(need)
+        self._allocate(int(need[-1]))
+        if stretch.blocked is None:
+            return
+        key = self.waiting.first_key()
+        if key is None:
+            return
+        if key < 0:  # a preempted request: waiting all along
+            self.admission_blocked[stretch.blocked] += k
+            return
+        t = self.arrival[key]
+        self.admission_blocked[stretch.blocked] += k - int(np.searchsorted(seen_s, t, side="left"))
+
     # --- update from output ---------------------------------------------------------------
     def update(self, step: int, plan: StepPlan) -> None:
         """vLLM's `update_from_output`: tokens computed and sampled, first tokens and
-        finishes recorded (`first_token_step`, `end_step`), finished requests freed."""
+        finishes recorded (`first_token_step`, `end_step`), finished requests freed
+        (with async scheduling, at the next step's update)."""
+        if self.pending:
+            self.release_pending()
         prompt, gen, computed, output = self.prompt, self.gen, self.computed, self.output
         bs = self.block_size
         for r, n in plan.prefills:
@@ -632,11 +968,12 @@ class Scheduler:
                     self.first_token_step[r] = step
                 del self.prefilling[r]
                 if g >= output[r]:
-                    self._finish(r, step, cdiv(c, bs))
+                    self._finish(r, step, c)
                 else:
                     self._start_decode(r, step + 1)
         heap = self.finish_heap
         running, in_decode, dbase_of = self.running, self.in_decode, self.dbase
+        fast_free = self.pool is None and not self.async_scheduling
         while heap and heap[0][0] <= step:
             f, r = heapq.heappop(heap)
             if f != step or r not in running or not in_decode[r] or dbase_of[r] + output[r] - 1 != f:
@@ -650,7 +987,10 @@ class Scheduler:
             in_decode[r] = False
             self._dec_np[r] = False
             del running[r]
-            self.used_blocks -= cdiv(prompt[r] + output[r] - 1, bs)
+            if fast_free:
+                self.used_blocks -= cdiv(prompt[r] + output[r] - 1, bs)
+            else:
+                self._give_back(r, prompt[r] + output[r] - 1)
             self.end_step[r] = step
             a = self.adapter[r]
             if a != BASE:
@@ -660,9 +1000,15 @@ class Scheduler:
                 else:
                     self._remove_running_adapter(a, step)
 
-    def _finish(self, r: int, step: int, blocks: int) -> None:
+    def _give_back(self, r: int, computed: int) -> None:
+        if self.async_scheduling:
+            self.pending.append((r, computed))
+        else:
+            self._free_blocks(r, computed, False)
+
+    def _finish(self, r: int, step: int, computed: int) -> None:
         del self.running[r]
-        self.used_blocks -= blocks
+        self._give_back(r, computed)
         self.end_step[r] = step
         self._remove_running_adapter(self.adapter[r], step)
 
@@ -671,14 +1017,35 @@ class Scheduler:
         """Slow full check after `update(step)`; raises AssertionError."""
         bs = self.block_size
         nxt = step + 1
-        used = sum(cdiv(self.num_computed(r, nxt), bs) for r in self.running)
+        holders = [(r, self.num_computed(r, nxt)) for r in self.running] + list(self.pending)
+        if self.pool is None:
+            used = sum(cdiv(c, bs) for _, c in holders)
+        else:
+            pool = self.pool
+            pool.check()
+            assert pool.num_free() + self.used_blocks == self.num_blocks, (
+                f"step {step}: free {pool.num_free()} + held {self.used_blocks} != {self.num_blocks} (a block both free and held)"
+            )
+            refs: dict[int, int] = {}
+            used = 0
+            for r, c in holders:
+                units = self.held_units[r]
+                assert sum(pool.unit_width[u] for u in units) == self.held_w[r] <= cdiv(c, bs), f"step {step}: request {r} units"
+                used += cdiv(c, bs) - self.held_w[r]
+                for u in units:
+                    assert pool.unit_q[u] == self._queue(r), f"step {step}: unit {u} shared across adapters"
+                    refs[u] = refs.get(u, 0) + 1
+            live = {u for m in pool.cached for u in m.values()}
+            for u in live:
+                assert pool.unit_ref[u] == refs.get(u, 0), f"step {step}: unit {u} ref {pool.unit_ref[u]} != {refs.get(u, 0)}"
+            used += sum(pool.unit_width[u] for u in refs)
         assert used == self.used_blocks, f"step {step}: blocks {self.used_blocks} != {used}"
         assert 0 <= self.used_blocks <= self.num_blocks, f"step {step}: over-allocated"
         assert plan.num_scheduled <= self.max_num_seqs, f"step {step}: > max_num_seqs"
         tokens = plan.prefill_tokens + plan.num_decodes
         assert tokens <= self.max_num_batched_tokens, f"step {step}: > max_num_batched_tokens"
         assert plan.num_adapters <= self.max_loras, f"step {step}: > max_loras adapters"
-        assert len(self.running) <= self.max_num_seqs
+        assert self.num_seats <= self.max_num_seqs
         adapters = {self.adapter[r] for r in self.running} - {BASE}
         assert adapters == set(self.running_adapters), f"step {step}: adapter set drift"
         assert len(adapters) <= self.max_loras
@@ -694,3 +1061,6 @@ class Scheduler:
             assert 1 <= g < self.output[r], f"step {step}: request {r} generated {g}"
         assert phase == self.block_phase
         assert self.decode_ctx_base == sum(self.prompt[r] - self.dbase[r] for r in dec)
+        for r in self.running:
+            hit = int(self.cached_tokens[r])
+            assert 0 <= hit <= self.prompt[r] - 1, f"step {step}: request {r} hit {hit} tokens of {self.prompt[r]}"
