@@ -221,3 +221,21 @@ def test_admission_blocked_counts_the_limit_that_ended_the_waiting_scan() -> Non
     tr = trace([(0.0, None, 40, 20), (0.0, None, 40, 20)])
     res = run(tr, ServingConfig(), kv_tokens=80)
     assert res.summary["admission_blocked"]["kv_blocks"] == 20
+
+
+def test_an_imported_mooncake_trace_hits_in_its_512_token_blocks(tmp_path: Any) -> None:
+    """`tracekit import mooncake` writes hash_ids as prefix_hashes; the twin maps each
+    512-token block onto 32 engine blocks and hits whole shared blocks: request 1 shares
+    12 blocks with request 0, request 2 shares 13, request 3 shares 12."""
+    from pathlib import Path
+
+    from tracekit.importers import import_trace
+    from twin.profile import load_profile
+
+    df, ctx, _ = import_trace("mooncake", Path(__file__).parent / "data" / "mooncake_sample.jsonl", adapters=0)
+    prof = load_profile("h100-llama-3.1-8b")
+    cfg = ServingConfig.for_profile(prof, enable_prefix_caching=True, enable_lora=False)
+    res = simulate(df, prof, cfg, trace_context=ctx, window_s=600.0, check_invariants=True)
+    assert cached(res) == [0, 12 * 512, 13 * 512, 12 * 512, 0, 0, 0, 0]
+    off = simulate(df, prof, cfg.replace(enable_prefix_caching=False), trace_context=ctx, window_s=600.0)
+    assert off.summary["prefill_tokens_computed"] - res.summary["prefill_tokens_computed"] == 37 * 512
