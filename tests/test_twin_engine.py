@@ -169,7 +169,7 @@ def test_fast_forward_and_vectorized_preemption_are_bit_identical(
     cfg = ServingConfig(max_loras=3, max_cpu_loras=4, max_num_seqs=24, max_num_batched_tokens=256, max_lora_rank=16)
     fast = simulate(tr, prof, cfg, record_steps=True, check_invariants=True)
     plain = simulate(tr, prof, cfg, record_steps=True, fast_forward=False)
-    monkeypatch.setattr(sched_mod, "VECTORIZED_MIN_RUNNING", 10**9)
+    monkeypatch.setattr(sched_mod, "FAST_PREEMPT_MIN_RUNNING", 10**9)
     loop = simulate(tr, prof, cfg, record_steps=True, fast_forward=False)
     assert fast.summary["fast_forward_steps"] > 0 and fast.summary["preemptions"] > 0
     for other in (plain, loop):

@@ -103,12 +103,12 @@ def test_invariants(scenario: tuple[pl.DataFrame, Profile, ServingConfig, float 
 
     # Deterministic, and neither fast-forward nor the vectorised running loop changes
     # anything: compare with the plain step loop, request by request.
-    saved = sched_mod.VECTORIZED_MIN_RUNNING
-    sched_mod.VECTORIZED_MIN_RUNNING = 10**9
+    saved = sched_mod.FAST_PREEMPT_MIN_RUNNING
+    sched_mod.FAST_PREEMPT_MIN_RUNNING = 10**9
     try:
         again = simulate(tr, profile, config, window_s=window, record_steps=True, fast_forward=False)
     finally:
-        sched_mod.VECTORIZED_MIN_RUNNING = saved
+        sched_mod.FAST_PREEMPT_MIN_RUNNING = saved
     assert res.results.equals(again.results)
     assert steps.equals(again.steps)
 

@@ -45,9 +45,9 @@ What is different, and why (speed: one simulated hour of a saturated server in s
   context they hold a running sum, finishes a heap. Only requests that change phase
   (admitted, prefill done, finished, preempted) cost Python work. When the fast check
   (everything running fits the token budget and the free blocks) fails, vLLM's running
-  loop runs exactly: vectorised in numpy when only KV blocks bind and no block is shared
-  (preemption from the tail has a closed form, see `_schedule_running_vectorized`), else
-  request by request.
+  loop runs exactly: when only KV blocks bind and no block is shared, the preemptions
+  from the tail have a closed form found by walking back from the tail over the few
+  victims (`_preempt_for_blocks`); else request by request.
 - The `max_loras` check counts the adapters of every running request (vLLM counts those
   scheduled this step). They differ only when the token budget cuts the running list,
   and then the budget is spent, so no waiting request is looked at: the same admissions.
@@ -67,7 +67,9 @@ the slot load on top, so a full miss costs 3x a GPU-slot miss.
 from __future__ import annotations
 
 import heapq
+from array import array
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,9 +78,10 @@ from twin.kv_cache import BlockPool, PrefixKeys
 
 BASE = -1  # adapter index of base-model requests (no LoRA)
 DEFAULT_CPU_MISS_FACTOR = 2.0
-# Below this many running requests the per-request loop is cheaper than numpy. Tests set
-# it very high to check that both ways give the same schedule.
-VECTORIZED_MIN_RUNNING = 8
+# From this many running requests up, a step where only KV blocks bind finds its
+# preemptions from the tail in closed form (`_preempt_for_blocks`) rather than by vLLM's
+# loop. Tests set it very high to check that both ways give the same schedule.
+FAST_PREEMPT_MIN_RUNNING = 8
 # The limits that can end the waiting scan with requests left waiting, in the order vLLM
 # checks them (the keys of summary["admission_blocked"]).
 BLOCK_REASONS = ("max_num_batched_tokens", "max_num_seqs", "kv_blocks", "max_loras")
@@ -87,6 +90,14 @@ TOKENS, SEQS, KV, LORAS = range(4)
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def int_array(values: Sequence[int] | np.ndarray) -> array:
+    """Per-request integers as an `array.array`: built from numpy in one copy (a list of
+    a million ints costs ten times more), and read back as plain ints in the loop."""
+    if isinstance(values, np.ndarray):
+        return array("q", values.astype(np.int64, copy=False).tobytes())
+    return array("q", values)
 
 
 class WaitingQueue:
@@ -115,8 +126,8 @@ class WaitingQueue:
         order = idx[np.argsort(keys, kind="stable")]
         counts = np.bincount(queue_of[idx], minlength=self.num_queues)
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        # Request ids grouped by queue, in arrival order (numpy: no Python int per request).
-        self._reqs: np.ndarray = order
+        # Request ids grouped by queue, in arrival order (an array: no Python int per request).
+        self._reqs = int_array(order)
         self._head: list[int] = starts.tolist()
         self._end: list[int] = (starts + counts).tolist()
         self._front: list[deque[tuple[int, int]]] = [deque() for _ in range(self.num_queues)]
@@ -125,7 +136,7 @@ class WaitingQueue:
         self._heaps: tuple[list[tuple[int, int]], list[tuple[int, int]]] = ([], [])
         for q in range(self.num_queues):
             if counts[q] > 0:
-                self._heaps[self._admissible[q]].append((int(self._reqs[self._head[q]]), q))
+                self._heaps[self._admissible[q]].append((self._reqs[self._head[q]], q))
         for h in self._heaps:
             heapq.heapify(h)
         self._prepend_key = 0
@@ -138,7 +149,7 @@ class WaitingQueue:
         if front:
             return front[0][0]
         h = self._head[q]
-        return int(self._reqs[h]) if h < self._end[q] else None
+        return self._reqs[h] if h < self._end[q] else None
 
     def _top(self, which: bool) -> tuple[int, int] | None:
         heap = self._heaps[which]
@@ -151,7 +162,7 @@ class WaitingQueue:
                 head_key = front[0][0]
             else:
                 h = heads[q]
-                head_key = int(reqs[h]) if h < ends[q] else None
+                head_key = reqs[h] if h < ends[q] else None
             if admissible[q] is not which or key != head_key:
                 heapq.heappop(heap)  # stale entry
                 continue
@@ -325,8 +336,8 @@ class Scheduler:
     def __init__(
         self,
         *,
-        prompt: list[int],
-        output: list[int],
+        prompt: Sequence[int] | np.ndarray,
+        output: Sequence[int] | np.ndarray,
         adapter_idx: np.ndarray,
         valid: np.ndarray,
         adapter_rank: list[int],
@@ -345,10 +356,10 @@ class Scheduler:
         prefix: PrefixKeys | None = None,
     ):
         n = len(prompt)
-        self.prompt = prompt
-        self.output = output
+        self.prompt = int_array(prompt)
+        self.output = int_array(output)
         self.arrival = np.zeros(n) if arrival is None else arrival
-        self.adapter: list[int] = adapter_idx.tolist()
+        self.adapter = int_array(adapter_idx)
         self.num_adapters = len(adapter_rank)
         self.adapter_rank = adapter_rank
         self.adapter_load_cost = adapter_load_s
@@ -362,19 +373,17 @@ class Scheduler:
         self.reserve_full_isl = scheduler_reserve_full_isl
         self.async_scheduling = async_scheduling
 
-        self.gen = [0] * n
-        self.computed = [0] * n
-        self.dbase = [0] * n
-        self.in_decode = [False] * n
-        # numpy copies of in_decode and prompt - dbase, for the vectorised running loop.
-        self._dec_np = np.zeros(n, dtype=bool)
-        self._pmd_np = np.zeros(n, dtype=np.int64)
+        zeros = bytes(8 * n)
+        self.gen = array("q", zeros)
+        self.computed = array("q", zeros)
+        self.dbase = array("q", zeros)
+        self.in_decode = bytearray(n)  # 0/1
         # Step whose end produced the first token / the last one (-1: not yet); numpy,
         # written once per request, read as whole columns for the results.
-        self.first_token_step = np.full(n, -1, dtype=np.int64)
-        self.end_step = np.full(n, -1, dtype=np.int64)
+        self.first_token_step = np.full(n, -1, dtype=np.int32)
+        self.end_step = np.full(n, -1, dtype=np.int32)
         # vLLM's num_cached_tokens: the prefix-cache hit at the first admission (-1: never admitted).
-        self.cached_tokens = np.full(n, -1, dtype=np.int64)
+        self.cached_tokens = np.full(n, -1, dtype=np.int32)
 
         self.waiting = WaitingQueue(adapter_idx, valid, self.num_adapters)
         self.running: dict[int, None] = {}  # running order = admission order
@@ -481,8 +490,6 @@ class Scheduler:
         self.in_decode[r] = True
         dbase = step - self.gen[r]
         self.dbase[r] = dbase
-        self._dec_np[r] = True
-        self._pmd_np[r] = self.prompt[r] - dbase
         self.block_phase[(self.prompt[r] - 1 - dbase) % self.block_size] += 1
         self.decode_ctx_base += self.prompt[r] - dbase
         self.num_decoding += 1
@@ -496,7 +503,6 @@ class Scheduler:
         self.decode_ctx_base -= self.prompt[r] - dbase
         self.num_decoding -= 1
         self.in_decode[r] = False
-        self._dec_np[r] = False
 
     def _shift_decode(self, r: int) -> None:
         """A decoding request not scheduled this step: it does not advance."""
@@ -505,7 +511,6 @@ class Scheduler:
         self.block_phase[(self.prompt[r] - 2 - dbase) % self.block_size] += 1
         self.decode_ctx_base -= 1
         self.dbase[r] = dbase + 1
-        self._pmd_np[r] -= 1
         heapq.heappush(self.finish_heap, (dbase + self.output[r], r))
 
     # --- KV blocks ----------------------------------------------------------------------
@@ -701,10 +706,24 @@ class Scheduler:
             need = prompt[r] + gen[r] - c
             prefill_need += need
             prefill_blocks += cdiv(c + need, bs) - cdiv(c, bs)
+        fits_budget = self.num_decoding + prefill_need <= token_budget
         if (
-            self.num_decoding + prefill_need <= token_budget
-            and decode_blocks + prefill_blocks <= free_blocks
+            fits_budget
+            and decode_blocks + prefill_blocks > free_blocks
+            and self.pool is None
+            and len(self.running) >= FAST_PREEMPT_MIN_RUNNING
         ):
+            # Only KV blocks bind: preempt the tail in one go, then schedule the rest.
+            self._preempt_for_blocks(step, plan, decode_blocks + prefill_blocks - free_blocks)
+            free_blocks = self.num_blocks - self.used_blocks
+            decode_blocks = self.block_phase[(-step) % bs]
+            prefill_need = prefill_blocks = 0
+            for r in self.prefilling:
+                c = computed[r]
+                need = prompt[r] + gen[r] - c
+                prefill_need += need
+                prefill_blocks += cdiv(c + need, bs) - cdiv(c, bs)
+        if fits_budget and decode_blocks + prefill_blocks <= free_blocks:
             for r in self.prefilling:
                 need = prompt[r] + gen[r] - computed[r]
                 plan.prefills.append((r, need))
@@ -728,25 +747,28 @@ class Scheduler:
             free_blocks = self.num_blocks - self.used_blocks
             running_adapters = self.running_adapters
             seats = len(self.running) + len(self.pending)
+            max_seqs, max_loras = self.max_num_seqs, self.max_loras
+            first = True
             while True:
                 if token_budget <= 0:
                     plan.blocked = TOKENS
                     break
-                if seats >= self.max_num_seqs:
+                if seats >= max_seqs:
                     plan.blocked = SEQS
                     break
                 # A request whose adapter would exceed max_loras is skipped: with
                 # max_loras adapters running, only their queues (and the base
                 # model's) are looked at.
-                loras_full = len(running_adapters) >= self.max_loras
-                idle_key = (num_arrived, waiting.version, loras_full)
-                if idle_key == self._no_waiting:
-                    # Same arrivals, same queues as when the scan last found none.
-                    plan.blocked = LORAS if loras_full else None
-                    break
+                loras_full = len(running_adapters) >= max_loras
+                if first:
+                    first = False
+                    if (num_arrived, waiting.version, loras_full) == self._no_waiting:
+                        # Same arrivals, same queues as when the scan last found none.
+                        plan.blocked = LORAS if loras_full else None
+                        break
                 head = waiting.peek(num_arrived, loras_full)
                 if head is None:
-                    self._no_waiting = idle_key
+                    self._no_waiting = (num_arrived, waiting.version, loras_full)
                     plan.blocked = LORAS if loras_full else None
                     break
                 q, r = head
@@ -766,55 +788,36 @@ class Scheduler:
 
     def _schedule_running_exact(self, step: int, plan: StepPlan) -> int:
         """vLLM's running loop when not everything fits. Returns the token budget left."""
-        if self.pool is None and len(self.running) >= VECTORIZED_MIN_RUNNING:
-            left = self._schedule_running_vectorized(step, plan)
-            if left is not None:
-                return left
         return self._schedule_running_loop(step, plan)
 
-    def _schedule_running_vectorized(self, step: int, plan: StepPlan) -> int | None:
-        """The running loop when every running request fits the token budget, so only
-        KV blocks bind (the common case of a saturated server), in numpy.
+    def _preempt_for_blocks(self, step: int, plan: StepPlan, deficit: int) -> None:
+        """vLLM's running loop when every running request fits the token budget and only
+        `deficit` KV blocks are missing (a saturated server's common step), in closed form.
 
-        Request i (running order) needs `need[i]` new blocks; when the blocks free plus
-        those held by the last k requests cannot cover the cumulative need up to i, the
-        tail is preempted. g(i) = the fewest tail preemptions that cover request i;
-        i + g(i) grows strictly with i, so the requests scheduled are exactly the
-        prefix with i + g(i) <= n - 1, and the rest are preempted, tail first -- what
-        vLLM's loop does one request at a time. None: the token budget binds. (Without
-        prefix caching only: a shared block frees nothing until its last holder goes.)"""
-        order = list(self.running)
-        n = len(order)
-        idx = np.fromiter(order, dtype=np.int64, count=n)
-        in_dec = self._dec_np[idx]
-        nc = self._pmd_np[idx] + (step - 1)  # decoding: prompt - dbase + step - 1
-        tokens = np.ones(n, dtype=np.int64)
-        for i in np.flatnonzero(~in_dec).tolist():  # the few requests still in prefill
-            r = order[i]
-            nc[i] = self.computed[r]
-            tokens[i] = self.prompt[r] + self.gen[r] - self.computed[r]
-        if int(tokens.sum()) > self.max_num_batched_tokens:
-            return None
+        vLLM schedules the running requests in order and, when one's blocks do not fit,
+        preempts the tail until they do (or it preempted itself). Preempting the k last
+        requests lets the n - k first ones run exactly when the blocks they hold plus the
+        blocks they would have needed cover `deficit`; vLLM ends with the smallest such k
+        (request i needs g(i) victims, i + g(i) grows with i: the scheduled requests are
+        the longest prefix that fits). So: walk back from the tail, preempting, until the
+        cover reaches the deficit -- O(victims), not O(running). Without prefix caching
+        only: a shared block frees nothing until its last holder goes."""
         bs = self.block_size
-        held = -(-nc // bs)
-        need = -(-(nc + tokens) // bs) - held
-        cum_need = np.cumsum(need)
-        tail_held = np.cumsum(held[::-1])
-        deficit = cum_need - (self.num_blocks - self.used_blocks)
-        g = np.where(deficit <= 0, 0, np.searchsorted(tail_held, deficit, side="left") + 1)
-        m = int(np.count_nonzero(np.arange(n) + g <= n - 1))  # requests scheduled
-        for victim in reversed(order[m:]):
-            self._preempt(victim, step)
-            plan.num_preempted += 1
-        if m == 0:
-            return self.max_num_batched_tokens
-        self._allocate(int(cum_need[m - 1]))
-        plan.context_tokens += int((nc[:m] + tokens[:m]).sum())
-        plan.num_decodes = int(np.count_nonzero(in_dec[:m]))
-        for i in np.flatnonzero(~in_dec[:m]).tolist():
-            plan.prefills.append((order[i], int(tokens[i])))
-            plan.prefill_tokens += int(tokens[i])
-        return self.max_num_batched_tokens - plan.prefill_tokens - plan.num_decodes
+        prompt, gen, dbase, in_decode = self.prompt, self.gen, self.dbase, self.in_decode
+        victims = []
+        cover = 0
+        for r in reversed(self.running):
+            if cover >= deficit:
+                break
+            if in_decode[r]:
+                nc = prompt[r] + step - dbase[r] - 1
+                cover += -(-nc // bs) + (nc % bs == 0)
+            else:
+                cover += -(-(prompt[r] + gen[r]) // bs)  # the blocks it holds and needs
+            victims.append(r)
+        for r in victims:
+            self._preempt(r, step)
+        plan.num_preempted += len(victims)
 
     def _schedule_running_loop(self, step: int, plan: StepPlan) -> int:
         """vLLM's running loop request by request: token budget, block allocation and
@@ -985,7 +988,6 @@ class Scheduler:
             self.decode_ctx_base -= prompt[r] - dbase
             self.num_decoding -= 1
             in_decode[r] = False
-            self._dec_np[r] = False
             del running[r]
             if fast_free:
                 self.used_blocks -= cdiv(prompt[r] + output[r] - 1, bs)
