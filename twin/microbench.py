@@ -141,7 +141,8 @@ def schedule_closed_batch(mb: Microbench) -> Schedule:
     )
     assert x.shape[1] == len(FEATURES)
     return Schedule(
-        x=x, first_step=sched.first_token_step, last_step=sched.end_step,
+        x=x, first_step=sched.columns()["first_token_step"].astype(np.int64),
+        last_step=sched.columns()["end_step"].astype(np.int64),
         output_tokens=np.full(n_req, max(mb.output_tokens, 1), dtype=np.int64), num_preempted=sched.total_preemptions,
     )  # fmt: skip
 

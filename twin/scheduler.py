@@ -203,9 +203,14 @@ class WaitingQueue:
         else:
             self._head[q] += 1
             self.num_taken += 1
-        key = self._head_key(q)
-        if key is not None:
-            heapq.heappush(self._heaps[self._admissible[q]], (key, q))
+        if front:
+            key = front[0][0]
+        else:
+            h = self._head[q]
+            if h >= self._end[q]:
+                return
+            key = self._reqs[h]
+        heapq.heappush(self._heaps[self._admissible[q]], (key, q))
 
     def prepend(self, q: int, req: int) -> None:
         """A preempted request goes back to the front of `waiting`."""
@@ -378,14 +383,17 @@ class Scheduler:
         self.computed = array("q", zeros)
         self.dbase = array("q", zeros)
         self.in_decode = bytearray(n)  # 0/1
-        # Step whose end produced the first token / the last one (-1: not yet); numpy,
-        # written once per request, read as whole columns for the results.
-        self.first_token_step = np.full(n, -1, dtype=np.int32)
-        self.end_step = np.full(n, -1, dtype=np.int32)
+        # Step whose end produced the first token / the last one (-1: not yet), written
+        # once per request, read as whole columns for the results (`columns`).
+        unset = array("i", [-1]) * n
+        self.first_token_step = unset
+        self.end_step = array("i", unset)
         # vLLM's num_cached_tokens: the prefix-cache hit at the first admission (-1: never admitted).
-        self.cached_tokens = np.full(n, -1, dtype=np.int32)
+        self.cached_tokens = array("i", unset)
 
         self.waiting = WaitingQueue(adapter_idx, valid, self.num_adapters)
+        # Valid requests among the first k (None: all are): how many have arrived.
+        self._valid_upto = None if valid.all() else int_array(np.concatenate([[0], np.cumsum(valid)]))
         self.running: dict[int, None] = {}  # running order = admission order
         self.prefilling: dict[int, None] = {}  # running requests still in prefill, same order
         self.num_decoding = 0
@@ -437,6 +445,17 @@ class Scheduler:
 
     def num_waiting(self, num_arrived_valid: int) -> int:
         return num_arrived_valid - self.waiting.num_taken + self.waiting.num_front
+
+    def columns(self) -> dict[str, np.ndarray]:
+        """Per-request outcomes as numpy columns (views): first_token_step, end_step
+        (-1: not reached), generated tokens of requests no longer decoding, cached_tokens
+        (-1: never admitted)."""
+        return {
+            "first_token_step": np.frombuffer(self.first_token_step, dtype=np.int32),
+            "end_step": np.frombuffer(self.end_step, dtype=np.int32),
+            "gen": np.frombuffer(self.gen, dtype=np.int64),
+            "cached_tokens": np.frombuffer(self.cached_tokens, dtype=np.int32),
+        }
 
     @property
     def num_seats(self) -> int:
@@ -597,7 +616,7 @@ class Scheduler:
         return freed
 
     # --- admission ----------------------------------------------------------------------
-    def _admission(self, r: int, token_budget: int, free_blocks: int) -> tuple[int, int, list[int], int, int] | None:
+    def _admission(self, r: int, token_budget: int, free_blocks: int) -> tuple[int, int, Sequence[int], int, int] | None:
         """vLLM's check for admitting waiting request `r` (its prefix-cache hit, then
         `allocate_slots`): (tokens to compute now, new blocks, hit units, hit blocks, own
         resumable blocks hit), or None when its blocks do not fit `free_blocks`. The one
@@ -609,7 +628,7 @@ class Scheduler:
             n = num_tokens if num_tokens < token_budget else token_budget
             new_blocks = cdiv(n, bs)
             required = cdiv(num_tokens, bs) if self.reserve_full_isl else new_blocks
-            return None if required > free_blocks else (n, new_blocks, [], 0, 0)
+            return None if required > free_blocks else (n, new_blocks, (), 0, 0)
         keys, ends = self._keys.get(r) or self.prefix_of(r)
         # A hit leaves the last token to compute (vLLM samples from it), in whole blocks.
         max_hit = (num_tokens - 1) // bs
@@ -631,7 +650,7 @@ class Scheduler:
         """Request `r`'s prefix units (keys, engine-block ends); none without prefix info."""
         return self.prefix.of(r) if self.prefix is not None else ([], [])
 
-    def _admit(self, r: int, q: int, step: int, plan: StepPlan, adm: tuple[int, int, list[int], int, int]) -> int:
+    def _admit(self, r: int, q: int, step: int, plan: StepPlan, adm: tuple[int, int, Sequence[int], int, int]) -> int:
         """Move waiting request `r` (head of queue `q`) to running with the allocation
         `_admission` found; returns the tokens scheduled."""
         n, new_blocks, uids, hit_blocks, own = adm
@@ -660,8 +679,9 @@ class Scheduler:
         if self.cached_tokens[r] < 0:
             self.cached_tokens[r] = hit
         self.computed[r] = hit
-        self._allocate(new_blocks)
+        self.used_blocks += new_blocks
         if pool is not None:
+            pool.take(new_blocks)
             self._cache_units(r, (hit + n) // self.block_size)
         a = self.adapter[r]
         if a != BASE:
@@ -684,8 +704,11 @@ class Scheduler:
             # waits for the step in flight, frees them and schedules again.
             self.release_pending()
             plan = self._schedule(step, num_arrived)
-        if plan.blocked is not None and self.waiting.peek(num_arrived, False) is not None:
-            self.admission_blocked[plan.blocked] += 1
+        if plan.blocked is not None:
+            waiting = self.waiting
+            arrived = num_arrived if self._valid_upto is None else self._valid_upto[num_arrived]
+            if arrived - waiting.num_taken + waiting.num_front > 0:  # requests left waiting
+                self.admission_blocked[plan.blocked] += 1
         self.total_adapter_loads += plan.adapter_loads
         self.total_adapter_load_s += plan.adapter_load_s
         return plan
@@ -960,6 +983,11 @@ class Scheduler:
             self.release_pending()
         prompt, gen, computed, output = self.prompt, self.gen, self.computed, self.output
         bs = self.block_size
+        heap = self.finish_heap
+        running, in_decode, dbase_of = self.running, self.in_decode, self.dbase
+        phase = self.block_phase
+        heappush = heapq.heappush
+        ctx_add = n_started = 0
         for r, n in plan.prefills:
             c = computed[r] + n
             computed[r] = c
@@ -973,34 +1001,51 @@ class Scheduler:
                 if g >= output[r]:
                     self._finish(r, step, c)
                 else:
-                    self._start_decode(r, step + 1)
-        heap = self.finish_heap
-        running, in_decode, dbase_of = self.running, self.in_decode, self.dbase
+                    # `_start_decode(r, step + 1)`, inlined (the hot path).
+                    in_decode[r] = 1
+                    dbase = step + 1 - g
+                    dbase_of[r] = dbase
+                    p = prompt[r]
+                    phase[(p - 1 - dbase) % bs] += 1
+                    ctx_add += p - dbase
+                    n_started += 1
+                    heappush(heap, (dbase + output[r] - 1, r))
+        if not heap or heap[0][0] > step:
+            self.decode_ctx_base += ctx_add
+            self.num_decoding += n_started
+            return
         fast_free = self.pool is None and not self.async_scheduling
+        heappop = heapq.heappop
+        adapter, running_adapters, end_step = self.adapter, self.running_adapters, self.end_step
+        freed = 0
         while heap and heap[0][0] <= step:
-            f, r = heapq.heappop(heap)
+            f, r = heappop(heap)
             if f != step or r not in running or not in_decode[r] or dbase_of[r] + output[r] - 1 != f:
                 continue  # stale entry (preempted or shifted since)
             # A decode finished (`_stop_decode` + `_finish`, inlined: the hot path).
             dbase = dbase_of[r]
-            gen[r] = output[r]
-            self.block_phase[(prompt[r] - 1 - dbase) % bs] -= 1
-            self.decode_ctx_base -= prompt[r] - dbase
-            self.num_decoding -= 1
-            in_decode[r] = False
+            p, o = prompt[r], output[r]
+            gen[r] = o
+            phase[(p - 1 - dbase) % bs] -= 1
+            ctx_add -= p - dbase
+            n_started -= 1
+            in_decode[r] = 0
             del running[r]
             if fast_free:
-                self.used_blocks -= cdiv(prompt[r] + output[r] - 1, bs)
+                freed += -(-(p + o - 1) // bs)
             else:
-                self._give_back(r, prompt[r] + output[r] - 1)
-            self.end_step[r] = step
-            a = self.adapter[r]
+                self._give_back(r, p + o - 1)
+            end_step[r] = step
+            a = adapter[r]
             if a != BASE:
-                count = self.running_adapters[a] - 1
+                count = running_adapters[a] - 1
                 if count:
-                    self.running_adapters[a] = count
+                    running_adapters[a] = count
                 else:
                     self._remove_running_adapter(a, step)
+        self.used_blocks -= freed
+        self.decode_ctx_base += ctx_add
+        self.num_decoding += n_started
 
     def _give_back(self, r: int, computed: int) -> None:
         if self.async_scheduling:
