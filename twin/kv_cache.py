@@ -39,29 +39,45 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 
 from tracekit.schema import CTX_PREFIX_BLOCK_TOKENS, TracekitError
 
 
-@dataclass
 class PrefixKeys:
-    """The prefix units of every request (arrival order): request r's units are
-    `keys[offsets[r]:offsets[r+1]]`, unit j ending at engine block `ends[...]`
-    (cumulative blocks from the prompt's start). Keys compare for equality within one
-    adapter only (the scheduler keeps one map per adapter)."""
+    """The prefix units of every request (arrival order), read at admission only.
 
-    offsets: np.ndarray  # int64, n + 1
-    keys: np.ndarray  # int64
-    ends: np.ndarray  # int32, engine blocks covered up to the end of each unit
+    Request r's trace hashes are `keys[offsets[r]:offsets[r] + usable[r]]` (its full
+    prompt blocks); the engine's units are those that end an engine block
+    (`engine_blocks_covered`), unit j ending at engine block `end` (cumulative from the
+    prompt's start). The flat arrays may be views of the trace's own column (no copy of a
+    million lists). Keys compare for equality within one adapter only (the scheduler keeps
+    one map per adapter)."""
+
+    def __init__(self, offsets: np.ndarray, usable: np.ndarray, keys: np.ndarray, trace_block: int, block_size: int):
+        self.offsets = offsets
+        self.usable = usable
+        self.keys = keys
+        most = int(usable.max()) if len(usable) else 0
+        pos = np.arange(most, dtype=np.int64)
+        ends = engine_blocks_covered(pos + 1, trace_block, block_size)
+        kept = ends > engine_blocks_covered(pos, trace_block, block_size)  # all when trace_block >= block_size
+        self._all = bool(kept.all())
+        self._kept = np.flatnonzero(kept)
+        self._ends: list[int] = ends[kept].tolist()
+        self._kept_below = np.concatenate([[0], np.cumsum(kept)]).astype(np.int64)  # kept among the first m
 
     def of(self, r: int) -> tuple[list[int], list[int]]:
-        a, b = int(self.offsets[r]), int(self.offsets[r + 1])
-        return self.keys[a:b].tolist(), self.ends[a:b].tolist()
+        """Request r's (unit keys, engine-block ends)."""
+        a, m = int(self.offsets[r]), int(self.usable[r])
+        if self._all:
+            return self.keys[a : a + m].tolist(), self._ends[:m]
+        k = int(self._kept_below[m])
+        return self.keys[a : a + m][self._kept[:k]].tolist(), self._ends[:k]
 
 
 def engine_blocks_covered(num_trace_blocks: Any, trace_block_tokens: int, block_size: int) -> Any:
@@ -94,10 +110,9 @@ def prefix_keys(
                 f"the trace has prefix_hashes but its context's {CTX_PREFIX_BLOCK_TOKENS} is {raw!r} "
                 "(expected the tokens per hashed block, an integer >= 1)"
             )
-        col = trace.get_column("prefix_hashes")
-        lens = col.list.len().fill_null(0).cast(pl.Int64).to_numpy()
-        flat = col.explode().drop_nulls().cast(pl.Int64).to_numpy()
-        return _from_hashes(lens, flat, prompt, int(raw), block_size)
+        offsets, lens, flat = _list_buffers(trace.get_column("prefix_hashes"))
+        # Only hashes of the prompt's full trace blocks count.
+        return PrefixKeys(offsets, np.minimum(lens, prompt // raw), flat, int(raw), block_size)
     if "prompt_token_ids" in trace.columns and trace.get_column("prompt_token_ids").null_count() < n:
         from tracekit.prefix import block_hashes
 
@@ -106,26 +121,27 @@ def prefix_keys(
         lists = [[] if x is None else block_hashes(x, a, block_size) for x, a in zip(ids, names, strict=True)]
         lens = np.fromiter((len(h) for h in lists), dtype=np.int64, count=n)
         flat = np.fromiter((v for h in lists for v in h), dtype=np.int64, count=int(lens.sum()))
-        return _from_hashes(lens, flat, prompt, block_size, block_size)
+        offsets = np.zeros(n, np.int64)
+        np.cumsum(lens[:-1], out=offsets[1:])
+        return PrefixKeys(offsets, lens, flat, block_size, block_size)
     return None
 
 
-def _from_hashes(lens: np.ndarray, flat: np.ndarray, prompt: np.ndarray, tb: int, bs: int) -> PrefixKeys:
-    """Units from per-request hash lists (vectorised): keep full trace blocks of the
-    prompt, map them onto engine blocks, drop trace blocks that end no engine block."""
-    n = len(lens)
-    starts = np.zeros(n + 1, np.int64)
-    np.cumsum(lens, out=starts[1:])
-    usable = np.minimum(lens, prompt // tb)  # hashes of full prompt blocks only
-    req = np.repeat(np.arange(n, dtype=np.int64), lens)
-    pos = np.arange(len(flat), dtype=np.int64) - starts[req]
-    end = engine_blocks_covered(pos + 1, tb, bs)
-    begin = engine_blocks_covered(pos, tb, bs)
-    keep = (pos < usable[req]) & (end > begin)
-    counts = np.bincount(req[keep], minlength=n).astype(np.int64)
-    offsets = np.zeros(n + 1, np.int64)
-    np.cumsum(counts, out=offsets[1:])
-    return PrefixKeys(offsets=offsets, keys=flat[keep].astype(np.int64), ends=end[keep].astype(np.int32))
+def _list_buffers(col: pl.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(start, length, flat values) of a list<int64> column's rows, without copying the
+    values where Arrow allows it (a null row counts as an empty list)."""
+    arr = col.to_arrow()
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    offsets = np.asarray(arr.offsets).astype(np.int64)
+    values = arr.values
+    if values.null_count:
+        values = values.fill_null(0)
+    flat = values.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    lens = np.diff(offsets)
+    if arr.null_count:
+        lens = np.where(np.asarray(arr.is_null()), 0, lens)
+    return offsets[:-1], lens, flat
 
 
 class BlockPool:
