@@ -313,8 +313,11 @@ class _Loop:
         step_end = self.step_end
         intake = self.intake
         prefill_total = 0
+        arrived = 0  # arrivals up to t (t only grows: search near the last count, in cache)
         while t < window:
-            num_arrived = int(arrivals.searchsorted(t, "right"))
+            k = int(arrivals[arrived : arrived + 256].searchsorted(t, "right"))
+            arrived = arrived + k if k < 256 else int(arrivals.searchsorted(t, "right"))
+            num_arrived = arrived
             seen = num_arrived if in_flight is None else int(arrivals.searchsorted(in_flight, "right"))
             if not sched.running:
                 if sched.waiting.peek(seen, False) is None:
