@@ -308,9 +308,16 @@ def _numbers(t: pa.Table, name: str) -> np.ndarray:
     return col.to_numpy() if col.num_chunks != 1 else col.chunk(0).to_numpy(zero_copy_only=False)
 
 
+def _first_not_in(col: pa.ChunkedArray, allowed: Iterable[str]) -> int | None:
+    """Row of the first string not in `allowed` (a null counts as not in), or None."""
+    import pyarrow.compute as pc
+
+    return _first_bad(pc.invert(pc.is_in(col, value_set=pa.array(list(allowed)))))
+
+
 def _check_values(t: pa.Table, kind: str, source: str) -> None:
-    """Value checks in numpy (and polars for strings): pyarrow.compute costs a tenth of a
-    second just to import, more than these checks on a million rows."""
+    """Value checks, numbers in numpy (pyarrow.compute costs a tenth of a second to
+    import: a trace read needs none of it)."""
 
     def fail(row: int, msg: str) -> None:
         raise TracekitError(f"{source}: row {row}: {msg}")
@@ -330,11 +337,9 @@ def _check_values(t: pa.Table, kind: str, source: str) -> None:
             if bad is not None:
                 fail(bad, f"{name} must be at least 1, got {v[bad]}")
     if kind == KIND_RESULTS:
-        status = pl.from_arrow(t.select(["status"]))["status"]  # type: ignore[index]
-        bad_mask = ~status.is_in(list(RESULT_STATUSES))
-        if bad_mask.any():
-            bad = int(bad_mask.arg_true()[0])
-            fail(bad, f"status must be one of {', '.join(RESULT_STATUSES)}, got {status[bad]!r}")
+        bad = _first_not_in(t.column("status"), RESULT_STATUSES)
+        if bad is not None:
+            fail(bad, f"status must be one of {', '.join(RESULT_STATUSES)}, got {t.column('status')[bad].as_py()!r}")
     if kind == KIND_STEPS:
         bad = _first_bad(_numbers(t, "duration_s") < 0.0)
         if bad is not None:
@@ -453,14 +458,21 @@ def read(path: str | os.PathLike[str], kind: str | None = None) -> tuple[pl.Data
 
 def read_trace(path: str | os.PathLike[str]) -> tuple[pl.DataFrame, Meta]:
     """A trace, sorted by arrival. Results files are accepted too (their trace columns)."""
-    df, meta = read(path)
+    table, meta = read_trace_arrow(path)
+    return pl.from_arrow(table), meta  # type: ignore[return-value]
+
+
+def read_trace_arrow(path: str | os.PathLike[str]) -> tuple[pa.Table, Meta]:
+    """`read_trace` as an Arrow table (no conversion of its string columns)."""
+    table, meta = read_arrow(path)
     if meta.kind == KIND_STEPS:
         raise TracekitError(f"{path}: expected a trace file, got a steps file")
     if meta.kind == KIND_RESULTS:
-        keep = [f.name for f in full_schema(KIND_TRACE) if f.name in df.columns]
-        df = df.select(keep)
-    arrival = df.get_column("arrival_s")
-    return (df if arrival.is_sorted() else df.sort("arrival_s", maintain_order=True)), meta
+        table = table.select([f.name for f in full_schema(KIND_TRACE) if f.name in table.column_names])
+    arrival = table.column("arrival_s").to_numpy()
+    if arrival.size > 1 and not (arrival[1:] >= arrival[:-1]).all():
+        table = table.take(pa.array(np.argsort(arrival, kind="stable")))
+    return table, meta
 
 
 def adapter_ranks(context: Mapping[str, Any]) -> dict[str, int]:

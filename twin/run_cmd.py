@@ -16,7 +16,7 @@ from tracekit.schema import (
     KIND_RESULTS,
     KIND_STEPS,
     TracekitError,
-    read_trace,
+    read_trace_arrow,
     write,
 )
 from twin.options import config_from_options, serving_options
@@ -102,8 +102,8 @@ def run_cmd(
 
     started = time.perf_counter()
     profile = load_profile(profile_name)
-    df, meta = read_trace(trace)
-    if df.height == 0:
+    df, meta = read_trace_arrow(trace)
+    if df.num_rows == 0:
         raise TracekitError(f"{trace}: the trace has no requests")
     if window is not None and not window > 0:
         raise TracekitError(f"--window must be positive, got {window}")
