@@ -51,16 +51,33 @@ MIN_STRETCH = 12  # below this the plain steps (~10 us each) beat numpy's fixed 
 
 
 def _resolve_adapters(
-    trace: pl.DataFrame, context: dict[str, Any], config: ServingConfig
+    col: pa.ChunkedArray, context: dict[str, Any], config: ServingConfig
 ) -> tuple[np.ndarray, list[str], list[int]]:
     """Adapter index per request (BASE for the base model), names, ranks (sorted names:
-    the index does not depend on the trace's row order)."""
-    col = trace.get_column("adapter")
+    the index does not depend on the trace's row order), from the column's dictionary
+    codes (a million names cost nothing more)."""
+    n = len(col)
     if not config.enable_lora:
-        return np.full(trace.height, BASE, dtype=np.int64), [], []
-    names = col.drop_nulls().unique().sort().to_list()
-    # An Enum over the sorted names: codes follow that order (fast on millions of rows).
-    idx = col.cast(pl.Enum(names)).to_physical().cast(pl.Int64).fill_null(BASE).to_numpy()
+        return np.full(n, BASE, dtype=np.int64), [], []
+    if not pa.types.is_dictionary(col.type):
+        import pyarrow.compute as pc
+
+        col = pc.dictionary_encode(col)
+    d = col.unify_dictionaries().combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    ind = d.indices
+    # The codes from their buffer (a null's slot holds some code; masked below).
+    codes = np.frombuffer(ind.buffers()[1], dtype=ind.type.to_pandas_dtype())[ind.offset : ind.offset + n].astype(np.int64)
+    null = np.asarray(d.is_null()) if d.null_count else None
+    if null is not None:
+        codes[null] = 0
+    dictionary = d.dictionary.to_pylist()
+    used = np.flatnonzero(np.bincount(codes[~null] if null is not None else codes, minlength=len(dictionary)))
+    names = sorted(dictionary[i] for i in used)
+    where = {name: i for i, name in enumerate(names)}
+    remap = np.array([where.get(v, BASE) for v in dictionary] or [BASE], dtype=np.int64)
+    idx = remap[codes]
+    if null is not None:
+        idx[null] = BASE
     ranks_ctx = adapter_ranks(context)
     ranks = []
     for name in names:
@@ -168,12 +185,14 @@ def simulate(
     table = trace if isinstance(trace, pa.Table) else trace.to_arrow()
     if not _sorted(table.column("arrival_s")):
         table = table.take(pa.array(np.argsort(table.column("arrival_s").to_numpy(), kind="stable")))
-    strings = {"request_id", "tenant", "session_id", "prompt_token_ids"} - ({"prompt_token_ids"} if config.enable_prefix_caching else set())
+    strings = {"request_id", "adapter", "tenant", "session_id", "prompt_token_ids"}
+    if config.enable_prefix_caching:
+        strings.discard("prompt_token_ids")
     trace = pl.from_arrow(table.select([c for c in table.column_names if c not in strings]))  # type: ignore[assignment]
     arrival = trace.get_column("arrival_s").cast(pl.Float64).to_numpy()
     prompt_np = trace.get_column("prompt_tokens").cast(pl.Int64).to_numpy()
     output_np = trace.get_column("output_tokens").cast(pl.Int64).to_numpy()
-    adapter_idx, names, ranks = _resolve_adapters(trace, ctx_in, config)
+    adapter_idx, names, ranks = _resolve_adapters(table.column("adapter"), ctx_in, config)
 
     kv_tokens = int(prof.kv_capacity_tokens(config))
     oom_reason = ""
@@ -192,7 +211,7 @@ def simulate(
     prefix = None
     if config.enable_prefix_caching:
         # vLLM's block hash carries the LoRA name only when LoRA is on.
-        keyed = trace.get_column("adapter").to_list() if config.enable_lora else [None] * trace.height
+        keyed = table.column("adapter").to_pylist() if config.enable_lora else [None] * trace.height
         prefix = prefix_keys(trace, ctx_in, config.block_size, keyed)
     cpu_factor = float(prof.data.get("adapter_load", {}).get("cpu_miss_factor", DEFAULT_CPU_MISS_FACTOR))
     sched = Scheduler(
@@ -600,6 +619,9 @@ def _results(
         "cached_tokens": pa.array(out["cached_tokens"], mask=out["cached_tokens"] < 0),
     }
     table = table.drop_columns([c for c in extra if c in table.column_names])
+    if pa.types.is_dictionary(table.schema.field("adapter").type):
+        i = table.schema.get_field_index("adapter")
+        table = table.set_column(i, "adapter", table.column("adapter").cast(pa.string()))
     for name, col in extra.items():
         table = table.append_column(name, col)
     return conform(table, "results", source="twin")

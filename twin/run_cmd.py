@@ -102,7 +102,7 @@ def run_cmd(
 
     started = time.perf_counter()
     profile = load_profile(profile_name)
-    df, meta = read_trace_arrow(trace)
+    df, meta = read_trace_arrow(trace, dictionary=["adapter"])
     if df.num_rows == 0:
         raise TracekitError(f"{trace}: the trace has no requests")
     if window is not None and not window > 0:
