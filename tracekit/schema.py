@@ -377,9 +377,13 @@ def write(
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
         tmp = p.with_name(f".{p.name}.{uuid.uuid4().hex[:8]}.tmp")
-        # No dictionary for request_id: unique per row, a dictionary only costs time.
+        # No dictionary for request_id (unique per row: a dictionary only costs time), and
+        # min/max statistics for non-string columns only (a string compare per row buys
+        # nothing a reader filters on).
         dictionary = [c for c in table.column_names if c != "request_id"]
-        pq.write_table(table, tmp, row_group_size=row_group_size, compression="zstd", use_dictionary=dictionary)
+        stats = [f.name for f in table.schema if not (pa.types.is_string(f.type) or pa.types.is_large_string(f.type))]
+        pq.write_table(table, tmp, row_group_size=row_group_size, compression="zstd", use_dictionary=dictionary,
+                       write_statistics=stats)  # fmt: skip
         os.replace(tmp, p)
     except OSError as e:
         raise TracekitError(f"{p}: cannot write: {e.strerror or e}") from None
