@@ -423,13 +423,16 @@ class _Loop:
         """Advance a decode-only stretch starting at `step` in one computation; returns
         the number of steps advanced (0: take a normal step)."""
         sched = self.sched
+        finish = sched.next_finish(step)
+        if finish is None or finish - step < MIN_STRETCH:
+            # Nothing to gain before that finish (a cheap check: a saturated server
+            # finishes a request nearly every step).
+            self._ff_retry_step = step + 1 if finish is None else finish + 1
+            return 0
         st = sched.decode_stretch(step, seen)
         if st is None:
             return 0
         k = min(st.next_finish - step, MAX_STRETCH)
-        if k < MIN_STRETCH:
-            self._ff_retry_step = st.next_finish + 1  # nothing to gain before that finish
-            return 0
         n_dec, na, rs = st.num_decodes, st.num_adapters, st.rank_sum
         # Steps only get longer during a stretch (the context grows), so the first one
         # bounds how many fit before the window or an admissible arrival -- checked
