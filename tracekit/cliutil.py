@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -10,7 +11,7 @@ from typing import Any, TypeVar
 import click
 from rich.console import Console
 
-from tracekit.schema import TracekitError
+from tracekit.schema import TracekitError, notes
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -18,16 +19,41 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+class _NoteHandler(logging.Handler):
+    """Prints each distinct note once, as `note: ...` on stderr."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.seen: set[str] = set()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        if msg not in self.seen:
+            self.seen.add(msg)
+            click.echo(f"note: {msg}", err=True)
+
+
+def fail(message: str) -> None:
+    """The one way a command stops on bad input: `error: ...` on stderr, exit code 2."""
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
 def user_errors(fn: F) -> F:
-    """Turn TracekitError (and unreadable files) into `error: ...` and exit code 2."""
+    """Turn TracekitError (and unreadable files) into `error: ...` and exit code 2;
+    print tracekit.schema's notes (input taken as meant, e.g. sorted) as `note: ...`."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        handler = _NoteHandler()
+        notes.addHandler(handler)
+        notes.setLevel(logging.INFO)
         try:
             return fn(*args, **kwargs)
         except TracekitError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
+            fail(str(e))
+        finally:
+            notes.removeHandler(handler)
 
     return wrapper  # type: ignore[return-value]
 
