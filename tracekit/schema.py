@@ -14,7 +14,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,8 +51,11 @@ notes = logging.getLogger("tracekit.notes")
 notes.addHandler(logging.NullHandler())
 notes.propagate = False
 
-# Where a file that is not a tracekit file can come in.
-IMPORT_HINT = "import it with `tracekit import table FILE --out trace.parquet`"
+
+
+def import_hint(path: str | os.PathLike[str]) -> str:
+    """Where a table that is not a tracekit file comes in."""
+    return f"import it with `tracekit import table {path} --out trace.parquet`"
 
 
 # --- schemas ---------------------------------------------------------------------------
@@ -210,10 +213,10 @@ def _file_meta(path: Path) -> Meta:
     except (pa.ArrowInvalid, OSError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         if _looks_like_text(path):
-            raise TracekitError(f"{path}: not a Parquet file but text (CSV or JSONL?); {IMPORT_HINT}") from None
+            raise TracekitError(f"{path}: not a Parquet file but text (CSV or JSONL?); {import_hint(path)}") from None
         raise TracekitError(f"{path}: not a Parquet file: {first}") from None
     if META_KIND not in md:
-        raise TracekitError(f"{path}: a plain Parquet file, not a tracekit file (no tracekit.kind metadata); {IMPORT_HINT}")
+        raise TracekitError(f"{path}: a plain Parquet file, not a tracekit file (no tracekit.kind metadata); {import_hint(path)}")
     kind = md[META_KIND].decode()
     if kind not in KINDS:
         raise TracekitError(f"{path}: unknown tracekit.kind {kind!r}")
@@ -348,7 +351,11 @@ def _locate(source: str, parts: list[tuple[str, int]] | None, row: int) -> tuple
 
 
 def check_trace(
-    lf: pl.LazyFrame, source: str, kind: str = KIND_TRACE, parts: list[tuple[str, int]] | None = None
+    lf: pl.LazyFrame,
+    source: str,
+    kind: str = KIND_TRACE,
+    parts: list[tuple[str, int]] | None = None,
+    where: Callable[[int], str] | None = None,
 ) -> TraceCheck:
     """The one validation of a trace's values (or of the trace columns of a results file),
     which every command reading a trace goes through, in one lazy pass over four columns:
@@ -356,7 +363,16 @@ def check_trace(
     results, a known status). Raises one TracekitError line `FILE: row N: COLUMN must
     ...` (rows count from 0, within the part file of a directory). Types are checked
     before, on the Parquet schema (`scan`, `conform`). Arrivals need not be sorted: the
-    first row out of order is returned, and `read_trace` sorts (with a note)."""
+    first row out of order is returned, and `read_trace` sorts (with a note).
+
+    `where(row)` names a row another way (e.g. `FILE: line 12` of an imported CSV)."""
+
+    def at(i: int) -> tuple[str, str]:
+        if where is not None:
+            return "", where(i)
+        name, local = _locate(source, parts, i)
+        return name, f"{name}: row {local}"
+
     checks = _trace_checks(kind)
     exprs = [bad.arg_true().first().alias(f"bad_{i}") for i, (_, bad, _) in enumerate(checks)]
     rid = pl.col("request_id")
@@ -372,21 +388,23 @@ def check_trace(
         row = lf.select(exprs).collect().row(0, named=True)
     except pl.exceptions.PolarsError as e:
         raise TracekitError(f"{source}: cannot read: {str(e).splitlines()[0]}") from None
-    for i, (col, _, why) in enumerate(checks):
-        bad = row[f"bad_{i}"]
+    # The earliest bad row is reported (a user fixes a file top-down), by column order within it.
+    found = sorted((row[f"bad_{i}"], i) for i in range(len(checks)) if row[f"bad_{i}"] is not None)
+    for bad, i in found[:1]:
+        col, _, why = checks[i]
         if bad is not None:
             value = lf.select(pl.col(col)).slice(int(bad), 1).collect().item()
-            name, local = _locate(source, parts, int(bad))
             got = "" if value is None and "null" in why else f", got {value!r}" if isinstance(value, str) else f", got {value}"
-            raise TracekitError(f"{name}: row {local}: {col} {why}{got}")
+            raise TracekitError(f"{at(int(bad))[1]}: {col} {why}{got}")
     if row["ids_adjacent_equal"] or (row["ids_unsorted"] and _maybe_repeats(lf, row["rows"], source)):
         dup = _first_duplicate(lf)
         if dup is not None:  # None: two ids shared a 64-bit hash, none repeats
             first, again, value = dup
-            name, local = _locate(source, parts, again)
-            name0, local0 = _locate(source, parts, first)
-            where = f"row {local0}" + (f" of {name0}" if name0 != name else "")
-            raise TracekitError(f"{name}: row {local}: request_id {value!r} repeats {where} (request ids must be unique)")
+            (name, here), (name0, there) = at(again), at(first)
+            earlier = there.removeprefix(f"{name0}: ") + (f" of {name0}" if name0 != name else "")
+            if where is not None:
+                earlier = there.rpartition(": ")[2]
+            raise TracekitError(f"{here}: request_id {value!r} repeats {earlier} (request ids must be unique)")
     unsorted = row["unsorted"]
     return TraceCheck(rows=int(row["rows"]), unsorted_row=None if unsorted is None else int(unsorted))
 
