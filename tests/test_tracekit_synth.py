@@ -11,7 +11,7 @@ import numpy as np
 import polars as pl
 import pytest
 from click.testing import CliRunner
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from tracekit import schema
@@ -83,6 +83,7 @@ def test_seed_determines_trace() -> None:
 )
 @settings(max_examples=60, deadline=None)
 def test_invariants(adapters, rates, ranks, duration, seed, arrivals) -> None:
+    assume(any(r > 0 for r in rates[:adapters]))  # all-zero rates are refused (test_bad_parameters)
     df, ctx = synthesize(adapters, rates, ranks, duration, lengths="fixed:4,4", seed=seed, arrivals=arrivals)
     assert df["arrival_s"].is_sorted()
     if df.height:
@@ -153,6 +154,8 @@ def test_sharegpt_lengths_in_synth() -> None:
         ({"rates": None}, "exactly one of --rates and --total-rate"),
         ({"total_rate": 3.0}, "exactly one of --rates and --total-rate"),
         ({"rates": [-1.0]}, "--rates must be non-negative"),
+        ({"rates": [0.0, 0.0]}, "--rates: every rate is 0, so the trace would hold no requests"),
+        ({"rates": None, "total_rate": 0.0}, "--total-rate: every rate is 0"),
         ({"ranks": [0]}, "--ranks must be positive"),
         ({"arrivals": "gamma:x"}, "--arrivals 'gamma:x'"),
         ({"arrivals": "weibull"}, "--arrivals 'weibull'"),
@@ -190,6 +193,8 @@ def test_cli_writes_a_valid_trace(tmp_path: Path) -> None:
         (["--rates", "1", "--lengths", "fixed:10"], "--lengths 'fixed:10'"),
         (["--rates", "1", "--lengths", "file:/no/such.parquet"], "no such file"),
         (["--total-rate", "5", "--popularity", "pareto"], "--popularity 'pareto'"),
+        (["--rates", "0"], "--rates: every rate is 0"),
+        (["--rates", "0.0001"], "no request arrived: 0.0003 req/s in all over 10 s"),
     ],
 )
 def test_cli_bad_flags_give_one_error_line(tmp_path: Path, args, msg) -> None:

@@ -210,6 +210,9 @@ def synthesize(
         if not np.isfinite(total_rate) or total_rate < 0:
             raise TracekitError(f"--total-rate must be a non-negative number, got {total_rate}")
         per_adapter = float(total_rate) * popularity_weights(adapters, popularity)
+    if not per_adapter.sum() > 0:
+        flag = "--rates" if rates is not None else "--total-rate"
+        raise TracekitError(f"{flag}: every rate is 0, so the trace would hold no requests")
     per_rank = assign_round_robin([int(r) for r in ranks], adapters, rng).astype(np.int64)
 
     peak = per_adapter * (1.0 + (mod[1] if mod else 0.0))
@@ -358,6 +361,11 @@ def print_summary(df: pl.DataFrame, context: dict[str, Any], out: Path, elapsed:
 
 def _synth_and_write(out: Path, **kwargs: Any) -> tuple[pl.DataFrame, dict[str, Any]]:
     df, context = synthesize(**kwargs)
+    if df.height == 0:
+        total = sum(a["rate"] for a in context["adapters"].values())
+        raise TracekitError(
+            f"no request arrived: {total:g} req/s in all over {kwargs['duration_s']:g} s; raise the rates or the window"
+        )
     schema.write(out, df, schema.KIND_TRACE, context)
     return df, context
 
