@@ -132,7 +132,7 @@ def compare_cmd(a: Path, b: Path, as_json: bool, plots_dir: Path | None) -> None
                           + (f", mean |per-adapter TTFT error| {d['per_adapter_mean_abs_ttft_err'] * 100:.1f}%"
                              if d["per_adapter_mean_abs_ttft_err"] is not None else ""))
     if plots_dir is not None:
-        from replay.plots import write_plots
+        from tracekit.plots import write_plots
 
         try:
             paths = write_plots([(la, da, ca), (lb, db, cb)], plots_dir, prefix="compare_")

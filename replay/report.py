@@ -124,7 +124,7 @@ def report_cmd(results: Path, as_json: bool, plots_dir: Path | None) -> None:
     else:
         render_summary(df, ctx, console)
     if plots_dir is not None:
-        from replay.plots import write_plots
+        from tracekit.plots import write_plots
         from tracekit.schema import TracekitError
 
         try:
