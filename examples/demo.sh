@@ -9,7 +9,7 @@ mkdir -p "$OUT"
 
 # 64 adapters, per-adapter Poisson rates 0.4/0.2/0.1 req/s, ranks 8/16, 10 minutes,
 # ShareGPT V3 prompt/output lengths.
-tracekit synth --adapters 64 --rates 0.4,0.2,0.1 --ranks 8,16 --duration 600 \
+tracekit synth --adapters 64 --rates 0.4,0.2,0.1 --ranks 8,16 --window 600 \
   --lengths sharegpt --seed 0 --out "$OUT/trace.parquet"
 tracekit inspect "$OUT/trace.parquet"
 

@@ -150,7 +150,7 @@ def test_sharegpt_lengths_in_synth() -> None:
     "kwargs,msg",
     [
         ({"adapters": 0}, "--adapters"),
-        ({"duration_s": 0.0}, "--duration"),
+        ({"duration_s": 0.0}, "--window"),
         ({"rates": None}, "exactly one of --rates and --total-rate"),
         ({"total_rate": 3.0}, "exactly one of --rates and --total-rate"),
         ({"rates": [-1.0]}, "--rates must be non-negative"),
@@ -174,7 +174,7 @@ def test_cli_writes_a_valid_trace(tmp_path: Path) -> None:
     out = tmp_path / "trace.parquet"
     res = CliRunner().invoke(
         main,
-        ["synth", "--adapters", "6", "--rates", "1.6,0.8,0.4", "--ranks", "8,16", "--duration", "60",
+        ["synth", "--adapters", "6", "--rates", "1.6,0.8,0.4", "--ranks", "8,16", "--window", "60",
          "--lengths", "sharegpt", "--seed", "0", "--out", str(out)],
     )
     assert res.exit_code == 0, res.output
@@ -198,7 +198,7 @@ def test_cli_writes_a_valid_trace(tmp_path: Path) -> None:
     ],
 )
 def test_cli_bad_flags_give_one_error_line(tmp_path: Path, args, msg) -> None:
-    res = CliRunner().invoke(main, ["synth", "--adapters", "3", "--duration", "10", *args, "--out", str(tmp_path / "t.parquet")])
+    res = CliRunner().invoke(main, ["synth", "--adapters", "3", "--window", "10", *args, "--out", str(tmp_path / "t.parquet")])
     assert res.exit_code == 2
     assert res.stderr.strip().count("\n") == 0 and msg in res.stderr, res.stderr
     assert not (tmp_path / "t.parquet").exists()
@@ -222,7 +222,7 @@ def test_console_scripts_end_to_end(tmp_path: Path) -> None:
     exe = Path(sys.executable).parent / "tracekit"
     out = tmp_path / "t.parquet"
     subprocess.run(
-        [str(exe), "synth", "--adapters", "5", "--rates", "2", "--duration", "30", "--out", str(out)],
+        [str(exe), "synth", "--adapters", "5", "--rates", "2", "--window", "30", "--out", str(out)],
         check=True, capture_output=True,
     )
     res = subprocess.run([str(exe), "inspect", str(out), "--json"], check=True, capture_output=True, text=True)
@@ -286,3 +286,15 @@ def test_prefix_hash_key_changes_every_hash_but_keeps_equality() -> None:
     salt = new_salt()
     salted = block_hashes(ids, "a", key=salt)
     assert set(salted).isdisjoint(plain) and salted == block_hashes(ids, "a", key=salt)
+
+
+def test_old_duration_flag_still_works_for_one_version(tmp_path: Path) -> None:
+    new, old = tmp_path / "new.parquet", tmp_path / "old.parquet"
+    args = ["synth", "--adapters", "3", "--rates", "1", "--lengths", "fixed:4,4"]
+    assert CliRunner().invoke(main, [*args, "--window", "20", "--out", str(new)]).exit_code == 0
+    res = CliRunner().invoke(main, [*args, "--duration", "20", "--out", str(old)])
+    assert res.exit_code == 0 and "note: --duration is now --window" in res.stderr
+    assert schema.read(new)[0].equals(schema.read(old)[0])
+    assert "--duration" not in CliRunner().invoke(main, ["synth", "--help"]).output  # hidden
+    res = CliRunner().invoke(main, [*args, "--duration", "20", "--window", "20", "--out", str(old)])
+    assert res.exit_code == 2 and "error: --duration is the old name of --window" in res.stderr

@@ -98,3 +98,28 @@ class LazyGroup(click.Group):
             module, attr = self.lazy[cmd_name].split(":")
             return getattr(importlib.import_module(module), attr)
         return super().get_command(ctx, cmd_name)
+
+
+def renamed(old: str, new: str, param: str | None = None, **option: Any) -> Callable[[F], F]:
+    """Keep an option's old name `old` working, hidden, for one version: its value goes
+    to the option now called `new` (parameter `param`, default from the name; both
+    given: an error), with a note naming the new name. Place it under the command's
+    click options and over `user_errors`."""
+    dest = "renamed_" + old.lstrip("-").replace("-", "_")
+    target = param or new.lstrip("-").replace("-", "_")
+
+    def deco(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            value = kwargs.pop(dest, None)
+            if value is not None and value is not False:
+                if kwargs.get(target) not in (None, False):
+                    fail(f"{old} is the old name of {new}: give {new} only")
+                click.echo(f"note: {old} is now {new} (the old name goes in the next version)", err=True)
+                kwargs[target] = value
+            return fn(*args, **kwargs)
+
+        kw = {"default": None, **option}
+        return click.option(old, dest, hidden=True, **kw)(wrapper)  # type: ignore[return-value]
+
+    return deco

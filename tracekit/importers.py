@@ -424,8 +424,10 @@ def _public_cmd(fmt: str, what: str) -> click.Command:
     @click.option("--adapters", type=int, required=True, help="Adapters to spread requests over (0 = base model only).")
     @click.option("--popularity", default="uniform", show_default=True, help="uniform | zipf:ALPHA")
     @click.option("--ranks", default="8", show_default=True, help="LoRA ranks, e.g. 8,16 (round-robin, then shuffled).")
-    @click.option("--start", type=float, default=None, help="Window start, seconds after the first request.")
-    @click.option("--end", type=float, default=None, help="Window end, seconds after the first request.")
+    @click.option("--start", type=float, default=None, help="Where the trace starts, seconds after the file's first request.")
+    @click.option("--window", type=float, default=None,
+                  help="The trace's window: seconds from --start [default: to the file's last request].")
+    @click.option("--end", type=float, default=None, hidden=True, help="Old: window end after the first request.")
     @click.option("--speed", type=float, default=1.0, show_default=True, help="Time is divided by this (2 = twice the rate).")
     @click.option("--seed", type=int, default=0, show_default=True)
     @click.option("--token-ids", is_flag=True, help="mooncake: add prompt_token_ids that reproduce the trace's prefix sharing (hash_ids).")
@@ -439,6 +441,7 @@ def _public_cmd(fmt: str, what: str) -> click.Command:
         popularity: str,
         ranks: str,
         start: float | None,
+        window: float | None,
         end: float | None,
         speed: float,
         seed: int,
@@ -448,6 +451,15 @@ def _public_cmd(fmt: str, what: str) -> click.Command:
         out: Path,
     ) -> None:
         t0 = time.perf_counter()
+        if end is not None:  # the old name, kept for one version
+            if window is not None:
+                raise TracekitError("--end is the old way to give --window: give --window only")
+            click.echo("note: --end is now --window (seconds from --start; the old name goes in the next version)",
+                       err=True)
+        elif window is not None:
+            if not window > 0:
+                raise TracekitError(f"--window must be positive, got {window}")
+            end = (start or 0.0) + window
         with err_console.status(f"importing {file}..."):
             df, context, skipped = import_trace(
                 fmt, file, adapters, popularity, parse_csv_ints(ranks, "--ranks"), start, end, speed, seed,

@@ -26,7 +26,14 @@ import numpy as np
 import polars as pl
 
 from tracekit import schema
-from tracekit.cliutil import console, err_console, parse_csv_floats, parse_csv_ints, user_errors
+from tracekit.cliutil import (
+    console,
+    err_console,
+    parse_csv_floats,
+    parse_csv_ints,
+    renamed,
+    user_errors,
+)
 from tracekit.lengths import SPEC_HELP, sample_pairs, source_pairs
 from tracekit.schema import TracekitError
 
@@ -178,7 +185,7 @@ def synthesize(
     if adapters < 1:
         raise TracekitError("--adapters must be at least 1")
     if not (duration_s > 0 and np.isfinite(duration_s)):
-        raise TracekitError(f"--duration must be a positive number of seconds, got {duration_s}")
+        raise TracekitError(f"--window must be a positive number of seconds, got {duration_s}")
     if (rates is None) == (total_rate is None):
         raise TracekitError("give exactly one of --rates and --total-rate")
     if not ranks or any(int(r) < 1 for r in ranks):
@@ -378,7 +385,7 @@ def _synth_and_write(out: Path, **kwargs: Any) -> tuple[pl.DataFrame, dict[str, 
 @click.option("--arrivals", default="poisson", show_default=True, help="poisson | gamma:CV (bursty when CV > 1).")
 @click.option("--modulation", default="none", show_default=True, help="none | sine:PERIOD_S,AMPLITUDE: rates vary over time (e.g. diurnal).")
 @click.option("--ranks", default="8", show_default=True, help="LoRA ranks, e.g. 8,16,32 (round-robin, then shuffled).")
-@click.option("--duration", type=float, default=3600.0, show_default=True, help="Trace window in seconds.")
+@click.option("--window", type=float, default=None, help="The trace's window in seconds [default: 3600].")
 @click.option("--lengths", default="sharegpt", show_default=True, help=SPEC_HELP)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--turns", type=int, default=1, show_default=True,
@@ -389,6 +396,7 @@ def _synth_and_write(out: Path, **kwargs: Any) -> tuple[pl.DataFrame, dict[str, 
               show_default=True, help="Write prompts as prompt_token_ids, as prefix_hashes (large traces), or "
               "not at all (auto: ids when --turns or --system-prompts share prefixes).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Output trace Parquet file.")
+@renamed("--duration", "--window", type=float)
 @user_errors
 def synth_cmd(
     adapters: int,
@@ -398,7 +406,7 @@ def synth_cmd(
     arrivals: str,
     modulation: str,
     ranks: str,
-    duration: float,
+    window: float | None,
     lengths: str,
     seed: int,
     turns: int,
@@ -413,7 +421,7 @@ def synth_cmd(
             adapters=adapters,
             rates=parse_csv_floats(rates, "--rates") if rates is not None else None,
             ranks=parse_csv_ints(ranks, "--ranks"),
-            duration_s=duration,
+            duration_s=3600.0 if window is None else window,
             lengths=lengths,
             seed=seed,
             total_rate=total_rate,
