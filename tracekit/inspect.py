@@ -19,7 +19,7 @@ import numpy as np
 import polars as pl
 
 from tracekit import schema
-from tracekit.cliutil import console, err_console, user_errors
+from tracekit.cliutil import console, err_console, renamed, user_errors
 from tracekit.schema import TracekitError
 
 LENGTH_QUANTILES = (0.5, 0.9, 0.99)
@@ -150,11 +150,13 @@ def trace_stats(lf: pl.LazyFrame, context: dict[str, Any]) -> dict[str, Any]:
     ]
     out["ranks"] = dict(sorted(by_rank.items(), key=lambda kv: (kv[0] == "unknown", int(kv[0]) if kv[0].isdigit() else 0)))
     for col in ("prompt_tokens", "output_tokens"):
+        # Token counts are integers: min, max and the percentiles stay integers.
         out[col] = {
-            k.removeprefix(col + "_"): (None if v is None else float(v)) for k, v in row.items() if k.startswith(col)
+            k.removeprefix(col + "_"): (None if v is None else float(v) if k.endswith("_mean") else int(v))
+            for k, v in row.items() if k.startswith(col)
         }
         qv = int_quantiles(lengths[col].to_numpy())
-        out[col].update({f"p{round(q * 100)}": v for q, v in zip(LENGTH_QUANTILES, qv, strict=True)})
+        out[col].update({f"p{round(q * 100)}": None if v is None else int(v) for q, v in zip(LENGTH_QUANTILES, qv, strict=True)})
     return out
 
 
@@ -227,6 +229,7 @@ def inspect_path(path: str | Path) -> dict[str, Any]:
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
+    """Integers as integers; other numbers with `digits` decimals (rates, shares: 3)."""
     if v is None:
         return "-"
     if isinstance(v, bool):
@@ -359,11 +362,17 @@ def plot(path: str | Path, out: str | Path) -> Path:
 @click.command("inspect")
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Also write a PNG: rate over time, adapter popularity, length histograms.")
+@click.option("--plots", "plots_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also write DIR/<name>.png: rate over time, adapter popularity, length histograms "
+                   "(steps: duration and batch over time).")
+@renamed("--plot", "--plots", "plots_dir", type=click.Path(dir_okay=False, path_type=Path))
 @user_errors
-def inspect_cmd(path: Path, as_json: bool, plot_path: Path | None) -> None:
+def inspect_cmd(path: Path, as_json: bool, plots_dir: Path | None) -> None:
     """Summarise a trace, steps or results file (or a directory of Parquet parts)."""
+    # The old --plot took the PNG's own name; --plots takes the folder.
+    plot_path = None
+    if plots_dir is not None:
+        plot_path = plots_dir if plots_dir.suffix.lower() == ".png" else plots_dir / f"{path.name.split('.')[0] or 'plot'}.png"
     with err_console.status(f"reading {path}..."):
         info = inspect_path(path)
         if plot_path is not None:

@@ -148,6 +148,13 @@ def server_defaults(profile_data: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+# The twin's counters a results context carries (`twin`), for reports made later: steps,
+# preemptions, adapter loads, KV capacity, rejections, whether the server would start,
+# and which limit held waiting requests back (`admission_blocked`, where counted).
+TWIN_COUNTERS = ("steps", "preemptions", "adapter_loads", "kv_capacity_tokens", "num_blocks", "rejected",
+                 "oom", "oom_reason", "admission_blocked")
+
+
 @dataclass
 class SimResult:
     """What `simulate` returns: results and (optionally) steps in the tracekit schemas."""
