@@ -22,3 +22,7 @@ replay report "$OUT/results.parquet" --plots "$OUT"
 echo
 echo "Files written under $OUT/:"
 ls -1 "$OUT" | sed 's/^/  /'
+echo
+echo "Next, your own requests (README, 'Your own requests'): a CSV, Parquet or JSONL log in,"
+echo "  .venv/bin/tracekit import table examples/my_requests.csv --map arrival_s=timestamp,adapter=model,..."
+echo "  .venv/bin/twin run mine.parquet --profile h100-llama-3.1-8b --max-loras 8 --out mine-twin.parquet"
