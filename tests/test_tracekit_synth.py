@@ -3,6 +3,7 @@ gamma arrivals; the Python API others call and the CLI."""
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 from pathlib import Path
@@ -298,3 +299,16 @@ def test_old_duration_flag_still_works_for_one_version(tmp_path: Path) -> None:
     assert "--duration" not in CliRunner().invoke(main, ["synth", "--help"]).output  # hidden
     res = CliRunner().invoke(main, [*args, "--duration", "20", "--window", "20", "--out", str(old)])
     assert res.exit_code == 2 and "error: --duration is the old name of --window" in res.stderr
+
+
+def test_synth_and_import_print_json_summaries(tmp_path: Path) -> None:
+    res = CliRunner().invoke(main, ["synth", "--adapters", "3", "--rates", "1", "--window", "30", "--lengths",
+                                    "fixed:4,4", "--json", "--out", str(tmp_path / "t.parquet")])
+    assert res.exit_code == 0, res.output
+    s = json.loads(res.stdout)
+    assert s["requests"] == schema.read(tmp_path / "t.parquet")[0].height and s["adapters"] == 3 and s["window_s"] == 30
+    csv = Path(__file__).parent / "data" / "burstgpt_sample.csv"
+    res = CliRunner().invoke(main, ["import", "burstgpt", str(csv), "--adapters", "2", "--json",
+                                    "--out", str(tmp_path / "b.parquet")])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["requests"] == schema.read(tmp_path / "b.parquet")[0].height

@@ -19,6 +19,7 @@ seconds, then ``--speed`` divides time (2 = twice the rate).
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from pathlib import Path
@@ -197,7 +198,6 @@ def read_mooncake(path: Path) -> tuple[pl.DataFrame, dict[str, int]]:
     rows_in: list[int] = []
     rows_out: list[int] = []
     rows_hash: list[list[int]] = []
-    import json
 
     check_text(path, "JSONL")
     try:
@@ -434,6 +434,7 @@ def _public_cmd(fmt: str, what: str) -> click.Command:
     @click.option("--block-tokens", type=int, default=512, show_default=True, help="Tokens per hash_ids block (mooncake).")
     @click.option("--vocab-size", type=int, default=32000, show_default=True, help="Token ids stay below this (the model's vocabulary).")
     @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
+    @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
     @user_errors
     def cmd(
         file: Path,
@@ -449,6 +450,7 @@ def _public_cmd(fmt: str, what: str) -> click.Command:
         block_tokens: int,
         vocab_size: int,
         out: Path,
+        as_json: bool,
     ) -> None:
         t0 = time.perf_counter()
         if end is not None:  # the old name, kept for one version
@@ -466,6 +468,12 @@ def _public_cmd(fmt: str, what: str) -> click.Command:
                 token_ids=token_ids, block_tokens=block_tokens, vocab_size=vocab_size,
             )
             schema.write(out, df, schema.KIND_TRACE, context)
+        if as_json:
+            w = context["window_s"]
+            click.echo(json.dumps({"out": str(out), "requests": df.height, "window_s": w,
+                                   "mean_rate_req_s": df.height / w if w > 0 else None, "adapters": adapters,
+                                   "popularity": popularity, "skipped": skipped, "took_s": time.perf_counter() - t0}))
+            return
         rows = [("out", str(out)), ("requests", f"{df.height:,}"), ("window", f"{context['window_s']:,.1f} s")]
         if context["window_s"] > 0:
             rows.append(("mean rate", f"{df.height / context['window_s']:,.3f} req/s"))

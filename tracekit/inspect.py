@@ -24,7 +24,7 @@ from tracekit.schema import TracekitError
 
 LENGTH_QUANTILES = (0.5, 0.9, 0.99)
 TOP_SHARE = 0.10  # popularity skew: share of requests going to the top 10% of adapters
-TOP_ADAPTERS = 5  # busiest adapters listed by name
+TOP_ADAPTERS = 20  # busiest adapters listed by name (as every per-adapter table: tracekit.summary)
 
 
 def gini(counts: np.ndarray) -> float:
@@ -86,7 +86,7 @@ def int_quantiles(values: np.ndarray, qs: tuple[float, ...] = LENGTH_QUANTILES) 
     return [float(v) for v in np.sort(values)[ranks]]
 
 
-def trace_stats(lf: pl.LazyFrame, context: dict[str, Any]) -> dict[str, Any]:
+def trace_stats(lf: pl.LazyFrame, context: dict[str, Any], top: int | None = TOP_ADAPTERS) -> dict[str, Any]:
     """Summary of the trace columns of a lazy frame (a trace or results file) whose
     values `schema.check_trace` has validated."""
     scalars = lf.select(
@@ -142,11 +142,11 @@ def trace_stats(lf: pl.LazyFrame, context: dict[str, Any]) -> dict[str, Any]:
         d = by_rank.setdefault(key, {"adapters": 0, "requests": 0})
         d["adapters"] += 1
         d["requests"] += int(c)
-    top = np.argsort(-per, kind="stable")[:TOP_ADAPTERS]
+    busiest = np.argsort(-per, kind="stable")[:top]
     out["top_adapters"] = [
         {"adapter": all_names[i], "rank": ranks.get(all_names[i]), "requests": int(per[i]),
          "share": float(per[i] / max(per.sum(), 1))}
-        for i in top
+        for i in busiest
     ]
     out["ranks"] = dict(sorted(by_rank.items(), key=lambda kv: (kv[0] == "unknown", int(kv[0]) if kv[0].isdigit() else 0)))
     for col in ("prompt_tokens", "output_tokens"):
@@ -208,7 +208,7 @@ def results_stats(lf: pl.LazyFrame, context: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def inspect_path(path: str | Path) -> dict[str, Any]:
+def inspect_path(path: str | Path, top: int | None = TOP_ADAPTERS) -> dict[str, Any]:
     """Everything `tracekit inspect --json` prints, as a dict."""
     lf, meta = schema.scan(path)
     if meta.kind != schema.KIND_STEPS:
@@ -220,7 +220,7 @@ def inspect_path(path: str | Path) -> dict[str, Any]:
         if meta.kind == schema.KIND_STEPS:
             out["steps"] = steps_stats(lf)
         else:
-            out["trace"] = trace_stats(lf, ctx)
+            out["trace"] = trace_stats(lf, ctx, top)
             if meta.kind == schema.KIND_RESULTS:
                 out["results"] = results_stats(lf, ctx)
     except TracekitError as e:
@@ -280,13 +280,18 @@ def _print_report(info: dict[str, Any]) -> None:
             lt.add_row(col, *[_fmt(d.get(c), 1) for c in ("mean", "min", "p50", "p90", "p99", "max")])
         console.print(lt)
         if tr["top_adapters"]:
-            at = Table(title=f"busiest {len(tr['top_adapters'])} adapters")
-            at.add_column("adapter")
-            at.add_column("rank", justify="right")
-            at.add_column("requests", justify="right")
-            at.add_column("share", justify="right")
+            shown, total = len(tr["top_adapters"]), tr["adapters"]
+            named = tr["requests"] - tr["base_model_requests"]
+            at = Table(title=f"adapters by requests ({shown} of {total})" if shown < total else f"adapters by requests ({total})",
+                       show_footer=True)
+            at.add_column("adapter", f"all {total:,}", no_wrap=True)
+            at.add_column("rank", justify="right", no_wrap=True)
+            at.add_column("requests", f"{named:,}", justify="right", no_wrap=True)
+            at.add_column("share", "100.0%" if named else "-", justify="right", no_wrap=True)
             for d in tr["top_adapters"]:
                 at.add_row(d["adapter"], _fmt(d["rank"]), _fmt(d["requests"]), f"{100 * d['share']:.1f}%")
+            if shown < total:
+                at.caption = f"{total - shown:,} more adapters: --all shows every row"
             console.print(at)
         if tr["ranks"]:
             rt = Table(title="adapters by LoRA rank")
@@ -365,16 +370,17 @@ def plot(path: str | Path, out: str | Path) -> Path:
 @click.option("--plots", "plots_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also write DIR/<name>.png: rate over time, adapter popularity, length histograms "
                    "(steps: duration and batch over time).")
+@click.option("--all", "show_all", is_flag=True, help=f"List every adapter (default: the busiest {TOP_ADAPTERS}).")
 @renamed("--plot", "--plots", "plots_dir", type=click.Path(dir_okay=False, path_type=Path))
 @user_errors
-def inspect_cmd(path: Path, as_json: bool, plots_dir: Path | None) -> None:
+def inspect_cmd(path: Path, as_json: bool, plots_dir: Path | None, show_all: bool) -> None:
     """Summarise a trace, steps or results file (or a directory of Parquet parts)."""
     # The old --plot took the PNG's own name; --plots takes the folder.
     plot_path = None
     if plots_dir is not None:
         plot_path = plots_dir if plots_dir.suffix.lower() == ".png" else plots_dir / f"{path.name.split('.')[0] or 'plot'}.png"
     with err_console.status(f"reading {path}..."):
-        info = inspect_path(path)
+        info = inspect_path(path, None if show_all else TOP_ADAPTERS)
         if plot_path is not None:
             info["plot"] = str(plot(path, plot_path))
     if as_json:

@@ -17,6 +17,7 @@ parameter) and `seed`. Request ids are `req-00000000`, ... in arrival order.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -347,6 +348,18 @@ def _conversations(
     return out
 
 
+def summary(df: pl.DataFrame, context: dict[str, Any], out: Path, elapsed: float) -> dict[str, Any]:
+    """What `synth` prints, as one dict (`--json`)."""
+    window = float(context.get("window_s") or 0.0)
+    return {
+        "out": str(out), "requests": df.height, "adapters": len(context["adapters"]), "window_s": window,
+        "mean_rate_req_s": df.height / window if window > 0 else None,
+        "mean_prompt_tokens": float(df["prompt_tokens"].mean()) if df.height else None,  # type: ignore[arg-type]
+        "mean_output_tokens": float(df["output_tokens"].mean()) if df.height else None,  # type: ignore[arg-type]
+        "took_s": elapsed,
+    }
+
+
 def print_summary(df: pl.DataFrame, context: dict[str, Any], out: Path, elapsed: float) -> None:
     from rich.table import Table
 
@@ -396,6 +409,7 @@ def _synth_and_write(out: Path, **kwargs: Any) -> tuple[pl.DataFrame, dict[str, 
               show_default=True, help="Write prompts as prompt_token_ids, as prefix_hashes (large traces), or "
               "not at all (auto: ids when --turns or --system-prompts share prefixes).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Output trace Parquet file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 @renamed("--duration", "--window", type=float)
 @user_errors
 def synth_cmd(
@@ -413,6 +427,7 @@ def synth_cmd(
     system_prompts: str,
     token_ids: str,
     out: Path,
+    as_json: bool,
 ) -> None:
     """Synthesise a multi-adapter trace (the paper's generator and more)."""
     t0 = time.perf_counter()
@@ -433,4 +448,7 @@ def synth_cmd(
             token_ids=token_ids,
             out=out,
         )
-    print_summary(df, context, out, time.perf_counter() - t0)
+    if as_json:
+        click.echo(json.dumps(summary(df, context, out, time.perf_counter() - t0)))
+    else:
+        print_summary(df, context, out, time.perf_counter() - t0)
