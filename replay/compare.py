@@ -15,7 +15,7 @@ from rich.table import Table
 
 from replay.report import _json_safe, load_results
 from tracekit.cliutil import console, user_errors
-from tracekit.metrics import per_adapter, summarize
+from tracekit.metrics import measured, per_adapter, summarize
 from tracekit.schema import TracekitError
 from tracekit.summary import TOP_ADAPTERS, fit, fmt
 
@@ -149,11 +149,14 @@ def compare_cmd(a: Path, b: Path, as_json: bool, plots_dir: Path | None, show_al
         t = Table(title=f"{la} ({a.name}) vs {lb} ({b.name})", box=box.SIMPLE_HEAVY)
         for c in ("metric", la, lb, "rel. error (B-A)/A"):
             t.add_column(c, justify="left" if c == "metric" else "right", no_wrap=True)
-        t.add_row("requests", fmt(da.height), fmt(db.height), "")
+        na, nb = measured(da, ca)[0].height, measured(db, cb)[0].height  # after any warm-up
+        t.add_row("requests (measured)", fmt(na), fmt(nb), "")
         for k, m in d["metrics"].items():
             frac = k == "served_frac"
             t.add_row(k, fmt(m["a"], frac=frac), fmt(m["b"], frac=frac), _pct(m["rel_err"]))
         console.print(t)
+        ka, kb = d["metrics"]["completed"]["a"], d["metrics"]["completed"]["b"]
+        console.print(f"latency rows count completed requests only: {la} {ka:,} of {na:,}, {lb} {kb:,} of {nb:,}")
         console.print(_per_adapter_errors(d["per_adapter"], show_all, console.width))
         if d["per_adapter_mean_abs_throughput_err"] is not None:
             console.print(f"mean |per-adapter throughput error| {d['per_adapter_mean_abs_throughput_err'] * 100:.1f}%"
