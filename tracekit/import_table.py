@@ -355,7 +355,7 @@ def import_table(
     return df, context
 
 
-@click.command("table")
+@click.command("table", short_help="Your own requests: CSV, Parquet or JSONL.")
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Trace Parquet file to write.")
 @click.option("--map", "maps", multiple=True, metavar="TRACE_COLUMN=YOUR_COLUMN",

@@ -416,10 +416,10 @@ def import_trace(
     return df, context, skipped
 
 
-def _public_cmd(fmt: str, what: str) -> click.Command:
+def _public_cmd(fmt: str, what: str, short: str) -> click.Command:
     """`tracekit import FORMAT FILE`: one public format, adapters assigned by a law."""
 
-    @click.command(fmt, help=f"Import {what} as a tracekit trace (adapters drawn by --popularity).")
+    @click.command(fmt, help=f"Import {what} as a tracekit trace (adapters drawn by --popularity).", short_help=short)
     @click.argument("file", type=click.Path(path_type=Path))
     @click.option("--adapters", type=int, required=True, help="Adapters to spread requests over (0 = base model only).")
     @click.option("--popularity", default="uniform", show_default=True, help="uniform | zipf:ALPHA")
@@ -506,9 +506,10 @@ def import_cmd() -> None:
     """Bring a trace in: your own table (CSV, Parquet, JSONL) or a public trace."""
 
 
-for _fmt, _what in (
-    ("azure", "an Azure LLM inference trace (CSV TIMESTAMP,ContextTokens,GeneratedTokens)"),
-    ("burstgpt", "a BurstGPT trace (CSV Timestamp,Request tokens,Response tokens)"),
-    ("mooncake", "a Mooncake / Bailian trace (JSONL timestamp ms, input_length, output_length, hash_ids)"),
+for _fmt, _what, _short in (
+    ("azure", "an Azure LLM inference trace (CSV TIMESTAMP,ContextTokens,GeneratedTokens)", "Azure LLM inference trace (CSV)."),
+    ("burstgpt", "a BurstGPT trace (CSV Timestamp,Request tokens,Response tokens)", "BurstGPT trace (CSV)."),
+    ("mooncake", "a Mooncake / Bailian trace (JSONL timestamp ms, input_length, output_length, hash_ids)",
+     "Mooncake / Bailian trace (JSONL)."),
 ):
-    import_cmd.add_command(_public_cmd(_fmt, _what))
+    import_cmd.add_command(_public_cmd(_fmt, _what, _short))
