@@ -389,13 +389,13 @@ def check_trace(
     except pl.exceptions.PolarsError as e:
         raise TracekitError(f"{source}: cannot read: {str(e).splitlines()[0]}") from None
     # The earliest bad row is reported (a user fixes a file top-down), by column order within it.
-    found = sorted((row[f"bad_{i}"], i) for i in range(len(checks)) if row[f"bad_{i}"] is not None)
-    for bad, i in found[:1]:
+    found = sorted((int(row[f"bad_{i}"]), i) for i in range(len(checks)) if row[f"bad_{i}"] is not None)
+    if found:
+        bad, i = found[0]
         col, _, why = checks[i]
-        if bad is not None:
-            value = lf.select(pl.col(col)).slice(int(bad), 1).collect().item()
-            got = "" if value is None and "null" in why else f", got {value!r}" if isinstance(value, str) else f", got {value}"
-            raise TracekitError(f"{at(int(bad))[1]}: {col} {why}{got}")
+        value = lf.select(pl.col(col)).slice(bad, 1).collect().item()
+        got = "" if value is None and "null" in why else f", got {value!r}" if isinstance(value, str) else f", got {value}"
+        raise TracekitError(f"{at(bad)[1]}: {col} {why}{got}")
     if row["ids_adjacent_equal"] or (row["ids_unsorted"] and _maybe_repeats(lf, row["rows"], source)):
         dup = _first_duplicate(lf)
         if dup is not None:  # None: two ids shared a 64-bit hash, none repeats
