@@ -497,11 +497,14 @@ def write(
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
         tmp = p.with_name(f".{p.name}.{uuid.uuid4().hex[:8]}.tmp")
-        # No dictionary for request_id (unique per row: a dictionary only costs time), and
-        # min/max statistics for non-string columns only (a string compare per row buys
-        # nothing a reader filters on).
-        dictionary = [c for c in table.column_names if c != "request_id"]
-        stats = [f.name for f in table.schema if not (pa.types.is_string(f.type) or pa.types.is_large_string(f.type))]
+        # No dictionary for request_id nor list columns (token ids, prefix hashes: nearly
+        # every value distinct, a dictionary only costs time), and min/max statistics for
+        # plain numbers only (a compare per string or list value buys nothing a reader
+        # filters on; on a million prefix-hash lists it costs a quarter of a second).
+        flat = [f.name for f in table.schema if not (pa.types.is_list(f.type) or pa.types.is_large_list(f.type))]
+        dictionary = [c for c in flat if c != "request_id"]
+        stats = [f.name for f in table.schema if f.name in flat
+                 and not (pa.types.is_string(f.type) or pa.types.is_large_string(f.type))]
         pq.write_table(table, tmp, row_group_size=row_group_size, compression="zstd", use_dictionary=dictionary,
                        write_statistics=stats)  # fmt: skip
         os.replace(tmp, p)

@@ -210,9 +210,11 @@ def simulate(
 
     prefix = None
     if config.enable_prefix_caching:
-        # vLLM's block hash carries the LoRA name only when LoRA is on.
-        keyed = table.column("adapter").to_pylist() if config.enable_lora else [None] * trace.height
-        prefix = prefix_keys(trace, ctx_in, config.block_size, keyed)
+        # vLLM's block hash carries the LoRA name only when LoRA is on (the names are
+        # needed only to hash token ids, not for a trace's own prefix_hashes).
+        col = table.column("adapter")
+        prefix = prefix_keys(trace, ctx_in, config.block_size,
+                             lambda: col.to_pylist() if config.enable_lora else [None] * len(col))  # fmt: skip
     cpu_factor = float(prof.data.get("adapter_load", {}).get("cpu_miss_factor", DEFAULT_CPU_MISS_FACTOR))
     sched = Scheduler(
         prompt=prompt_np,

@@ -38,7 +38,7 @@ differs from vLLM, and why (the trace carries no more than this):
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -94,7 +94,10 @@ def engine_blocks_covered(num_trace_blocks: Any, trace_block_tokens: int, block_
 
 
 def prefix_keys(
-    trace: pl.DataFrame, context: Mapping[str, Any], block_size: int, adapter_names: Sequence[str | None] | None = None
+    trace: pl.DataFrame,
+    context: Mapping[str, Any],
+    block_size: int,
+    adapter_names: Callable[[], Sequence[str | None]] | None = None,
 ) -> PrefixKeys | None:
     """The trace's prefix units for an engine of `block_size`: from `prompt_token_ids`
     (hashed here with `tracekit.prefix`, at the engine's block size) or from
@@ -117,7 +120,7 @@ def prefix_keys(
         from tracekit.prefix import block_hashes
 
         ids = trace.get_column("prompt_token_ids").to_list()
-        names = adapter_names if adapter_names is not None else trace.get_column("adapter").to_list()
+        names = adapter_names() if adapter_names is not None else trace.get_column("adapter").to_list()
         lists = [[] if x is None else block_hashes(x, a, block_size) for x, a in zip(ids, names, strict=True)]
         lens = np.fromiter((len(h) for h in lists), dtype=np.int64, count=n)
         flat = np.fromiter((v for h in lists for v in h), dtype=np.int64, count=int(lens.sum()))
