@@ -44,10 +44,13 @@ from tracekit.schema import TracekitError, adapter_ranks, conform
 from twin.config import ServingConfig, SimResult
 from twin.kv_cache import prefix_keys
 from twin.profile import Profile, load_profile
-from twin.scheduler import BASE, DEFAULT_CPU_MISS_FACTOR, Scheduler
+from twin.scheduler import BASE, DEFAULT_CPU_MISS_FACTOR, Scheduler, Stretch
 
 MAX_STRETCH = 8192  # steps per fast-forward computation (bounds the arrays' size)
 MIN_STRETCH = 12  # below this the plain steps (~10 us each) beat numpy's fixed cost
+# Stretches up to this many steps go step by step in plain floats (a microsecond a step,
+# no numpy set-up); longer ones in numpy.
+SCALAR_STRETCH = 128
 
 
 def _resolve_adapters(
@@ -426,7 +429,7 @@ class _Loop:
         the number of steps advanced (0: take a normal step)."""
         sched = self.sched
         finish = sched.next_finish(step)
-        if finish is None or finish - step < MIN_STRETCH:
+        if finish is None or finish - step < 2:
             # Nothing to gain before that finish (a cheap check: a saturated server
             # finishes a request nearly every step).
             self._ff_retry_step = step + 1 if finish is None else finish + 1
@@ -435,6 +438,8 @@ class _Loop:
         if st is None:
             return 0
         k = min(st.next_finish - step, MAX_STRETCH)
+        if k <= SCALAR_STRETCH:
+            return self._stretch_scalar(st, step, t, k, in_flight)
         n_dec, na, rs = st.num_decodes, st.num_adapters, st.rank_sum
         # Steps only get longer during a stretch (the context grows), so the first one
         # bounds how many fit before the window or an admissible arrival -- checked
@@ -482,6 +487,72 @@ class _Loop:
         self.ff_steps += k
         if self.check:
             # The scheduler's state after the stretch equals k plain decode steps.
+            sched.check_invariants(step + k - 1, _decode_plan(n_dec, na))
+        return k
+
+    def _stretch_scalar(self, st: Stretch, step: int, t: float, k: int, in_flight: float | None) -> int:
+        """A short decode-only stretch step by step in plain floats: no schedule/update
+        (the scheduler's `advance` commits it), no numpy set-up. Same operations in the
+        same order as the plain loop, so the same bits."""
+        sched = self.sched
+        bs, phase = sched.block_size, sched.block_phase
+        free = sched.num_blocks - sched.used_blocks
+        n_dec, na, rs, base = st.num_decodes, st.num_adapters, st.rank_sum, st.ctx_base
+        window, until = self.window, st.until_s
+        step_time, c, arrivals = self.step_time, self.intake, self.arrival
+        async_ = self.async_scheduling
+        overlap = in_flight is not None  # async: a step in flight to overlap the intake with
+        seen_t = t if in_flight is None else in_flight
+        ingested = self.ingested
+        starts: list[float] = []
+        durs: list[float] = []
+        needs: list[int] = []  # blocks allocated by the end of each step, cumulative
+        seens: list[float] = []
+        ctxs: list[int] = []
+        used = 0
+        t_cur = t
+        for s in range(step, step + k):
+            seen_at = seen_t if async_ else t_cur
+            if t_cur >= window or seen_at >= until:
+                break
+            nb = phase[(-s) % bs]
+            if used + nb > free:
+                break
+            ctx = base + n_dec * s
+            busy = step_time(0, n_dec, ctx, na, rs)
+            if c:
+                arrived = int(arrivals.searchsorted(t_cur, "right"))
+                work = c * (arrived - ingested)
+                ingested = arrived
+                if async_ and overlap:
+                    dur = busy if busy >= work else work
+                else:
+                    dur = busy + work
+            else:
+                dur = busy
+            used += nb
+            starts.append(t_cur)
+            durs.append(dur)
+            needs.append(used)
+            seens.append(seen_at)
+            ctxs.append(ctx)
+            seen_t = t_cur
+            overlap = True
+            t_cur = t_cur + dur
+        k = len(starts)
+        if k == 0:
+            return 0
+        if self.record:
+            self._record_stretch(np.asarray(starts), np.asarray(durs), np.asarray(ctxs), np.asarray(needs), n_dec,
+                                 np.asarray(seens))  # fmt: skip
+        sched.advance(st, needs, seens)
+        if c:
+            self.ingested = ingested
+        self.step_end.extend(starts[1:])
+        self.step_end.append(t_cur)
+        self.t = starts[-1]
+        self.ff_steps += k
+        if self.check:
             sched.check_invariants(step + k - 1, _decode_plan(n_dec, na))
         return k
 

@@ -66,6 +66,7 @@ the slot load on top, so a full miss costs 3x a GPU-slot miss.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 from array import array
 from collections import deque
@@ -978,7 +979,7 @@ class Scheduler:
         k = min(k, int(np.searchsorted(need, self.num_blocks - self.used_blocks, side="right")))
         return k, need[:k]
 
-    def advance(self, stretch: Stretch, need: np.ndarray, seen_s: np.ndarray) -> None:
+    def advance(self, stretch: Stretch, need: Sequence[int] | np.ndarray, seen_s: Sequence[float] | np.ndarray) -> None:
         """Commit a decode-only stretch of len(need) steps: the blocks its decodes
         allocated, and the limit that kept waiting requests out in each step in which
         some were waiting (`seen_s`: the time up to which each step's scheduling saw
@@ -993,8 +994,9 @@ class Scheduler:
         if key < 0:  # a preempted request: waiting all along
             self.admission_blocked[stretch.blocked] += k
             return
-        t = self.arrival[key]
-        self.admission_blocked[stretch.blocked] += k - int(np.searchsorted(seen_s, t, side="left"))
+        t = float(self.arrival[key])
+        before = int(np.searchsorted(seen_s, t, side="left")) if isinstance(seen_s, np.ndarray) else bisect.bisect_left(seen_s, t)
+        self.admission_blocked[stretch.blocked] += k - before
 
     # --- update from output ---------------------------------------------------------------
     def update(self, step: int, plan: StepPlan) -> None:
