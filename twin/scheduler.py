@@ -862,19 +862,28 @@ class Scheduler:
         free_blocks = self.num_blocks - self.used_blocks
         order = list(self.running)
         scheduled_decodes: list[int] = []
+        pool = self.pool
+        prompt, gen, computed, dbase, in_decode = self.prompt, self.gen, self.computed, self.dbase, self.in_decode
+        # Blocks allocated but not yet taken from the pool: taking them together is the
+        # same as one by one as long as nothing else touches the free queue in between
+        # (a preemption's frees, a unit cached), so they are taken before those.
+        pending = 0
         i = 0
         while i < len(order) and token_budget > 0:
             r = order[i]
-            if self.in_decode[r]:
-                nc = self.prompt[r] + step - self.dbase[r] - 1
+            if in_decode[r]:
+                nc = prompt[r] + step - dbase[r] - 1
                 num_new_tokens = 1
             else:
-                nc = self.computed[r]
-                num_new_tokens = min(self.prompt[r] + self.gen[r] - nc, token_budget)
+                nc = computed[r]
+                num_new_tokens = min(prompt[r] + gen[r] - nc, token_budget)
             new_blocks = cdiv(nc + num_new_tokens, bs) - cdiv(nc, bs)
             preempted_self = False
             while new_blocks > free_blocks:
                 # The request cannot be scheduled: preempt the lowest-priority (tail).
+                if pending and pool is not None:
+                    pool.take(pending)
+                    pending = 0
                 victim = order.pop()
                 free_blocks += self._preempt(victim, step)
                 plan.num_preempted += 1
@@ -884,17 +893,22 @@ class Scheduler:
             if preempted_self:
                 break
             free_blocks -= new_blocks
-            self._allocate(new_blocks)
+            self.used_blocks += new_blocks
+            pending += new_blocks
             token_budget -= num_new_tokens
             plan.context_tokens += nc + num_new_tokens
-            if self.in_decode[r]:
+            if in_decode[r]:
                 scheduled_decodes.append(r)
             else:
                 plan.prefills.append((r, num_new_tokens))
                 plan.prefill_tokens += num_new_tokens
-                if self.pool is not None:
+                if pool is not None:
+                    pool.take(pending)
+                    pending = 0
                     self._cache_units(r, (nc + num_new_tokens) // bs)
             i += 1
+        if pending and pool is not None:
+            pool.take(pending)
         # Requests the token budget did not reach stay where they are.
         for r in order[i:]:
             if self.in_decode[r]:
