@@ -19,7 +19,7 @@ Every case runs with the profile's server defaults (the paper's: prefix caching,
 prompt admission and async scheduling off) except where its flags say otherwise. Peak
 memory is the `twin run` process's maximum resident set (wait4).
 
-Usage: .venv/bin/python benchmarks/twin_speed.py [--repeats 3] [--cases heavy,moderate,sparse]
+Usage: .venv/bin/python benchmarks/twin_speed.py [--repeats 3] [--cases heavy,moderate,sparse,mooncake] [--baseline DIR]
 Writes benchmarks/results/twin_speed.md and .json.
 """
 
@@ -58,8 +58,13 @@ CASES = {
 COMMON = ["--max-num-seqs", "2048", "--max-num-batched-tokens", "2048"]
 
 
-def run_once(trace: Path, out_dir: Path, flags: list[str], fast: bool) -> tuple[float, dict]:
-    cmd = [*TWIN, "run", str(trace), "--profile", PROFILE, *flags, *COMMON,
+def run_once(trace: Path, out_dir: Path, flags: list[str], fast: bool, checkout: str | None = None) -> tuple[float, dict]:
+    """One `twin run` process; `checkout`: run another source tree's twin instead (a
+    baseline such as main, with this environment's packages)."""
+    twin = TWIN if checkout is None else [
+        sys.executable, "-c", f"import sys; sys.path.insert(0, {checkout!r}); sys.argv = ['twin'] + sys.argv[1:]; "
+        "from twin.cli import main; main()"]  # fmt: skip
+    cmd = [*twin, "run", str(trace), "--profile", PROFILE, *flags, *COMMON,
            "--out", str(out_dir / "results.parquet"), "--json"]
     if not fast:
         cmd.append("--no-fast-forward")
@@ -181,6 +186,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--baseline", default=None,
+                    help="another checkout (e.g. `git worktree add /tmp/main main`) whose twin runs the heavy case "
+                         "interleaved with this one, for a before/after in the same conditions")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     from tracekit import schema
@@ -203,7 +211,13 @@ def main() -> None:
             loops: dict[bool, list[float]] = {True: [], False: []}
             summary: dict[bool, dict] = {}
             rss: dict[bool, list[float]] = {True: [], False: []}
+            base_walls: list[float] = []
+            base_cpus: list[float] = []
             for _ in range(args.repeats):
+                if args.baseline and name == "heavy":
+                    wall, summ = run_once(trace, tmpdir, case["flags"], True, args.baseline)
+                    base_walls.append(wall)
+                    base_cpus.append(summ["cpu_s"])
                 # Interleaved, so load from other processes hits both alike.
                 for fast in (True, False):
                     wall, summ = run_once(trace, tmpdir, case["flags"], fast)
@@ -228,6 +242,8 @@ def main() -> None:
                 "completions_per_s": s["completed"] / ff, "steps_per_s": s["steps"] / ff,
                 "same_results": same, "peak_rss_gib": max(rss[True]), "peak_rss_gib_plain": max(rss[False]),
                 "prefix_caching": "--enable-prefix-caching" in case["flags"],
+                "baseline": {"checkout": args.baseline, "wall_s": statistics.median(base_walls), "walls": base_walls,
+                             "cpu_s": statistics.median(base_cpus)} if base_walls else None,
                 "cached_prompt_tokens": s.get("cached_prompt_tokens"), "prefill_tokens_computed": s.get("prefill_tokens_computed"),
             })
             print(json.dumps(rows[-1]))
@@ -240,7 +256,8 @@ def main() -> None:
     machine = f"{os.cpu_count()}-core {model} ({isa}), Python {platform.python_version()}"
     load = "load average at the end {:.1f} / {:.1f} / {:.1f} (1/5/15 min)".format(*os.getloadavg())
     RESULTS.mkdir(parents=True, exist_ok=True)
-    meta = {"machine": machine, "command": f".venv/bin/python benchmarks/twin_speed.py --repeats {args.repeats} --cases {args.cases}",
+    base = f" --baseline {args.baseline}" if args.baseline else ""
+    meta = {"machine": machine, "command": f".venv/bin/python benchmarks/twin_speed.py --repeats {args.repeats} --cases {args.cases}{base}",
             "profile": PROFILE, "load": load, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     (RESULTS / "twin_speed.json").write_text(json.dumps({"meta": meta, "rows": rows, "heavy_phases": breakdown}, indent=2) + "\n")
     lines = [
@@ -265,6 +282,13 @@ def main() -> None:
             f"{r['arrivals_per_s']:,.0f} | {r['completions_per_s']:,.0f} | {r['steps_per_s']:,.0f} | "
             f"{r['peak_rss_gib']:.2f} | {'yes' if r['same_results'] else 'NO'} |"
         )
+    for r in rows:
+        if r.get("baseline"):
+            b = r["baseline"]
+            lines += ["", f"Baseline in the same run (`--baseline {b['checkout']}`, its `twin run` interleaved with this "
+                      f"one's on the {r['case']} case): {b['wall_s']:.2f} s wall, {b['cpu_s']:.2f} s CPU (medians of "
+                      f"{len(b['walls'])}); this checkout {r['wall_s_fast_forward']:.2f} s / {r['cpu_s_fast_forward']:.2f} s: "
+                      f"{b['wall_s'] / r['wall_s_fast_forward']:.2f}x."]
     if breakdown:
         lines += ["", "Where the heavy case's time goes (CPU seconds, one run in the benchmark's own process, so "
                   "without interpreter start and imports, about 0.5 s): "

@@ -434,6 +434,9 @@ class _Loop:
             # finishes a request nearly every step).
             self._ff_retry_step = step + 1 if finish is None else finish + 1
             return 0
+        if not sched.decode_blocks_fit(step):
+            self._ff_retry_step = finish + 1  # full KV: only a finish frees blocks
+            return 0
         st = sched.decode_stretch(step, seen)
         if st is None:
             return 0

@@ -941,6 +941,11 @@ class Scheduler:
             finish_at.pop(f, None)
         return None
 
+    def decode_blocks_fit(self, step: int) -> bool:
+        """Whether the decodes' new KV blocks of `step` fit the free blocks (else no
+        decode-only stretch can start there: the step preempts)."""
+        return self.block_phase[(-step) % self.block_size] <= self.num_blocks - self.used_blocks
+
     def decode_stretch(self, step: int, num_arrived: int) -> Stretch | None:
         """Whether the steps from `step` on can only decode: every running request
         decodes within the token budget, nothing is pending (async), and no waiting
