@@ -505,8 +505,21 @@ def write(
         dictionary = [c for c in flat if c != "request_id"]
         stats = [f.name for f in table.schema if f.name in flat
                  and not (pa.types.is_string(f.type) or pa.types.is_large_string(f.type))]
-        pq.write_table(table, tmp, row_group_size=row_group_size, compression="zstd", use_dictionary=dictionary,
-                       write_statistics=stats)  # fmt: skip
+        # Lists of integers (prefix hashes, token ids): delta-encoded and lz4, which writes
+        # a million prefix-hash lists in 0.6x the time of zstd and reads them back in 0.3x
+        # (consecutive ids such as Mooncake's shrink too; random 64-bit hashes stay their size).
+        int_lists = [f.name for f in table.schema if f.name not in flat and pa.types.is_integer(f.type.value_type)]
+        compression: Any = "zstd"
+        encoding: dict[str, str] | None = None
+        if int_lists:
+            leaves = [f"{c}.list.element" for c in int_lists]
+            compression = {c: "zstd" for c in flat} | dict.fromkeys(leaves, "lz4")
+            for f in table.schema:  # other lists (of strings) keep zstd
+                if f.name not in flat and f.name not in int_lists:
+                    compression[f"{f.name}.list.element"] = "zstd"
+            encoding = dict.fromkeys(leaves, "DELTA_BINARY_PACKED")
+        pq.write_table(table, tmp, row_group_size=row_group_size, compression=compression, use_dictionary=dictionary,
+                       write_statistics=stats, column_encoding=encoding)  # fmt: skip
         os.replace(tmp, p)
     except OSError as e:
         raise TracekitError(f"{p}: cannot write: {e.strerror or e}") from None
