@@ -170,3 +170,25 @@ def test_engine_reloads_an_adapter_of_the_batch_within_the_step() -> None:
     # n read from disk (3 x 10 ms), y from the CPU cache (10 ms), on top of the 100 ms step.
     assert steps["duration_s"][join] == pytest.approx(0.1 + 0.03 + 0.01)
     assert res.summary["adapter_loads"] == 4  # x, y at the start; n, y at the join
+
+
+def test_adapters_registered_by_the_replay_start_loaded() -> None:
+    # The replay registered a then b (`adapters_loaded`, in that order): vLLM read both
+    # into the CPU cache and activated each in a GPU slot, so with one slot b is active
+    # and a is in the CPU cache.
+    tr = _trace([(0.0, "b", 4, 2), (1.0, "a", 4, 2)])
+    cfg = ServingConfig(max_loras=1, max_cpu_loras=2, max_lora_rank=8)
+    prof = _profile(load_ms=10.0)
+    ctx = {"adapters_loaded": {"a": "/lora/a", "b": "/lora/b"}}
+    res = simulate(tr, prof, cfg, trace_context=ctx, record_steps=True, check_invariants=True)
+    steps = res.steps.to_pydict()
+    assert steps["loaded_adapters"] == [[], [], ["a"], []]
+    assert steps["adapter_load_s"] == pytest.approx([0.0, 0.0, 0.01, 0.0])  # a: a CPU hit
+    cold = simulate(tr, prof, cfg, record_steps=True).steps.to_pydict()
+    assert cold["adapter_load_s"] == pytest.approx([0.03, 0.0, 0.03, 0.0])  # both from disk
+    # An adapter registered but absent from the trace still takes its slot: here it is
+    # the last one registered, so b starts in the CPU cache only.
+    ctx = {"adapters_loaded": {"a": "/lora/a", "b": "/lora/b", "z": "/lora/z"}}
+    res = simulate(tr, prof, ServingConfig(max_loras=1, max_cpu_loras=3, max_lora_rank=8), trace_context=ctx,
+                   record_steps=True)  # fmt: skip
+    assert res.steps.to_pydict()["adapter_load_s"] == pytest.approx([0.01, 0.0, 0.01, 0.0])
