@@ -310,44 +310,46 @@ class _Evictions:
     batch, in O(log n) per eviction: the walk is at set order position `here`; adapters
     of the batch before it are touched (most recent: never evicted), the previous batch's
     adapters after it were last touched at step - 1, in set order, and every other one at
-    `last_used`. Both lists are consumed from the front, since `here` only grows."""
+    `last_used`. Each list is built at its cache's first eviction and consumed from the
+    front, since `here` only grows (adapters added to a cache meanwhile are touched ones)."""
 
     def __init__(self, slots: AdapterSlots, batch: Collection[int], joined: Sequence[int], step: int):
-        key, last = slots.key, slots.last_used
-        joined_set = set(joined)
-        before = [a for a in batch if a not in joined_set]
-        before_set = set(before)
-        self.before = sorted((key(a), a) for a in before)
-        self.prev = step - 1
+        self.slots = slots
         self.batch = batch
-        self.key = key
-        self.others = {
-            id(cache): sorted((last.get(a, _NEVER), key(a), a) for a in cache if a not in before_set)
-            for cache in (slots.gpu, slots.cpu)
-        }
-        self.pos: dict[tuple[int, int], int] = {}
+        joined_set = set(joined)
+        self.before_set = {a for a in batch if a not in joined_set}
+        key = slots.key
+        self.before = sorted((key(a), a) for a in self.before_set)
+        self.prev = step - 1
+        # Per cache (keyed by id): [the others by (last use, key), position in them,
+        # position in `before`].
+        self.state: dict[int, list] = {}  # type: ignore[type-arg]
 
     def pop(self, cache: dict[int, None], here: tuple[int, int]) -> int:
         """The adapter to evict from `cache` (the caller deletes it)."""
-        others = self.others[id(cache)]
-        i = self.pos.get((id(cache), 0), 0)
+        st = self.state.get(id(cache))
+        if st is None:
+            key, last, before = self.slots.key, self.slots.last_used, self.before_set
+            others = sorted((last.get(a, _NEVER), key(a), a) for a in cache if a not in before)
+            st = self.state[id(cache)] = [others, 0, 0]
+        others, i, j = st
+        batch = self.batch
         # Skip what left the cache, and adapters of this batch the walk already touched.
         while i < len(others) and (
-            others[i][2] not in cache or (others[i][2] in self.batch and (others[i][1], others[i][2]) <= here)
+            others[i][2] not in cache or (others[i][2] in batch and (others[i][1], others[i][2]) <= here)
         ):
             i += 1
-        self.pos[(id(cache), 0)] = i
-        j = max(self.pos.get((id(cache), 1), 0), bisect.bisect_right(self.before, here))
-        while j < len(self.before) and self.before[j][1] not in cache:
+        before = self.before
+        j = max(j, bisect.bisect_right(before, here))
+        while j < len(before) and before[j][1] not in cache:
             j += 1
-        self.pos[(id(cache), 1)] = j
         cand_other = others[i] if i < len(others) else None
-        cand_before = self.before[j] if j < len(self.before) else None
+        cand_before = before[j] if j < len(before) else None
         if cand_before is not None and (cand_other is None or (self.prev, *cand_before) < cand_other):
-            self.pos[(id(cache), 1)] = j + 1
+            st[1], st[2] = i, j + 1
             return cand_before[1]
         assert cand_other is not None, "no adapter to evict (more adapters in the batch than slots)"
-        self.pos[(id(cache), 0)] = i + 1
+        st[1], st[2] = i + 1, j
         return cand_other[2]
 
 
