@@ -94,6 +94,27 @@ def _resolve_adapters(
     return idx, names, ranks
 
 
+def _registered_adapters(context: dict[str, Any], names: list[str]) -> list[int]:
+    """Adapters the replay registered on the server before sending (`/v1/load_lora_adapter`,
+    the context's `adapters_loaded`, in that order), as adapter indices; one the trace never
+    uses gets an index past the trace's adapters (it still takes a slot). vLLM read each
+    into the CPU cache and activated it in a GPU slot, so the run starts with them there."""
+    registered = context.get("adapters_loaded")
+    if not registered or not names:
+        return []
+    if not isinstance(registered, (dict, list)):
+        raise TracekitError(
+            f"trace context adapters_loaded: expected adapter names, got {type(registered).__name__}"
+        )
+    index = {name: i for i, name in enumerate(names)}
+    out: list[int] = []
+    for name in registered:
+        if str(name) not in index:
+            index[str(name)] = len(index)
+        out.append(index[str(name)])
+    return out
+
+
 class _Steps:
     """Step rows as growing columns (lists, extended by arrays for stretches)."""
 
@@ -239,6 +260,7 @@ def simulate(
         async_scheduling=config.async_scheduling,
         prefix=prefix,
     )
+    sched.slots.preload(_registered_adapters(ctx_in, names))
     loop = _Loop(sched, prof, config, arrival, valid, window, record_steps, check_invariants)
     loop_started = time.perf_counter()
     if not oom:

@@ -23,7 +23,9 @@ decisions is the same:
    (`admission_blocked`).
 3. Adapters of the batch must sit in GPU slots (`max_loras`, LRU); an adapter missing
    there is loaded from the CPU cache (`max_cpu_loras`, LRU), or from disk first when it
-   is not cached there either. Each load adds its time to the step.
+   is not cached there either. Each load adds its time to the step. The worker does this
+   in set order over the batch, so a new adapter can evict one of the same batch, which
+   is then loaded again (`AdapterSlots`).
 4. `update` is vLLM's `update_from_output`: tokens sampled, finished requests freed. With
    `async_scheduling`, vLLM schedules step N+1 before step N's output is processed, so a
    request finishing at step N keeps its blocks and its `max_num_seqs` seat through the
@@ -70,7 +72,7 @@ import bisect
 import heapq
 from array import array
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -231,46 +233,170 @@ class WaitingQueue:
         return min(keys) if keys else None
 
 
+def set_order_key(a: int) -> int:
+    """A fixed pseudo-random 64-bit key per adapter index (splitmix64): the twin's stand-in
+    for the order in which Python iterates vLLM's set of `LoRARequest`s, which hash by
+    adapter name (randomised per process), so one more than another at random and the
+    same way from one step to the next."""
+    z = (a + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return z ^ (z >> 31)
+
+
+_NEVER = -(1 << 62)  # last use of an adapter never used nor registered
+
+
 class AdapterSlots:
     """GPU adapter slots (`max_loras`) and the CPU adapter cache (`max_cpu_loras`), both
-    LRU as in vLLM's `LRUCacheLoRAModelManager`.
+    LRU, driven as vLLM's worker drives them (`LRUCacheWorkerLoRAManager._apply_adapters`,
+    the same in the paper's vLLM 0.8.5 and in 0.32).
 
-    An adapter with running requests is touched every step, so it is never the least
-    recently used; its last use is recorded when its last running request leaves.
-    Ties (adapters last used in the same step) go to the lower adapter index, so the
-    result does not depend on set iteration order."""
+    Every step the worker walks the batch's adapters in the iteration order of a Python
+    set (`set_order_key`) and, for each: reads it from disk into the CPU cache if missing
+    there (evicting the CPU cache's least recently used adapter, which also leaves its GPU
+    slot), then activates it in a GPU slot if missing there (evicting the least recently
+    used *active* adapter), and touches it in both caches. An adapter of this batch that
+    comes later in that order has not been touched yet this step, so it can be the least
+    recently used one: it is evicted, and loaded again when the walk reaches it. With the
+    batch holding all `max_loras` adapters, one new adapter costs on average about
+    1 + max_loras / 6 slot loads, not one (checked against a real vLLM server in
+    tests/test_twin_adapter_order_vllm.py).
 
-    def __init__(self, max_loras: int, max_cpu_loras: int):
+    The LRU order is kept implicitly: an adapter in the batch was touched at the previous
+    step and is touched again at this one, in set order; `last_used[a]` is the last step
+    an adapter *not* in the batch was in one (the scheduler writes it when the adapter's
+    last running request leaves). So the order is (step of last use, set order key), and
+    the walk costs nothing in a step where no adapter joins the batch.
+
+    `order`: a key per adapter index in place of `set_order_key` (tests: a real server's
+    set order)."""
+
+    def __init__(self, max_loras: int, max_cpu_loras: int, order: Sequence[int] | None = None):
         self.max_loras = max_loras
         self.max_cpu_loras = max_cpu_loras
         self.gpu: dict[int, None] = {}
         self.cpu: dict[int, None] = {}
         self.last_used: dict[int, int] = {}
+        self._order = order
+        self._keys: dict[int, int] = {}
 
-    def _evict(self, cache: dict[int, None], in_use: dict[int, int]) -> int:
-        victim = min(
-            (a for a in cache if a not in in_use), key=lambda a: (self.last_used.get(a, -1), a)
-        )
-        del cache[victim]
-        return victim
+    def key(self, a: int) -> int:
+        if self._order is not None:
+            return int(self._order[a])
+        k = self._keys.get(a)
+        if k is None:
+            k = self._keys[a] = set_order_key(a)
+        return k
 
-    def activate(self, a: int, in_use: dict[int, int]) -> int:
-        """Make adapter `a` resident in a GPU slot. Returns 0 (hit), 1 (GPU-slot miss,
-        CPU hit) or 2 (miss in both). `in_use`: adapters with running requests."""
-        if a in self.gpu:
-            return 0
-        miss = 1
-        if a not in self.cpu:
-            miss = 2
-            if len(self.cpu) >= self.max_cpu_loras:
-                gone = self._evict(self.cpu, in_use)
-                # vLLM's remove_adapter also deactivates it from its GPU slot.
-                self.gpu.pop(gone, None)
-            self.cpu[a] = None
-        if len(self.gpu) >= self.max_loras:
-            self._evict(self.gpu, in_use)
-        self.gpu[a] = None
-        return miss
+    def preload(self, adapters: Sequence[int]) -> None:
+        """Adapters registered while no step runs, in this order (`/v1/load_lora_adapter`,
+        `--lora-modules` at start-up): vLLM's `add_adapter` reads each into the CPU cache
+        and activates it in a GPU slot, each evicting the least recently used one, so the
+        last `max_cpu_loras` / `max_loras` of them stay, the first registered oldest."""
+        n = len(adapters)
+        for i, a in enumerate(adapters):
+            for cache, size in ((self.cpu, self.max_cpu_loras), (self.gpu, self.max_loras)):
+                if a not in cache:
+                    if len(cache) >= size:
+                        victim = min(cache, key=lambda x: (self.last_used.get(x, _NEVER), self.key(x), x))
+                        del cache[victim]
+                        if cache is self.cpu:
+                            self.gpu.pop(victim, None)
+                    cache[a] = None
+            self.last_used[a] = i - n - 1  # before step 0, in registration order
+
+    def activate(self, batch: Collection[int], joined: Sequence[int], step: int) -> list[tuple[int, int]]:
+        """vLLM's worker for the batch of `step`: every adapter of `batch` ends up in a GPU
+        slot. `joined`: the adapters of `batch` that were not in the batch of `step - 1`
+        (the others were, and sit in GPU slots). Returns the loads in the order the worker
+        does them: (adapter, 1) for a CPU -> GPU slot load, (adapter, 2) when it was read
+        from disk first. An adapter may appear after a new one: evicted by it and loaded
+        again in the same step."""
+        gpu, cpu, key = self.gpu, self.cpu, self.key
+        pending = [(key(a), a) for a in joined if a not in gpu]
+        if not pending:
+            return []  # hits only: the walk just touches them (implicit)
+        heapq.heapify(pending)
+        # The eviction order, built at the first eviction: adapters of the previous batch
+        # (touched at step - 1) by set order; every other one by (last use, set order).
+        ev: _Evictions | None = None
+        loads: list[tuple[int, int]] = []
+        while pending:
+            here = heapq.heappop(pending)
+            a = here[1]
+            if a in gpu:
+                continue  # pushed twice (a joined adapter also evicted): loaded already
+            miss = 1
+            if a not in cpu:
+                miss = 2
+                if len(cpu) >= self.max_cpu_loras:
+                    if ev is None:
+                        ev = _Evictions(self, batch, joined, step)
+                    victim = ev.pop(cpu, here)
+                    del cpu[victim]
+                    gpu.pop(victim, None)  # vLLM's remove_adapter deactivates it too
+                    if victim in batch:
+                        heapq.heappush(pending, (key(victim), victim))
+                cpu[a] = None
+            if len(gpu) >= self.max_loras:
+                if ev is None:
+                    ev = _Evictions(self, batch, joined, step)
+                victim = ev.pop(gpu, here)
+                del gpu[victim]
+                if victim in batch:
+                    heapq.heappush(pending, (key(victim), victim))
+            gpu[a] = None
+            loads.append((a, miss))
+        return loads
+
+
+class _Evictions:
+    """The least recently used adapter of a cache while `AdapterSlots.activate` walks a
+    batch, in O(log n) per eviction: the walk is at set order position `here`; adapters
+    of the batch before it are touched (most recent: never evicted), the previous batch's
+    adapters after it were last touched at step - 1, in set order, and every other one at
+    `last_used`. Each list is built at its cache's first eviction and consumed from the
+    front, since `here` only grows (adapters added to a cache meanwhile are touched ones)."""
+
+    def __init__(self, slots: AdapterSlots, batch: Collection[int], joined: Sequence[int], step: int):
+        self.slots = slots
+        self.batch = batch
+        joined_set = set(joined)
+        self.before_set = {a for a in batch if a not in joined_set}
+        key = slots.key
+        self.before = sorted((key(a), a) for a in self.before_set)
+        self.prev = step - 1
+        # Per cache (keyed by id): [the others by (last use, key), position in them,
+        # position in `before`].
+        self.state: dict[int, list] = {}  # type: ignore[type-arg]
+
+    def pop(self, cache: dict[int, None], here: tuple[int, int]) -> int:
+        """The adapter to evict from `cache` (the caller deletes it)."""
+        st = self.state.get(id(cache))
+        if st is None:
+            key, last, before = self.slots.key, self.slots.last_used, self.before_set
+            others = sorted((last.get(a, _NEVER), key(a), a) for a in cache if a not in before)
+            st = self.state[id(cache)] = [others, 0, 0]
+        others, i, j = st
+        batch = self.batch
+        # Skip what left the cache, and adapters of this batch the walk already touched.
+        while i < len(others) and (
+            others[i][2] not in cache or (others[i][2] in batch and (others[i][1], others[i][2]) <= here)
+        ):
+            i += 1
+        before = self.before
+        j = max(j, bisect.bisect_right(before, here))
+        while j < len(before) and before[j][1] not in cache:
+            j += 1
+        cand_other = others[i] if i < len(others) else None
+        cand_before = before[j] if j < len(before) else None
+        if cand_before is not None and (cand_other is None or (self.prev, *cand_before) < cand_other):
+            st[1], st[2] = i, j + 1
+            return cand_before[1]
+        assert cand_other is not None, "no adapter to evict (more adapters in the batch than slots)"
+        st[1], st[2] = i + 1, j
+        return cand_other[2]
 
 
 class StepPlan:
@@ -288,6 +414,7 @@ class StepPlan:
         "adapter_loads",
         "adapter_load_s",
         "loaded",
+        "joined",
         "batch_adapters",
         "blocked",
     )
@@ -304,6 +431,7 @@ class StepPlan:
         self.adapter_loads = 0
         self.adapter_load_s = 0.0
         self.loaded: list[int] = []
+        self.joined: list[int] = []  # adapters whose first running request came in this step
         # Distinct adapters of the batch when it is not all of `running` (slow path).
         self.batch_adapters: tuple[int, ...] | None = None
         self.blocked: int | None = None  # the limit that ended the waiting scan (BLOCK_REASONS)
@@ -488,12 +616,16 @@ class Scheduler:
             self.waiting.set_running(a, True)
             self.running_rank_sum += self.adapter_rank[a]
             self.adapters_version += 1
-            miss = self.slots.activate(a, self.running_adapters)
-            if miss:
-                cost = self.adapter_load_cost[a] * (1.0 if miss == 1 else 1.0 + self.cpu_miss_factor)
-                plan.adapter_loads += 1
-                plan.adapter_load_s += cost
-                plan.loaded.append(a)
+            plan.joined.append(a)  # slots and loads once the batch is known (`_load_adapters`)
+
+    def _load_adapters(self, step: int, plan: StepPlan) -> None:
+        """vLLM's worker puts the batch's adapters in GPU slots (`AdapterSlots.activate`);
+        each load adds its time to the step."""
+        for a, miss in self.slots.activate(self.running_adapters, plan.joined, step):
+            cost = self.adapter_load_cost[a] * (1.0 if miss == 1 else 1.0 + self.cpu_miss_factor)
+            plan.adapter_loads += 1
+            plan.adapter_load_s += cost
+            plan.loaded.append(a)
 
     def _remove_running_adapter(self, a: int, step: int) -> None:
         if a == BASE:
@@ -622,7 +754,8 @@ class Scheduler:
         else:
             del self.prefilling[r]
         self.computed[r] = 0
-        self._remove_running_adapter(self.adapter[r], step)
+        # Not in this step's batch: its adapter was last used by the previous one.
+        self._remove_running_adapter(self.adapter[r], step - 1)
         self.waiting.prepend(self._queue(r), r)
         self.total_preemptions += 1
         return freed
@@ -816,6 +949,8 @@ class Scheduler:
                 free_blocks -= self.used_blocks - used
                 seats += 1
 
+        if plan.joined:
+            self._load_adapters(step, plan)
         if plan.batch_adapters is None:
             plan.num_adapters = len(self.running_adapters)
             plan.rank_sum = self.running_rank_sum
