@@ -138,6 +138,23 @@ def replay_real(srv: VllmServer, trace: Path, out: Path, steps_dir: Path, steps_
     steps_out.mkdir(parents=True, exist_ok=True)
     for p in sorted(set(steps_dir.glob("*.parquet")) - before):
         shutil.move(str(p), steps_out / p.name)
+    compact_steps(steps_out)
+
+
+def compact_steps(directory: Path) -> Path:
+    """The plugin's parts of one replay (one per flush, a step or two each on this slow
+    server) as one steps file in the same directory, with the capture's context: what
+    `twin calibrate` and the report read, without hundreds of tiny files."""
+    parts = sorted(directory.glob("*.parquet"))
+    out = directory / "steps.parquet"
+    if parts == [out]:
+        return out
+    table, meta = schema.read_arrow(directory, schema.KIND_STEPS)
+    ctx = {k: v for k, v in meta.context.items() if k != "parts"} | {"compacted_from_parts": len(parts)}
+    tmp = schema.write(directory / ".steps.compacting", table, schema.KIND_STEPS, ctx)
+    for p in parts:
+        p.unlink()
+    return tmp.rename(out)
 
 
 def probe_rate(srv: VllmServer, tmp: Path) -> float:
@@ -333,6 +350,8 @@ def main() -> None:
         stage_real(True, args.load)
     if args.stage in ("all", "off"):
         stage_real(False, args.load)
+    for d in sorted(WORK.glob("*_steps_*")):  # runs captured before steps were compacted
+        compact_steps(d)
     if args.stage in ("all", "twin"):
         report(stage_twin())
 
