@@ -308,12 +308,16 @@ def conform(
         col = table.column(f.name)
         if keep_dictionary and pa.types.is_dictionary(col.type) and _castable(col.type.value_type, f.type):
             fields[i] = pa.field(f.name, pa.dictionary(col.type.index_type, f.type), f.nullable)
-            cols.append(col.cast(fields[i].type))
+            cols.append(col if col.type.equals(fields[i].type) else col.cast(fields[i].type))
             continue
         if not _castable(col.type, f.type):
             raise TracekitError(
                 f"{source}: column {f.name!r} has type {col.type}, expected {f.type}"
             )
+        if col.type.equals(f.type):
+            # Already the type (the usual case): no cast, no copy.
+            cols.append(col)
+            continue
         try:
             cols.append(col.cast(f.type))
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:

@@ -76,7 +76,7 @@ def _resolve_adapters(
     ind = d.indices
     # The codes from their buffer (a null's slot holds some code; masked below).
     codes = np.frombuffer(ind.buffers()[1], dtype=ind.type.to_pandas_dtype())[ind.offset : ind.offset + n].astype(np.int64)
-    null = np.asarray(d.is_null()) if d.null_count else None
+    null = _nulls(d) if d.null_count else None
     if null is not None:
         codes[null] = 0
     dictionary = d.dictionary.to_pylist()
@@ -282,7 +282,7 @@ def simulate(
     # them the status by its codes (a dictionary: no million strings to compare).
     skip = {"request_id", "adapter", "target", "status", "error", "prompt_token_ids", "prefix_hashes", "tenant", "session_id"}
     metrics_in = results.select([c for c in results.column_names if c not in skip]).append_column(
-        "status", pa.DictionaryArray.from_arrays(pa.array(status), pa.array(STATUS_LABELS)))
+        "status", pa.DictionaryArray.from_arrays(_primitive(status, pa.int8()), pa.array(STATUS_LABELS)))
     results_df: pl.DataFrame = pl.from_arrow(metrics_in)  # type: ignore[assignment]
     summary = summarize(results_df, ctx)
     summary.update(
@@ -671,7 +671,26 @@ def _strings(codes: np.ndarray, labels: list[str]) -> pa.Array:
         offsets = np.arange(len(codes) + 1, dtype=np.int32) * len(raw)
         return pa.StringArray.from_buffers(len(codes), pa.py_buffer(offsets), pa.py_buffer(raw * len(codes)))
     # A dictionary array cast to strings: six times faster than `take` on the labels.
-    return pa.DictionaryArray.from_arrays(pa.array(codes.astype(np.int8)), pa.array(labels, type=pa.string())).cast(pa.string())
+    return pa.DictionaryArray.from_arrays(_primitive(codes, pa.int8()), pa.array(labels, type=pa.string())).cast(pa.string())
+
+
+def _nulls(arr: pa.Array) -> np.ndarray:
+    """Where `arr` is null, from its validity bitmap."""
+    bits = arr.buffers()[0]
+    if bits is None or arr.null_count == 0:
+        return np.zeros(len(arr), dtype=bool)
+    valid = np.unpackbits(np.frombuffer(bits, dtype=np.uint8), bitorder="little")[arr.offset : arr.offset + len(arr)]
+    return valid == 0
+
+
+def _primitive(x: np.ndarray, typ: pa.DataType, mask: np.ndarray | None = None) -> pa.Array:
+    """A numpy array as an Arrow array of `typ` from its buffer, no copy when it has that
+    type already. `mask`: True where null."""
+    x = np.ascontiguousarray(x, dtype=typ.to_pandas_dtype())
+    if mask is None or not mask.any():
+        return pa.Array.from_buffers(typ, len(x), [None, pa.py_buffer(x)], null_count=0)
+    bits = pa.py_buffer(np.packbits(~mask, bitorder="little"))
+    return pa.Array.from_buffers(typ, len(x), [bits, pa.py_buffer(x)], null_count=int(mask.sum()))
 
 
 def _numpy(col: pa.ChunkedArray, dtype: type) -> np.ndarray:
@@ -741,13 +760,13 @@ def _results(
         "dispatch_s": f64(dispatch),
         "first_token_s": f64(first),
         "end_s": f64(end),
-        "generated_tokens": pa.array(gen.astype(np.int32)),
+        "generated_tokens": _primitive(gen, pa.int32()),
         "ttft_s": f64(ttft),
         "e2e_s": f64(e2e),
         "tpot_s": f64(tpot),
         "error": error,
         # vLLM's num_cached_tokens: the prefix-cache hit when first admitted (null: never admitted).
-        "cached_tokens": pa.array(out["cached_tokens"], mask=out["cached_tokens"] < 0),
+        "cached_tokens": _primitive(out["cached_tokens"], pa.int32(), out["cached_tokens"] < 0),
     }
     table = table.drop_columns([c for c in extra if c in table.column_names])
     if pa.types.is_dictionary(table.schema.field("adapter").type):
