@@ -156,3 +156,34 @@ def per_adapter(results: pl.DataFrame, context: Mapping[str, Any] | None = None)
         )
         .sort("adapter")
     )
+
+
+def adapter_service(results: pl.DataFrame, context: Mapping[str, Any] | None = None) -> pl.DataFrame:
+    """Per adapter (base model as `<base>`): offered and served token rates with
+    `summarize`'s definitions (completed requests' tokens / window; tokens of every
+    request that arrived in the window / window), the served fraction, and whether the
+    adapter starves (served < 90% of offered). What "no adapter starves" means for a fleet."""
+    results, window = measured(results, context)
+    window_end = window + warmup_of(context)
+    ok = pl.col("status") == "ok"
+    tokens = pl.col("prompt_tokens").cast(pl.Int64) + pl.col("generated_tokens").fill_null(pl.col("output_tokens")).cast(pl.Int64)
+    offered = (pl.col("prompt_tokens").cast(pl.Int64) + pl.col("output_tokens").cast(pl.Int64)).filter(pl.col("arrival_s") <= window_end)
+    out = (
+        results.with_columns(pl.col("adapter").fill_null("<base>"))
+        .group_by("adapter")
+        .agg(
+            pl.len().alias("requests"),
+            ok.sum().alias("completed"),
+            (tokens.filter(ok).sum() / window).alias("throughput_tok_s"),
+            (offered.sum() / window).alias("offered_tok_s"),
+        )
+        .with_columns(
+            pl.when(pl.col("offered_tok_s") > 0)
+            .then(pl.col("throughput_tok_s") / pl.col("offered_tok_s"))
+            .otherwise(1.0)
+            .alias("served_frac")
+        )
+        .with_columns((1.0 - pl.col("served_frac") >= STARVING_THRESHOLD).alias("starved"))
+        .sort("adapter")
+    )
+    return out

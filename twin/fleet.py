@@ -1,0 +1,260 @@
+"""A fleet in the twin: N engines, each today's twin with its own configuration, behind a
+router (`twin.routing`), from a plan (`twin.fleet_plan`).
+
+Static routing (round-robin; placement with every adapter on one GPU) makes the GPUs
+independent: the whole trace is routed up front and each GPU's requests are one
+`twin.api.simulate` run, in this process, in local worker processes, or on Ray. Each
+run sees exactly its own requests, so the merged results are the same bit for bit
+however the runs are split. A router that reads the engines' state (least-loaded,
+adapter-affinity, placement over several GPUs) couples them: see `twin.cosim`.
+
+The results are one table in the trace's order with a `replica` column (the GPU's
+name); the summary has each GPU's and the fleet's throughput, served fraction, starving
+adapters (served < 90% of offered, `tracekit.metrics.adapter_service`) and TTFT / ITL
+percentiles.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from tracekit import parallel
+from tracekit.metrics import adapter_service, summarize
+from tracekit.schema import TracekitError, adapter_ranks, conform
+from twin.config import ServingConfig
+from twin.fleet_plan import FleetPlan, ResolvedFleet, resolve
+from twin.profile import Profile, load_profile
+from twin.routing import Router
+
+# Counters of a GPU's twin run kept in the fleet summary.
+GPU_COUNTERS = ("steps", "preemptions", "adapter_loads", "kv_capacity_tokens", "rejected", "fast_forward_steps",
+                "engine_loop_s", "simulated_s")
+SUMMARY_KEYS = ("requests", "completed", "unfinished", "throughput_tok_s", "offered_tok_s", "served_frac", "starved",
+                "req_s", "mean_ttft_ms", "p50_ttft_ms", "p90_ttft_ms", "p99_ttft_ms", "mean_tpot_ms",
+                "mean_itl_ms", "p50_itl_ms", "p90_itl_ms", "p99_itl_ms", "mean_e2e_ms", "p99_e2e_ms", "window_s")
+
+
+@dataclass
+class FleetResult:
+    results: pa.Table  # results schema + `replica`, in the trace's (arrival) order
+    summary: dict[str, Any]  # {"fleet": {...}, "gpus": [{...}, ...], router, static, ...}
+    context: dict[str, Any] = field(default_factory=dict)
+    steps: dict[str, pa.Table] | None = None  # GPU name -> its steps, when asked for
+
+
+def default_jobs() -> int:
+    return max(1, os.cpu_count() or 1)
+
+
+def adapter_codes(trace: pl.DataFrame) -> tuple[np.ndarray, list[str | None]]:
+    """Per request an index into `names` (sorted adapter names, then None for the base
+    model when the trace has base requests)."""
+    col = trace.get_column("adapter")
+    names: list[str | None] = list(col.drop_nulls().unique().sort().to_list())
+    base = col.null_count() > 0
+    codes = col.cast(pl.Enum([n for n in names if n is not None])).to_physical().cast(pl.Int64)
+    codes_np = codes.fill_null(len(names)).to_numpy()
+    if base:
+        names.append(None)
+    return codes_np, names
+
+
+def run_gpu(
+    name: str, trace: pl.DataFrame, profile: Profile, config: ServingConfig, context: dict[str, Any],
+    window_s: float | None, record_steps: bool, fast_forward: bool,
+) -> tuple[pa.Table, dict[str, Any], pa.Table | None]:
+    """One GPU's twin run (in a worker or in this process)."""
+    from twin.engine import simulate
+
+    t0 = time.perf_counter()
+    res = simulate(trace, profile, config, trace_context=context, window_s=window_s, record_steps=record_steps,
+                   fast_forward=fast_forward)
+    summary = dict(res.summary)
+    summary["wall_s"] = time.perf_counter() - t0
+    summary["pid"] = os.getpid()
+    return res.results, summary, res.steps
+
+
+def simulate_fleet(
+    trace: pl.DataFrame,
+    profile: Any,
+    plan: FleetPlan,
+    router: str | None = None,
+    *,
+    trace_context: dict[str, Any] | None = None,
+    window_s: float | None = None,
+    executor: str = "local",
+    jobs: int | None = None,
+    ray_address: str | None = None,
+    record_steps: bool = False,
+    fast_forward: bool = True,
+    progress: bool = False,
+    resolved: ResolvedFleet | None = None,
+) -> FleetResult:
+    """Simulate the fleet `plan` serving `trace` behind `router` (default: the plan's,
+    else placement). `executor`/`jobs`/`ray_address`: where static per-GPU runs go."""
+    prof = load_profile(profile)
+    ctx_in = {k: v for k, v in (trace_context or {}).items() if k != "parts"}
+    router_name = router or plan.router or "placement"
+    if window_s is None and ctx_in.get("window_s"):
+        window_s = float(ctx_in["window_s"])
+    if window_s is not None and not window_s > 0:
+        raise TracekitError(f"--window must be positive, got {window_s}")
+    trace = trace.sort("arrival_s", maintain_order=True)
+    codes, names = adapter_codes(trace)
+    if resolved is None:
+        resolved = resolve(plan, prof, names, adapter_ranks(ctx_in), router_name)
+    rt = Router(router_name, len(plan.gpus), plan.placement())
+    jobs = default_jobs() if jobs is None else jobs
+    if jobs < 1:
+        raise TracekitError("--jobs must be at least 1")
+    t0 = time.perf_counter()
+    static = rt.is_static(names)
+    if static:
+        replica = rt.route_static(codes, names)
+        parts = _run_static(trace, replica, prof, resolved, ctx_in, window_s, executor, jobs, ray_address,
+                            record_steps, fast_forward, progress)
+    else:
+        from twin.cosim import cosimulate
+
+        if executor != "local" or ray_address:
+            raise TracekitError(f"--router {router_name} over this plan couples the GPUs (an adapter on several GPUs, "
+                                "or a router that reads the engines' state): it runs in one process, not on --executor ray")
+        replica, parts = cosimulate(trace, codes, names, rt, prof, resolved, ctx_in, window_s, record_steps)
+    wall = time.perf_counter() - t0
+    return _assemble(trace, replica, parts, plan, resolved, router_name, static, ctx_in, window_s, prof.name,
+                     {"executor": executor if static else "one process", "jobs": jobs if static else 1, "fleet_wall_s": wall})
+
+
+def _run_static(
+    trace: pl.DataFrame, replica: np.ndarray, prof: Profile, fleet: ResolvedFleet, ctx: dict[str, Any],
+    window_s: float | None, executor: str, jobs: int, ray_address: str | None, record_steps: bool,
+    fast_forward: bool, progress: bool,
+) -> list[tuple[pa.Table, dict[str, Any], pa.Table | None] | None]:
+    plan = fleet.plan
+    portable = Profile(prof.name, prof.data)  # plain data: pickles to workers
+    tasks: list[tuple[Any, ...]] = []
+    which: list[int] = []
+    for g, gpu in enumerate(plan.gpus):
+        sub = trace.filter(pl.Series(replica == g))
+        if sub.height == 0:
+            continue
+        tasks.append((gpu.name, sub, portable, fleet.configs[g], ctx, window_s, record_steps, fast_forward))
+        which.append(g)
+    # Largest first: with fewer workers than GPUs, the longest run does not start last.
+    order = sorted(range(len(tasks)), key=lambda k: -tasks[k][1].height)
+    tasks = [tasks[k] for k in order]
+    which = [which[k] for k in order]
+    out: list[tuple[pa.Table, dict[str, Any], pa.Table | None] | None] = [None] * len(plan.gpus)
+    it = parallel.run_tasks(run_gpu, tasks, executor=executor, jobs=jobs, ray_address=ray_address)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from tracekit.cliutil import err_console
+
+    with Progress(TextColumn("twin fleet"), BarColumn(), MofNCompleteColumn(), TextColumn("GPUs"), TimeElapsedColumn(),
+                  console=err_console, disable=not progress, transient=True) as bar:
+        task = bar.add_task("gpus", total=len(tasks))
+        for k, part in it:
+            out[which[k]] = part
+            bar.advance(task)
+    return out
+
+
+def _assemble(
+    trace: pl.DataFrame, replica: np.ndarray, parts: list[tuple[pa.Table, dict[str, Any], pa.Table | None] | None],
+    plan: FleetPlan, fleet: ResolvedFleet, router: str, static: bool, ctx_in: dict[str, Any], window_s: float | None,
+    profile_name: str, run_info: dict[str, Any],
+) -> FleetResult:
+    names = plan.names
+    tables, positions = [], []
+    for g, part in enumerate(parts):
+        if part is None:
+            continue
+        table = part[0]
+        table = table.append_column("replica", pa.array([names[g]] * table.num_rows, type=pa.string()))
+        tables.append(table)
+        positions.append(np.flatnonzero(replica == g))
+    if tables:
+        merged = pa.concat_tables(tables)
+        pos = np.concatenate(positions)
+        merged = merged.take(pa.array(np.argsort(pos, kind="stable")))
+    else:
+        raise TracekitError("the fleet served no request")
+    merged = conform(merged, "results", source="twin fleet")
+    ctx = dict(ctx_in)
+    ctx.update(
+        target="twin",
+        profile=profile_name,
+        window_s=None if window_s is None else float(window_s),
+        fleet={
+            "router": router,
+            "static": static,
+            "plan": plan.to_dict(),
+            "gpus": [{"name": g.name, "serving_config": c.to_dict(), "kv_capacity_tokens": kv}
+                     for g, c, kv in zip(plan.gpus, fleet.configs, fleet.kv_capacity_tokens, strict=True)],
+        },
+    )
+    ctx.pop("serving_config", None)
+    summary = fleet_summary(merged, ctx, plan, fleet, parts)
+    summary.update(router=router, static=static, **run_info)
+    steps = None
+    if any(p is not None and p[2] is not None for p in parts):
+        steps = {names[g]: p[2] for g, p in enumerate(parts) if p is not None and p[2] is not None}
+    return FleetResult(results=merged, summary=summary, context=ctx, steps=steps)
+
+
+def _metrics_frame(results: pa.Table) -> pl.DataFrame:
+    skip = {"request_id", "target", "error", "prompt_token_ids", "prefix_hashes", "tenant", "session_id"}
+    return pl.from_arrow(results.select([c for c in results.column_names if c not in skip]))  # type: ignore[return-value]
+
+
+def fleet_summary(
+    results: pa.Table, ctx: dict[str, Any], plan: FleetPlan, fleet: ResolvedFleet | None,
+    parts: list[Any] | None = None,
+) -> dict[str, Any]:
+    """The fleet's and each GPU's metrics from a results table with a `replica` column
+    (twin or real: the same code). Starving adapters are judged fleet-wide (an adapter
+    on two GPUs starves when both together serve under 90% of what it is offered) and
+    per GPU (its requests on that GPU)."""
+    df = _metrics_frame(results)
+    whole = summarize(df, ctx)
+    service = adapter_service(df, ctx)
+    starving = service.filter(pl.col("starved"))
+    fleet_row = {k: whole.get(k) for k in SUMMARY_KEYS}
+    fleet_row.update(gpus=len(plan.gpus), adapters=int(service.height),
+                     starving_adapters=int(starving.height),
+                     starving_adapter_names=starving["adapter"].to_list()[:50],
+                     min_adapter_served_frac=float(service["served_frac"].min()) if service.height else 1.0)
+    gpus = []
+    by_replica = df.partition_by("replica", as_dict=True, maintain_order=True) if "replica" in df.columns else {}
+    starving_gpus = 0
+    for g, gpu in enumerate(plan.gpus):
+        sub = by_replica.get((gpu.name,))
+        row: dict[str, Any] = {"name": gpu.name, "adapters_listed": sum(1 for a in gpu.adapters if a is not None)}
+        if sub is None or sub.height == 0:
+            row.update(requests=0, adapters=0, starving_adapters=0, starved=False)
+        else:
+            s = summarize(sub, ctx)
+            svc = adapter_service(sub, ctx)
+            row.update({k: s.get(k) for k in SUMMARY_KEYS})
+            row.update(adapters=int(svc.height), starving_adapters=int(svc["starved"].sum()),
+                       min_adapter_served_frac=float(svc["served_frac"].min()))
+        if fleet is not None:
+            c = fleet.configs[g]
+            row.update(max_loras=c.max_loras, max_cpu_loras=c.cpu_loras, max_lora_rank=c.max_lora_rank,
+                       kv_capacity_tokens=fleet.kv_capacity_tokens[g])
+        if parts is not None and parts[g] is not None:
+            row.update({k: parts[g][1].get(k) for k in GPU_COUNTERS if k in parts[g][1]})
+            row["twin_wall_s"] = parts[g][1].get("wall_s")
+            row["pid"] = parts[g][1].get("pid")
+        starving_gpus += bool(row.get("starved")) or row.get("starving_adapters", 0) > 0
+        gpus.append(row)
+    fleet_row["starving_gpus"] = int(starving_gpus)
+    return {"fleet": fleet_row, "gpus": gpus}
