@@ -109,6 +109,11 @@ def compare_cmd(a: Path, b: Path, as_json: bool, plots_dir: Path | None) -> None
     db, cb = load_results(b)
     check_same_trace(da, db, str(a), str(b))
     d = compare_dict(da, ca, db, cb)
+    fleet = "replica" in da.columns and "replica" in db.columns
+    if fleet:
+        from replay.fleet_compare import per_replica
+
+        d["per_replica"] = per_replica(da, ca, db, cb)
     la = f"A:{ca.get('target') or a.stem}"
     lb = f"B:{cb.get('target') or b.stem}"
     if as_json:
@@ -127,6 +132,10 @@ def compare_cmd(a: Path, b: Path, as_json: bool, plots_dir: Path | None) -> None
         for r in d["per_adapter"]:
             pt.add_row(r["adapter"], *(_pct(r[f"{k}_rel_err"]) for k in PER_ADAPTER))
         console.print(pt)
+        if fleet:
+            from replay.fleet_compare import render_per_replica
+
+            render_per_replica(d["per_replica"], console)
         if d["per_adapter_mean_abs_throughput_err"] is not None:
             console.print(f"mean |per-adapter throughput error| {d['per_adapter_mean_abs_throughput_err'] * 100:.1f}%"
                           + (f", mean |per-adapter TTFT error| {d['per_adapter_mean_abs_ttft_err'] * 100:.1f}%"

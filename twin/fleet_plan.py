@@ -204,6 +204,18 @@ def _check_value(where: str, key: str, v: Any) -> Any:
     return v
 
 
+def check_covers(plan: FleetPlan, trace_adapters: Iterable[str | None]) -> list[str]:
+    """Raise (listing them) when trace adapters are on no GPU of the plan; return the
+    warning about plan adapters the trace never uses."""
+    used = set(trace_adapters)
+    placed = plan.placement()
+    missing = sorted(a for a in used if a is not None and a not in placed)
+    if missing:
+        raise TracekitError(f"{plan.source}: {len(missing)} trace adapter(s) on no GPU of the plan: {_names(missing)}")
+    unused = sorted(a for a in placed if a is not None and a not in used)
+    return [f"{plan.source}: {len(unused)} plan adapter(s) the trace never uses: {_names(unused)}"] if unused else []
+
+
 @dataclass
 class ResolvedFleet:
     """A plan checked against a trace and a profile: one ServingConfig per GPU."""
@@ -225,14 +237,7 @@ def resolve(
     `ranks`, under `router`; one TracekitError line for what cannot run."""
     src = plan.source
     used = set(trace_adapters)
-    placed = plan.placement()
-    missing = sorted(a for a in used if a is not None and a not in placed)
-    if missing:
-        raise TracekitError(f"{src}: {len(missing)} trace adapter(s) on no GPU of the plan: {_names(missing)}")
-    warnings: list[str] = []
-    unused = sorted(a for a in placed if a is not None and a not in used)
-    if unused:
-        warnings.append(f"{src}: {len(unused)} plan adapter(s) the trace never uses: {_names(unused)}")
+    warnings = check_covers(plan, used)
     follows_placement = router == "placement"
     trace_max = max((ranks[a] for a in used if a is not None and a in ranks), default=None)
     configs: list[ServingConfig] = []
