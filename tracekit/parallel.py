@@ -39,26 +39,80 @@ def check_reachable(address: str, flag: str = "--ray-address") -> None:
 def iter_local(fn: Callable[..., Any], tasks: Sequence[tuple[Any, ...]], jobs: int) -> Iterator[tuple[int, Any]]:
     """`fn(*task)` for each task: in this process when jobs <= 1, else in `jobs` spawned
     single-threaded worker processes. Yields (task index, result) as they finish."""
-    if jobs <= 1 or len(tasks) <= 1:
-        for i, t in enumerate(tasks):
-            yield i, fn(*t)
-        return
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    with Pool("local", jobs) as pool:
+        yield from pool.run(fn, tasks)
 
-    # The workers inherit the environment at start: set it only while they start.
-    saved = {k: os.environ.get(k) for k in SINGLE_THREAD_ENV}
-    os.environ.update(SINGLE_THREAD_ENV)
-    try:
-        ex = ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=mp.get_context("spawn"))
-        futs = {ex.submit(fn, *t): i for i, t in enumerate(tasks)}  # workers start here
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    with ex:
+
+def iter_ray(fn: Callable[..., Any], tasks: Sequence[tuple[Any, ...]], jobs: int, address: str | None) -> Iterator[tuple[int, Any]]:
+    """`fn(*task)` on Ray: an existing cluster at `address`, or a local one of `jobs` CPUs
+    started (and shut down) here. Yields (task index, result) as they finish."""
+    with Pool("ray", jobs, address) as pool:
+        yield from pool.run(fn, tasks)
+
+
+class Pool:
+    """Workers kept across several batches of tasks (a planner checks many candidate
+    plans: the workers start once). `run(fn, tasks)` yields (index, result) as tasks
+    finish; with `jobs` <= 1 on "local", tasks run in this process."""
+
+    def __init__(self, executor: str = "local", jobs: int = 1, ray_address: str | None = None):
+        if executor not in EXECUTORS:
+            raise TracekitError(f"--executor {executor}: expected local or ray")
+        if executor == "local" and ray_address:
+            raise TracekitError("--ray-address needs --executor ray")
+        if ray_address:
+            check_reachable(ray_address)
+        self.executor = executor
+        self.jobs = max(1, jobs)
+        self.ray_address = ray_address
+        self._local: Any = None
+        self._ray_started = False
+        self._remote: dict[Any, Any] = {}
+
+    def __enter__(self) -> Pool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._local is not None:
+            self._local.shutdown(wait=True, cancel_futures=True)
+            self._local = None
+        if self._ray_started:
+            import ray
+
+            ray.shutdown()
+            self._ray_started = False
+
+    def run(self, fn: Callable[..., Any], tasks: Sequence[tuple[Any, ...]]) -> Iterator[tuple[int, Any]]:
+        if self.executor == "ray":
+            return self._run_ray(fn, tasks)
+        if self.jobs <= 1 or len(tasks) <= 1:
+            return ((i, fn(*t)) for i, t in enumerate(tasks))
+        return self._run_local(fn, tasks)
+
+    def _run_local(self, fn: Callable[..., Any], tasks: Sequence[tuple[Any, ...]]) -> Iterator[tuple[int, Any]]:
+        from concurrent.futures import as_completed
+
+        if self._local is None:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+
+            # The workers inherit the environment when they start: set it only then.
+            saved = {k: os.environ.get(k) for k in SINGLE_THREAD_ENV}
+            os.environ.update(SINGLE_THREAD_ENV)
+            try:
+                self._local = ProcessPoolExecutor(max_workers=self.jobs, mp_context=mp.get_context("spawn"))
+                futs = {self._local.submit(fn, *t): i for i, t in enumerate(tasks)}  # workers start here
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+        else:
+            futs = {self._local.submit(fn, *t): i for i, t in enumerate(tasks)}
         try:
             for f in as_completed(futs):
                 yield futs[f], f.result()
@@ -66,41 +120,32 @@ def iter_local(fn: Callable[..., Any], tasks: Sequence[tuple[Any, ...]], jobs: i
             for f in futs:
                 f.cancel()
 
-
-def iter_ray(
-    fn: Callable[..., Any], tasks: Sequence[tuple[Any, ...]], jobs: int, address: str | None, flag: str = "--ray-address"
-) -> Iterator[tuple[int, Any]]:
-    """`fn(*task)` on Ray: an existing cluster at `address`, or a local one of `jobs` CPUs
-    started (and shut down) here. Yields (task index, result) as they finish."""
-    try:
-        import ray
-    except ImportError:
-        raise TracekitError("--executor ray needs Ray: pip install 'lora-tracekit[ray]'") from None
-    started = False
-    if not ray.is_initialized():
-        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
-        if address:
-            check_reachable(address, flag)
-            kwargs["address"] = address
-        else:
-            kwargs["num_cpus"] = max(1, jobs)
-            kwargs["runtime_env"] = {"env_vars": dict(SINGLE_THREAD_ENV)}
+    def _run_ray(self, fn: Callable[..., Any], tasks: Sequence[tuple[Any, ...]]) -> Iterator[tuple[int, Any]]:
         try:
-            ray.init(**kwargs)
-        except Exception as e:  # ray raises many types for a bad address
-            raise TracekitError(f"{flag} {address}: cannot connect: {str(e).splitlines()[0]}") from None
-        started = True
-    try:
-        remote = ray.remote(num_cpus=1)(fn)
+            import ray
+        except ImportError:
+            raise TracekitError("--executor ray needs Ray: pip install 'lora-tracekit[ray]'") from None
+        if not ray.is_initialized():
+            kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+            if self.ray_address:
+                kwargs["address"] = self.ray_address
+            else:
+                kwargs["num_cpus"] = self.jobs
+                kwargs["runtime_env"] = {"env_vars": dict(SINGLE_THREAD_ENV)}
+            try:
+                ray.init(**kwargs)
+            except Exception as e:  # ray raises many types for a bad address
+                raise TracekitError(f"--ray-address {self.ray_address}: cannot connect: {str(e).splitlines()[0]}") from None
+            self._ray_started = True
+        remote = self._remote.get(fn)
+        if remote is None:
+            remote = self._remote[fn] = ray.remote(num_cpus=1)(fn)
         refs = {remote.remote(*t): i for i, t in enumerate(tasks)}
         pending = list(refs)
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
             for r in ready:
                 yield refs[r], ray.get(r)
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def run_tasks(
@@ -112,12 +157,5 @@ def run_tasks(
     ray_address: str | None = None,
 ) -> Iterator[tuple[int, Any]]:
     """`fn(*task)` for every task on `executor` ("local" or "ray"); yields (index, result)."""
-    if executor == "local":
-        if ray_address:
-            raise TracekitError("--ray-address needs --executor ray")
-        return iter_local(fn, tasks, jobs)
-    if executor == "ray":
-        if ray_address:
-            check_reachable(ray_address)
-        return iter_ray(fn, tasks, jobs, ray_address)
-    raise TracekitError(f"--executor {executor}: expected local or ray")
+    with Pool(executor, jobs, ray_address) as pool:
+        yield from pool.run(fn, tasks)

@@ -54,12 +54,14 @@ def render_fleet(summary: dict[str, Any], title: str) -> None:
     row(f"fleet ({fleet['gpus']})", fleet, style="bold")
     console.print(t)
     names = fleet.get("starving_adapter_names") or []
+    judged = (f"requests that arrived before the last {fleet.get('judged_tail_s', 0):,.0f} s; "
+              f"{fleet.get('starving_adapters_at_cut', 0)} starve counting every request at the cut")
     if names:
         more = fleet["starving_adapters"] - len(names[:10])
-        console.print(f"[red]starving adapters[/] (served < 90% of offered): {', '.join(names[:10])}"
+        console.print(f"[red]starving adapters[/] (served < 90% of offered, {judged}): {', '.join(names[:10])}"
                       + (f" and {more} more" if more > 0 else ""))
     else:
-        console.print("[green]no adapter starves[/] (each is served >= 90% of what it is offered)")
+        console.print(f"[green]no adapter starves[/] (each is served >= 90% of what it is offered; {judged})")
 
 
 def run_fleet(
