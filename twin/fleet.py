@@ -43,7 +43,7 @@ GPU_COUNTERS = ("steps", "preemptions", "adapter_loads", "kv_capacity_tokens", "
 JUDGED_TAIL_FRACTION = 0.05
 SUMMARY_KEYS = ("requests", "completed", "unfinished", "throughput_tok_s", "offered_tok_s", "served_frac", "starved",
                 "req_s", "mean_ttft_ms", "p50_ttft_ms", "p90_ttft_ms", "p99_ttft_ms", "mean_tpot_ms",
-                "mean_itl_ms", "p50_itl_ms", "p90_itl_ms", "p99_itl_ms", "mean_e2e_ms", "p99_e2e_ms", "window_s")
+                "mean_itl_ms", "p50_itl_ms", "p90_itl_ms", "p99_itl_ms", "mean_e2e_ms", "p50_e2e_ms", "p99_e2e_ms", "window_s")
 
 
 @dataclass
