@@ -81,9 +81,13 @@ def run_gpu(
     t0 = time.perf_counter()
     res = simulate(trace, profile, config, trace_context=context, window_s=window_s, record_steps=record_steps,
                    fast_forward=fast_forward)
+    import resource
+
     summary = dict(res.summary)
     summary["wall_s"] = time.perf_counter() - t0
     summary["pid"] = os.getpid()
+    # Peak memory of the process that ran this GPU (a worker, or this process).
+    summary["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return res.results, summary, res.steps
 
 
@@ -281,6 +285,7 @@ def fleet_summary(
             row.update({k: parts[g][1].get(k) for k in GPU_COUNTERS if k in parts[g][1]})
             row["twin_wall_s"] = parts[g][1].get("wall_s")
             row["pid"] = parts[g][1].get("pid")
+            row["peak_rss_mib"] = parts[g][1].get("peak_rss_mib")
         starving_gpus += bool(row.get("starved")) or row.get("starving_adapters", 0) > 0
         gpus.append(row)
     fleet_row["starving_gpus"] = int(starving_gpus)
