@@ -20,10 +20,15 @@ add. The state at t depends only on steps that started before t, and those only 
 requests that arrived before t, so each decision sees exactly what a router in front of
 real servers would see, and the result does not depend on how far any engine ran ahead.
 
-The twin's engine (`twin.engine`) takes a whole trace up front today; the engine side of
-this interface (a waiting queue that takes arrivals during a run, and a loop that stops
-at a given time and resumes) comes with the scheduler's restructure (issue 11). Until
-then a coupled fleet is refused with one clear line.
+The engine side is `twin.engine.SteppedEngine`: the scheduler's waiting queue takes
+arrivals during a run (`Scheduler.add_request`, room per adapter queue fixed by the
+requests that may be routed there) and the loop stops before a step that would start at
+or after a given time and resumes there (`_Loop.run(until=...)`); an engine sent a set of
+requests gives the results `simulate` gives on that set, bit for bit (tested).
+
+Only engines the request may go to are advanced to its arrival: a GPU that shares no
+adapter with the request's candidates runs on freely (fast-forward included) until a
+request of its own needs it.
 """
 
 from __future__ import annotations
@@ -33,7 +38,6 @@ from typing import Any, Protocol
 import numpy as np
 import polars as pl
 
-from tracekit.schema import TracekitError
 from twin.fleet_plan import ResolvedFleet
 from twin.profile import Profile
 from twin.routing import Router
@@ -66,23 +70,26 @@ class _State:
         return self.engines[replica].holds(adapter)
 
 
-def make_engine(
-    trace: pl.DataFrame, profile: Profile, config: Any, context: dict[str, Any], window_s: float | None,
-    record_steps: bool,
-) -> SteppedEngine:
-    raise TracekitError(
-        "this router over this plan couples the GPUs (it reads the engines' state, or an adapter is on several GPUs); "
-        "the coupled fleet simulation needs the twin engine to take arrivals during a run, which it does not yet: "
-        "use --router round-robin, or a placement with each adapter on one GPU"
-    )
-
-
 def cosimulate(
     trace: pl.DataFrame, codes: np.ndarray, names: list[str | None], router: Router, profile: Profile,
     fleet: ResolvedFleet, context: dict[str, Any], window_s: float | None, record_steps: bool,
 ) -> tuple[np.ndarray, list[Any]]:
     """Route and simulate together; returns (replica per request, per-GPU parts)."""
-    engines = [make_engine(trace, profile, c, context, window_s, record_steps) for c in fleet.configs]
+    import os
+    import resource
+    import time
+
+    from twin.engine import SteppedEngine
+
+    t0 = time.perf_counter()
+    g_count = len(fleet.configs)
+    may = np.zeros((g_count, len(names)), dtype=bool)  # may[g, code]: code's requests may go to g
+    for k, a in enumerate(names):
+        may[router.candidates(a), k] = True
+    engines: list[SteppedEngine] = [
+        SteppedEngine(trace, np.flatnonzero(may[g][codes]), profile, c, context, window_s, record_steps)
+        for g, c in enumerate(fleet.configs)
+    ]
     n = trace.height
     arrival = trace.get_column("arrival_s").cast(pl.Float64).to_numpy()
     replica = np.empty(n, dtype=np.int64)
@@ -101,4 +108,13 @@ def cosimulate(
         replica[i] = r
         routed[r] += 1
         engines[r].add(i, t)
-    return replica, [e.finish() if routed[g] else None for g, e in enumerate(engines)]
+    parts: list[Any] = []
+    for g, e in enumerate(engines):
+        if not routed[g]:
+            parts.append(None)
+            continue
+        res = e.finish()
+        summary = dict(res.summary, wall_s=time.perf_counter() - t0, pid=os.getpid(),
+                       peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        parts.append((res.results, summary, res.steps))
+    return replica, parts

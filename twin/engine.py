@@ -238,6 +238,17 @@ def simulate(
         loop.run(fast_forward)
     loop_s = time.perf_counter() - loop_started
 
+    return _finish(trace, sched, loop, prof, config, ctx_in, window_s, valid, too_long, oom, window, max_len,
+                   kv_tokens, num_blocks, oom_reason, loop_s, names, record_steps)
+
+
+def _finish(
+    trace: pl.DataFrame, sched: Scheduler, loop: _Loop, prof: Profile, config: ServingConfig, ctx_in: dict[str, Any],
+    window_s: float | None, valid: np.ndarray, too_long: np.ndarray, oom: bool, window: float, max_len: int,
+    kv_tokens: int, num_blocks: int, oom_reason: str, loop_s: float, names: list[str], record_steps: bool,
+) -> SimResult:
+    """Results, summary and steps of a finished run (a whole-trace one, or one engine of
+    a coupled fleet)."""
     results = _results(trace, sched, loop, valid, too_long, oom, window, max_len)
     ctx = dict(ctx_in)
     ctx.update(
@@ -266,6 +277,107 @@ def simulate(
     )
     steps = loop.steps.table(names) if record_steps else None
     return SimResult(results=results, steps=steps, summary=summary, context=ctx)
+
+
+class SteppedEngine:
+    """One GPU of a coupled fleet (`twin.cosim`): requests are added as the router sends
+    them, in arrival order, and the engine is advanced to each routing instant. The same
+    scheduler and loop as `simulate`, so an engine sent a set of requests gives the same
+    results, bit for bit, as `simulate` on that set.
+
+    `trace`: the fleet's trace in arrival order; `candidates`: its rows that may be sent
+    here (they fix the adapter table and the waiting queues' room)."""
+
+    def __init__(self, trace: pl.DataFrame, candidates: np.ndarray, profile: Any, config: ServingConfig,
+                 context: dict[str, Any] | None, window_s: float | None, record_steps: bool = False):
+        self.prof = load_profile(profile)
+        self.config = config.check()
+        self.ctx_in = dict(context or {})
+        self.window_s = window_s
+        self.record_steps = record_steps
+        self.trace = trace
+        sub = trace[candidates]
+        codes, self.names, ranks = _resolve_adapters(sub, self.ctx_in, config)
+        self.code_of = {n: i for i, n in enumerate(self.names)}
+        self.prompt_all = trace.get_column("prompt_tokens").cast(pl.Int64).to_numpy()
+        self.output_all = trace.get_column("output_tokens").cast(pl.Int64).to_numpy()
+        self.adapter_all = trace.get_column("adapter").to_list()
+        self.kv_tokens = int(self.prof.kv_capacity_tokens(config))
+        self.num_blocks = self.kv_tokens // config.block_size - 1
+        if self.num_blocks <= 0:
+            raise TracekitError("an engine of the fleet has no room for the KV cache")
+        self.max_len = min(config.max_model_len or 1 << 62, self.num_blocks * config.block_size + 1)
+        n_q = len(self.names) + 1
+        capacity = np.bincount(np.where(codes < 0, n_q - 1, codes), minlength=n_q)
+        cpu_factor = float(self.prof.data.get("adapter_load", {}).get("cpu_miss_factor", DEFAULT_CPU_MISS_FACTOR))
+        self.sched = Scheduler(
+            prompt=[], output=[], adapter_idx=np.zeros(0, dtype=np.int64), valid=np.zeros(0, dtype=bool),
+            adapter_rank=ranks, adapter_load_s=[self.prof.adapter_load_s(r, config.max_lora_rank) for r in ranks],
+            cpu_miss_factor=cpu_factor, max_loras=config.max_loras, max_cpu_loras=config.cpu_loras,
+            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+            block_size=config.block_size, num_blocks=self.num_blocks, waiting_capacity=capacity,
+        )
+        self.window = math.inf if window_s is None else float(window_s)
+        self.arrival = np.full(max(len(candidates), 1), np.inf)
+        self.valid = np.ones(max(len(candidates), 1), dtype=bool)
+        self.loop = _Loop(self.sched, self.prof, config, self.arrival, self.valid[:0], self.window, record_steps, False)
+        self.loop.num_requests = 0  # requests added so far
+        self.rows: list[int] = []
+        self.finish_times: list[float] = []
+        self.loop_s = 0.0
+
+    def add(self, request: int, arrival_s: float) -> None:
+        """Row `request` of the fleet's trace, arriving at `arrival_s` (in arrival order)."""
+        p, o = int(self.prompt_all[request]), int(self.output_all[request])
+        a = self.adapter_all[request]
+        code = BASE if a is None or not self.config.enable_lora else self.code_of[a]
+        ok = p + o <= self.max_len
+        r = self.sched.add_request(p, o, code, ok)
+        self.arrival[r] = arrival_s
+        self.rows.append(request)
+        loop = self.loop
+        loop.num_requests = r + 1
+        if not ok:
+            self.valid[r] = False
+            loop.all_valid = False
+        if not loop.all_valid:
+            loop.valid_prefix = np.concatenate([[0], np.cumsum(self.valid)]).astype(np.int64)
+
+    def run_until(self, t: float) -> None:
+        """Execute every step that starts before `t`."""
+        t0 = time.perf_counter()
+        self.loop.run(True, until=t)
+        self.loop_s += time.perf_counter() - t0
+        log = self.sched.finish_log
+        assert log is not None
+        ends = self.loop.step_end
+        for s in log[len(self.finish_times):]:
+            self.finish_times.append(ends[s])
+
+    def finished_by(self, t: float) -> int:
+        import bisect
+
+        return bisect.bisect_right(self.finish_times, t)
+
+    def holds(self, adapter: str | None) -> bool:
+        if adapter is None:
+            return True
+        code = self.code_of.get(adapter)
+        return code is not None and code in self.sched.slots.gpu
+
+    def finish(self) -> SimResult:
+        """Run to the window's end (or until every request finished); the results of the
+        requests it was sent, in the order they were added."""
+        self.run_until(math.inf)
+        k = len(self.rows)
+        sched = self.sched
+        sched.first_token_step = sched.first_token_step[:k]
+        sched.end_step = sched.end_step[:k]
+        sub = self.trace[self.rows]
+        valid = self.valid[:k]
+        return _finish(sub, sched, self.loop, self.prof, self.config, self.ctx_in, self.window_s, valid, ~valid, False,
+                       self.window, self.max_len, self.kv_tokens, self.num_blocks, "", self.loop_s, self.names,
+                       self.record_steps)
 
 
 class _Loop:
@@ -302,6 +414,10 @@ class _Loop:
         self.step = 0
         self.t = 0.0
         self.t_end = 0.0
+        # `run(until=...)` stops before a step that would start at or after `until` and
+        # resumes where it stopped (a coupled fleet's engines advance to each routing instant).
+        self.horizon = math.inf
+        self._started = False
         self.step_end: list[float] = []
         self.steps = _Steps()
         self.ff_steps = 0
@@ -312,15 +428,21 @@ class _Loop:
     def _num_arrived_valid(self, k: int) -> int:
         return k if self.valid_prefix is None else int(self.valid_prefix[k])
 
-    def run(self, fast_forward: bool) -> None:
+    def run(self, fast_forward: bool, until: float = math.inf) -> None:
         sched = self.sched
         # Arrival times stay a numpy array: a Python list of a million floats costs
         # more (memory, page faults) than the per-step searchsorted it would speed up.
         arrivals = self.arrival
         n = self.num_requests
         window = self.window
-        t = float(arrivals[0]) if n else 0.0
-        step = 0
+        if self._started:
+            t, step = self.t, self.step
+        else:
+            t = float(arrivals[0]) if n else 0.0
+            step = 0
+            self._started = True
+        self.horizon = until
+        window = min(window, until)
         record = self.record
         cols = self.steps.cols
         step_end = self.step_end
@@ -329,7 +451,8 @@ class _Loop:
             num_arrived = int(arrivals.searchsorted(t, "right"))
             if not sched.running:
                 if sched.waiting.peek(num_arrived, False) is None:
-                    # Idle: jump to the next arrival (none left: done).
+                    # Idle: jump to the next arrival (none left: done, or paused until
+                    # more are added).
                     if num_arrived >= n:
                         break
                     t = float(arrivals[num_arrived])
@@ -382,6 +505,7 @@ class _Loop:
             step += 1
             t = t_next
         self.step = step
+        self.t = t
         self.t_end = t
 
     def _admission_blocked_until(self, step: int, num_arrived: int) -> float | None:
@@ -434,7 +558,7 @@ class _Loop:
         # Steps only get longer during a stretch (the context grows), so the first one
         # bounds how many fit before `until` -- checked before any numpy work.
         na, rs = len(sched.running_adapters), sched.running_rank_sum
-        limit = min(self.window, until)
+        limit = min(self.window, until, self.horizon)
         d0 = self.step_time(0, n_dec, sched.decode_ctx_base + n_dec * step, na, rs)
         if d0 > 0 and (limit - t) / d0 + 1 < MIN_STRETCH:
             self._ff_retry_t = limit

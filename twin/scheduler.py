@@ -91,7 +91,31 @@ class WaitingQueue:
         counts = np.bincount(queue_of[idx], minlength=self.num_queues)
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
         # Request ids grouped by queue, in arrival order (numpy: no Python int per request).
-        self._reqs: np.ndarray = order
+        self._setup(order, starts, counts)
+
+    @classmethod
+    def for_arrivals(cls, capacity: np.ndarray) -> WaitingQueue:
+        """An empty queue that requests join as they arrive (`append`), at most
+        `capacity[q]` in queue q (the last queue is the base model's): an engine of a
+        coupled fleet takes requests as the router sends them."""
+        self = cls.__new__(cls)
+        self.num_queues = len(capacity)
+        self.base_queue = self.num_queues - 1
+        capacity = np.asarray(capacity, dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(capacity)[:-1]]).astype(np.int64)
+        self._setup(np.zeros(int(capacity.sum()), dtype=np.int64), starts, np.zeros_like(capacity))
+        return self
+
+    def append(self, q: int, r: int) -> None:
+        """Request `r` (the latest arrival: keys stay in arrival order) joins queue `q`."""
+        e = self._end[q]
+        self._reqs[e] = r
+        self._end[q] = e + 1
+        if not self._front[q] and self._head[q] == e:  # the queue's new head
+            heapq.heappush(self._heaps[self._admissible[q]], (r, q))
+
+    def _setup(self, reqs: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> None:
+        self._reqs: np.ndarray = reqs
         self._head: list[int] = starts.tolist()
         self._end: list[int] = (starts + counts).tolist()
         self._front: list[deque[tuple[int, int]]] = [deque() for _ in range(self.num_queues)]
@@ -287,6 +311,7 @@ class Scheduler:
         max_num_batched_tokens: int,
         block_size: int,
         num_blocks: int,
+        waiting_capacity: np.ndarray | None = None,
     ):
         n = len(prompt)
         self.prompt = prompt
@@ -315,7 +340,11 @@ class Scheduler:
         self.first_token_step = np.full(n, -1, dtype=np.int64)
         self.end_step = np.full(n, -1, dtype=np.int64)
 
-        self.waiting = WaitingQueue(adapter_idx, valid, self.num_adapters)
+        # `waiting_capacity` (per queue): requests are added as they arrive (`add_request`),
+        # and each finish is logged (`finish_log`, the step it happened in).
+        self.waiting = (WaitingQueue(adapter_idx, valid, self.num_adapters) if waiting_capacity is None
+                        else WaitingQueue.for_arrivals(waiting_capacity))
+        self.finish_log: list[int] | None = None if waiting_capacity is None else []
         self.running: dict[int, None] = {}  # running order = admission order
         self.prefilling: dict[int, None] = {}  # running requests still in prefill, same order
         self.num_decoding = 0
@@ -338,6 +367,27 @@ class Scheduler:
         self.total_adapter_loads = 0
         self.total_adapter_load_s = 0.0
         self.finished_steps: list[tuple[int, int]] = []  # (request, step) finished last update
+
+    def add_request(self, prompt: int, output: int, adapter: int, valid: bool) -> int:
+        """A request arriving now (after every request already added); returns its index.
+        An invalid one (too long) is kept for the results but never queued."""
+        r = len(self.prompt)
+        self.prompt.append(prompt)
+        self.output.append(output)
+        self.adapter.append(adapter)
+        self.gen.append(0)
+        self.computed.append(0)
+        self.dbase.append(0)
+        self.in_decode.append(False)
+        if r >= len(self.end_step):  # numpy columns grow by doubling
+            grow = max(1024, len(self.end_step))
+            self._dec_np = np.concatenate([self._dec_np, np.zeros(grow, dtype=bool)])
+            self._pmd_np = np.concatenate([self._pmd_np, np.zeros(grow, dtype=np.int64)])
+            self.first_token_step = np.concatenate([self.first_token_step, np.full(grow, -1, dtype=np.int64)])
+            self.end_step = np.concatenate([self.end_step, np.full(grow, -1, dtype=np.int64)])
+        if valid:
+            self.waiting.append(adapter if adapter != BASE else self.num_adapters, r)
+        return r
 
     # --- helpers ------------------------------------------------------------------------
     def num_computed(self, r: int, step: int) -> int:
@@ -652,6 +702,8 @@ class Scheduler:
             del running[r]
             self.used_blocks -= cdiv(prompt[r] + output[r] - 1, bs)
             self.end_step[r] = step
+            if self.finish_log is not None:
+                self.finish_log.append(step)
             a = self.adapter[r]
             if a != BASE:
                 count = self.running_adapters[a] - 1
@@ -664,6 +716,8 @@ class Scheduler:
         del self.running[r]
         self.used_blocks -= blocks
         self.end_step[r] = step
+        if self.finish_log is not None:
+            self.finish_log.append(step)
         self._remove_running_adapter(self.adapter[r], step)
 
     # --- invariants (debug mode, used by tests) -------------------------------------------
