@@ -102,7 +102,7 @@ def test_coupled_routers_spread_and_report(fleet_trace) -> None:  # type: ignore
     plan = FleetPlan.from_dict({"gpus": [{"adapters": names, "max_loras": 4} for _ in range(3)]})
     for router in ("least-loaded", "adapter-affinity"):
         res = simulate_fleet(df, PROFILE, plan, router, trace_context=ctx)
-        assert not res.summary["static"] and res.summary["executor"] == "one process"
+        assert not res.summary["static"] and res.summary["coupled_groups"] == [["gpu-00", "gpu-01", "gpu-02"]]
         counts = [g["requests"] for g in res.summary["gpus"]]
         assert sum(counts) == df.height and min(counts) > 0.1 * df.height, counts
     # adapter-affinity keeps adapters on fewer GPUs than least-loaded does.
@@ -111,3 +111,35 @@ def test_coupled_routers_spread_and_report(fleet_trace) -> None:  # type: ignore
         return out.group_by("adapter").agg(pl.col("replica").n_unique())["replica"].mean()  # type: ignore[return-value]
 
     assert spread("adapter-affinity") < spread("least-loaded")
+
+
+def test_groups_that_share_no_adapter_run_apart_with_the_same_results(fleet_trace) -> None:  # type: ignore[no-untyped-def]
+    df, ctx = fleet_trace
+    names = sorted(df["adapter"].unique().to_list())
+    # Two coupled pairs (each shares a busy adapter) and a GPU alone.
+    gpus = [{"adapters": [names[0], *names[3:5]], "max_loras": 2}, {"adapters": [names[0], *names[5:7]], "max_loras": 2},
+            {"adapters": [names[1], *names[7:9]], "max_loras": 2}, {"adapters": [names[1], *names[9:11]], "max_loras": 2},
+            {"adapters": [names[2], names[11]], "max_loras": 2}]
+    plan = FleetPlan.from_dict({"gpus": gpus})
+    prof = load_profile(PROFILE)
+    split = simulate_fleet(df, prof, plan, "placement", trace_context=ctx, jobs=2)
+    assert split.summary["coupled_groups"] == [["gpu-00", "gpu-01"], ["gpu-02", "gpu-03"]]
+    # The whole fleet as one co-simulation routes and serves the same.
+    codes, nm = adapter_codes(df)
+    fleet = resolve(plan, prof, nm, adapter_ranks(ctx), "placement")
+    rep, parts = cosim.cosimulate(df, codes, nm, Router("placement", 5, plan.placement()), prof, fleet, ctx, 120.0, False)
+    whole = _assemble(df, rep, parts, plan, fleet, "placement", False, ctx, 120.0, prof.name, {})
+    assert split.results.equals(whole.results)
+
+
+@pytest.mark.slow
+def test_coupled_groups_on_ray_give_the_same_results(fleet_trace) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("ray", reason="Ray not installed (pip install 'lora-tracekit[ray]')")
+    df, ctx = fleet_trace
+    names = sorted(df["adapter"].unique().to_list())
+    gpus = [{"adapters": [names[0], *names[2:7]], "max_loras": 2}, {"adapters": [names[0], *names[7:]], "max_loras": 2},
+            {"adapters": [names[1]], "max_loras": 1}]
+    plan = FleetPlan.from_dict({"gpus": gpus})
+    local = simulate_fleet(df, PROFILE, plan, "placement", trace_context=ctx, jobs=1)
+    ray = simulate_fleet(df, PROFILE, plan, "placement", trace_context=ctx, executor="ray", jobs=2)
+    assert local.results.equals(ray.results)

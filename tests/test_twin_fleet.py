@@ -237,14 +237,6 @@ def test_round_robin_needs_every_gpu_to_take_every_rank(tmp_path: Path, small_tr
     assert [c.max_lora_rank for c in fleet.configs] == [16, 16]  # any GPU may get a rank-16 adapter
 
 
-def test_a_coupled_router_is_refused_on_ray(small_trace) -> None:  # type: ignore[no-untyped-def]
-    df, ctx = small_trace
-    names = sorted(df["adapter"].unique().to_list())
-    plan = plan_of([names, names])
-    with pytest.raises(schema.TracekitError, match="couples the GPUs"):
-        simulate_fleet(df, PROFILE, plan, "least-loaded", trace_context=ctx, executor="ray")
-
-
 def test_round_robin_static_routing_matches_one_by_one() -> None:
     rng = np.random.default_rng(0)
     codes = rng.integers(0, 3, 50)

@@ -130,26 +130,103 @@ def simulate_fleet(
     if jobs < 1:
         raise TracekitError("--jobs must be at least 1")
     t0 = time.perf_counter()
-    static = rt.is_static(names)
-    if static:
-        replica = rt.route_static(codes, names)
-        if pool is None:
-            with parallel.Pool(executor, jobs, ray_address) as own:
-                parts = _run_static(trace, replica, prof, resolved, ctx_in, window_s, own, record_steps, fast_forward,
-                                    progress, cache if router_name == "placement" else None)
-        else:
-            parts = _run_static(trace, replica, prof, resolved, ctx_in, window_s, pool, record_steps, fast_forward,
+    comps = rt.components(names)
+    static = all(len(c) == 1 for c in comps)
+    own = parallel.Pool(executor, jobs, ray_address) if pool is None else None
+    try:
+        use = pool if pool is not None else own
+        assert use is not None
+        if static:
+            replica = rt.route_static(codes, names)
+            parts = _run_static(trace, replica, prof, resolved, ctx_in, window_s, use, record_steps, fast_forward,
                                 progress, cache if router_name == "placement" else None)
-    else:
-        from twin.cosim import cosimulate
-
-        if executor != "local" or ray_address:
-            raise TracekitError(f"--router {router_name} over this plan couples the GPUs (an adapter on several GPUs, "
-                                "or a router that reads the engines' state): it runs in one process, not on --executor ray")
-        replica, parts = cosimulate(trace, codes, names, rt, prof, resolved, ctx_in, window_s, record_steps)
+        else:
+            replica, parts = _run_coupled(trace, codes, names, rt, comps, prof, resolved, ctx_in, window_s, use,
+                                          record_steps, fast_forward, cache if router_name == "placement" else None)
+    finally:
+        if own is not None:
+            own.close()
     wall = time.perf_counter() - t0
-    return _assemble(trace, replica, parts, plan, resolved, router_name, static, ctx_in, window_s, prof.name,
-                     {"executor": executor if static else "one process", "jobs": jobs if static else 1, "fleet_wall_s": wall})
+    info = {"executor": executor, "jobs": jobs, "fleet_wall_s": wall,
+            "coupled_groups": [[plan.gpus[g].name for g in c] for c in comps if len(c) > 1]}
+    return _assemble(trace, replica, parts, plan, resolved, router_name, static, ctx_in, window_s, prof.name, info)
+
+
+def run_task(kind: str, args: tuple[Any, ...]) -> Any:
+    """One independent task of a fleet run: a GPU alone, or a coupled group."""
+    return run_gpu(*args) if kind == "gpu" else run_group(*args)
+
+
+def run_group(
+    names: list[str], trace: pl.DataFrame, profile: Profile, plan: FleetPlan, router: str,
+    configs: list[ServingConfig], kvs: list[int], context: dict[str, Any], window_s: float | None, record_steps: bool,
+) -> tuple[np.ndarray, list[Any]]:
+    """A coupled group of GPUs (in a worker or in this process): co-simulated."""
+    from twin.cosim import cosimulate
+
+    codes, anames = adapter_codes(trace)
+    fleet = ResolvedFleet(plan=plan, configs=configs, kv_capacity_tokens=kvs, warnings=[])
+    rt = Router(router, len(plan.gpus), plan.placement())
+    return cosimulate(trace, codes, anames, rt, profile, fleet, context, window_s, record_steps)
+
+
+def _run_coupled(
+    trace: pl.DataFrame, codes: np.ndarray, names: list[str | None], rt: Router, comps: list[list[int]], prof: Profile,
+    fleet: ResolvedFleet, ctx: dict[str, Any], window_s: float | None, pool: parallel.Pool, record_steps: bool,
+    fast_forward: bool, cache: dict[Any, Any] | None,
+) -> tuple[np.ndarray, list[Any]]:
+    """GPUs in groups that share requests: each group one co-simulation, each GPU alone
+    one plain run; all of them independent tasks. The router's decisions depend only on
+    the GPUs they choose among, so the groups route as the whole fleet would."""
+    plan = fleet.plan
+    portable = Profile(prof.name, prof.data)
+    comp_of_code = np.empty(len(names), dtype=np.int64)
+    comp_of_gpu = {g: k for k, c in enumerate(comps) for g in c}
+    for k, a in enumerate(names):
+        comp_of_code[k] = comp_of_gpu[rt.candidates(a)[0]]
+    comp_of_req = comp_of_code[codes]
+    replica = np.full(trace.height, -1, dtype=np.int64)
+    parts: list[Any] = [None] * len(plan.gpus)
+    tasks: list[tuple[Any, ...]] = []
+    kinds: list[tuple[str, list[int], np.ndarray]] = []
+    for k, comp in enumerate(comps):
+        rows = np.flatnonzero(comp_of_req == k)
+        if rows.size == 0:
+            continue
+        if len(comp) == 1:
+            g = comp[0]
+            replica[rows] = g
+            key = None
+            if cache is not None:
+                key = (tuple(sorted(plan.gpus[g].adapters, key=str)), fleet.configs[g], window_s, record_steps, fast_forward)
+                if key in cache:
+                    parts[g] = cache[key]
+                    continue
+            tasks.append((plan.gpus[g].name, trace[rows], portable, fleet.configs[g], ctx, window_s, record_steps,
+                          fast_forward))
+            kinds.append(("gpu", comp, rows))
+        else:
+            sub_plan = FleetPlan(gpus=tuple(plan.gpus[g] for g in comp), profile=plan.profile, router=plan.router)
+            tasks.append(([plan.gpus[g].name for g in comp], trace[rows], portable, sub_plan, rt.name,
+                          [fleet.configs[g] for g in comp], [fleet.kv_capacity_tokens[g] for g in comp], ctx, window_s,
+                          record_steps))
+            kinds.append(("group", comp, rows))
+    # Largest first, so that the longest task does not start last.
+    order = sorted(range(len(tasks)), key=lambda i: -len(kinds[i][2]))
+    for j, out in pool.run(run_task, [(kinds[i][0], tasks[i]) for i in order]):
+        kind, comp, rows = kinds[order[j]]
+        if kind == "gpu":
+            parts[comp[0]] = out
+            if cache is not None:
+                g = comp[0]
+                cache[(tuple(sorted(plan.gpus[g].adapters, key=str)), fleet.configs[g], window_s, record_steps,
+                       fast_forward)] = out
+        else:
+            local, group_parts = out
+            replica[rows] = np.asarray(comp, dtype=np.int64)[local]
+            for i, g in enumerate(comp):
+                parts[g] = group_parts[i]
+    return replica, parts
 
 
 def _run_static(

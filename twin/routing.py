@@ -21,7 +21,9 @@ Routers (`ROUTERS`):
 - `adapter-affinity`: among the GPUs whose slots hold the adapter, the least loaded;
   when none holds it, the least loaded of all.
 Ties go to the first GPU at or after a pointer that moves past each choice, so an idle
-fleet is served in turn rather than piling onto GPU 0.
+fleet is served in turn rather than piling onto GPU 0. There is one pointer per set of
+candidate GPUs, so a decision depends only on the GPUs it chooses among: GPUs that share
+no adapter can be simulated apart and give the same routing.
 
 A router is *static* for a plan when it never reads the state: round-robin always, and
 placement when every adapter the trace uses sits on one GPU. Then the routing of the
@@ -60,7 +62,8 @@ class Router:
         self.num_replicas = num_replicas
         self.all = list(range(num_replicas))
         self.placement = {a: sorted(set(g)) for a, g in placement.items()}
-        self._next = 0  # tie-break / round-robin pointer
+        self._next = 0  # round-robin pointer
+        self._tie: dict[tuple[int, ...], int] = {}  # tie-break pointer per candidate set
 
     def candidates(self, adapter: str | None) -> list[int]:
         if self.name != "placement":
@@ -80,15 +83,15 @@ class Router:
             return all(len(self.candidates(a)) == 1 for a in adapters)
         return False
 
-    def _least(self, cands: Sequence[int], state: ReplicaState) -> int:
+    def _least(self, cands: Sequence[int], state: ReplicaState, pointer: tuple[int, ...]) -> int:
         n = self.num_replicas
-        start = self._next
+        start = self._tie.get(pointer, pointer[0])
         best, best_key = -1, None
         for r in cands:
             key = (state.outstanding(r), (r - start) % n)
             if best_key is None or key < best_key:
                 best, best_key = r, key
-        self._next = (best + 1) % n
+        self._tie[pointer] = (best + 1) % n
         return best
 
     def route(self, adapter: str | None, state: ReplicaState) -> int:
@@ -100,11 +103,36 @@ class Router:
         cands = self.candidates(adapter)
         if len(cands) == 1:
             return cands[0]
+        pointer = tuple(cands)
         if self.name == "adapter-affinity":
             holding = [r for r in cands if state.holds(r, adapter)]
             if holding:
-                return self._least(holding, state)
-        return self._least(cands, state)
+                return self._least(holding, state, pointer)
+        return self._least(cands, state, pointer)
+
+    def components(self, adapters: Sequence[str | None]) -> list[list[int]]:
+        """GPUs that must be simulated together: those some request may be sent to
+        together (placement: linked by an adapter on several GPUs; a router that reads
+        the state of every GPU links them all). Round-robin never reads the state."""
+        n = self.num_replicas
+        if self.name == "round-robin":
+            return [[g] for g in range(n)]
+        parent = list(range(n))
+
+        def find(x: int) -> int:
+            while parent[x] != x:
+                parent[x] = parent[parent[x]]
+                x = parent[x]
+            return x
+
+        for a in adapters:
+            c = self.candidates(a)
+            for g in c[1:]:
+                parent[find(g)] = find(c[0])
+        groups: dict[int, list[int]] = {}
+        for g in range(n):
+            groups.setdefault(find(g), []).append(g)
+        return sorted(groups.values())
 
     def route_static(self, adapter_codes: np.ndarray, names: Sequence[str | None]) -> np.ndarray:
         """Replica per request for a static router: `adapter_codes[i]` indexes `names`
