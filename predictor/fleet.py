@@ -12,6 +12,9 @@ How the plan is built:
    (`predictor.plan.split_fleet`), every GPU at the fleet's largest rank. Within either,
    busiest adapter first onto the least loaded GPU with room, at most an even share of
    the adapters per GPU, so that loads and adapter counts (slot contention) both even out.
+   In the rank-grouped packing an adapter busier than a GPU's share of its class goes to
+   several GPUs, and the placement router spreads its requests by least outstanding
+   requests (the twin runs such GPUs as one coupled group).
 3. `max_loras`: `predictor recommend`'s for the trace, capped at the adapters a GPU holds
    (then every adapter has a slot); `max_cpu_loras`: every adapter it holds.
 4. The twin runs the plans (static placement: one independent run per GPU, in parallel).
@@ -98,10 +101,20 @@ def pack(loads: pl.DataFrame, gpus: int, slots: Mapping[int, Mapping[str, Any]])
     for r in need:
         sub = loads.filter(pl.col("rank").is_in(members[r]))
         k = counts[r]
-        cap = math.ceil(sub.height / k)
-        mine = [{"rank": r, "adapters": [], "load": 0.0} for _ in range(k)]
+        target = float(sub["load"].sum()) / k
+        # An adapter busier than a GPU's share of its class is split over several GPUs
+        # (the placement router spreads its requests by least outstanding).
+        entries = []
         for name, load in sub.select("adapter", "load").iter_rows():
-            b = min((x for x in mine if len(x["adapters"]) < cap), key=lambda x: x["load"])
+            m = min(k, math.ceil(load / target)) if load > target else 1
+            entries += [(name, load / m)] * m
+        cap = math.ceil(len(entries) / k)
+        mine = [{"rank": r, "adapters": [], "load": 0.0} for _ in range(k)]
+        for name, load in entries:
+            b = min((x for x in mine if len(x["adapters"]) < cap and name not in x["adapters"]),
+                    key=lambda x: x["load"], default=None)
+            if b is None:  # every GPU with room already holds it: the least loaded without it
+                b = min((x for x in mine if name not in x["adapters"]), key=lambda x: x["load"])
             b["adapters"].append(name)
             b["load"] += load
         bins += mine
@@ -253,7 +266,8 @@ class TwinCheck:
 
 
 def explain_gpu(gpu: Any, row: Mapping[str, Any], loads: Mapping[str, float], ranks: Mapping[str, int],
-                rec_max_loras: int, kv_at_fleet_rank: int | None, fleet_rank: int) -> str:
+                rec_max_loras: int, kv_at_fleet_rank: int | None, fleet_rank: int,
+                copies: Mapping[str, int] | None = None) -> str:
     ads = sorted(gpu.adapters, key=lambda a: -loads.get(a, 0.0))
     n = len(ads)
     total = sum(loads.get(a, 0.0) for a in ads)
@@ -265,6 +279,11 @@ def explain_gpu(gpu: Any, row: Mapping[str, Any], loads: Mapping[str, float], ra
     mix = ", ".join(f"{k} of rank {r}" for r, k in sorted(by_rank.items(), reverse=True))
     top = ", ".join(f"{a} ({loads.get(a, 0.0):,.0f} tok/s)" for a in ads[:3])
     parts = [f"{n} adapter(s) ({mix}) offering {total:,.0f} tok/s; the busiest: {top}."]
+    shared = [a for a in ads if (copies or {}).get(a, 1) > 1]
+    if shared:
+        parts.append(", ".join(f"{a} on {copies[a]} GPUs" for a in shared[:3])  # type: ignore[index]
+                     + ": busier than one GPU's share, so its requests go to the least loaded of its GPUs "
+                       "(placement router) and the twin runs those GPUs together.")
     if n <= 8:
         parts.append("Busy adapters take a GPU with few others: fewer adapters mean fewer slots, less LoRA work per step and no adapter loads.")
     if rank < fleet_rank:
@@ -387,12 +406,16 @@ def plan_fleet(trace_path: Path, profile_name: str, *, slo_ttft_p99_s: float | N
     from twin.config import ServingConfig
 
     fleet_rank = int(loads["rank"].max())
+    copies: dict[str, int] = {}
+    for gpu in plan.gpus:
+        for a in gpu.adapters:
+            copies[a] = copies.get(a, 0) + 1
     explanations = []
     for gpu, row in zip(plan.gpus, verdict["per_gpu"], strict=True):
         kv_top = int(profile.kv_capacity_tokens(ServingConfig.for_profile(
             profile, max_loras=gpu.settings["max_loras"], max_cpu_loras=gpu.settings["max_cpu_loras"],
             max_lora_rank=fleet_rank, **ENGINE)))
-        explanations.append(explain_gpu(gpu, row, load_of, rank_of, int(rec["max_loras"]), kv_top, fleet_rank))
+        explanations.append(explain_gpu(gpu, row, load_of, rank_of, int(rec["max_loras"]), kv_top, fleet_rank, copies))
     from twin.fleet_plan import GpuPlan
 
     plan = FleetPlan(

@@ -38,10 +38,12 @@ def test_packing_groups_ranks_and_evens_loads() -> None:
     rank_of = dict(zip(loads["adapter"], loads["rank"], strict=True))
     for b in bins:  # one rank class per GPU
         assert {rank_of[a] for a in b["adapters"]} == {b["rank"]}
-    assert sorted(a for b in bins for a in b["adapters"]) == sorted(loads["adapter"])
+    assert sorted({a for b in bins for a in b["adapters"]}) == sorted(loads["adapter"])
     r8 = [b for b in bins if b["rank"] == 8]
     assert len(r8) == 2 and abs(len(r8[0]["adapters"]) - len(r8[1]["adapters"])) <= 1  # even counts
-    assert {"a0", "a2"} - set(r8[0]["adapters"]) and {"a0", "a2"} - set(r8[1]["adapters"])  # busiest apart
+    # a0 (900 of the class's 1,610) is busier than one GPU's share: it is on both.
+    assert all("a0" in b["adapters"] for b in r8)
+    assert sum(1 for b in bins for a in b["adapters"] if a == "a2") == 1
 
 
 def test_plan_is_the_fewest_the_twin_passes(tmp_path: Path, trace_path: Path) -> None:

@@ -6,7 +6,10 @@ independent: the whole trace is routed up front and each GPU's requests are one
 `twin.api.simulate` run, in this process, in local worker processes, or on Ray. Each
 run sees exactly its own requests, so the merged results are the same bit for bit
 however the runs are split. A router that reads the engines' state (least-loaded,
-adapter-affinity, placement over several GPUs) couples them: see `twin.cosim`.
+adapter-affinity, placement over several GPUs) couples the GPUs it chooses among: those
+run as one co-simulation (`twin.cosim`), each such group and each GPU alone being one
+independent task, so a placement with a few busy adapters on two GPUs each still runs
+mostly in parallel.
 
 The results are one table in the trace's order with a `replica` column (the GPU's
 name); the summary has each GPU's and the fleet's throughput, served fraction, starving
