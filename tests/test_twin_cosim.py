@@ -14,7 +14,8 @@ from tracekit.schema import adapter_ranks
 from tracekit.synth import synthesize
 from twin import cosim
 from twin.api import ServingConfig
-from twin.engine import SteppedEngine, simulate
+from twin.cosim import SteppedEngine
+from twin.engine import simulate
 from twin.fleet import _assemble, adapter_codes, simulate_fleet
 from twin.fleet_plan import FleetPlan, resolve
 from twin.profile import load_profile

@@ -2,7 +2,7 @@
 adapter-affinity, placement with an adapter on several GPUs): the engines advance
 together in time and take requests as they are routed.
 
-The engine interface the driver needs of one GPU (`SteppedEngine`):
+The engine interface the driver needs of one GPU (`Engine`):
 
     add(request, arrival_s)   request `request` (its index in the fleet's trace, which is
                               in arrival order) joins this engine's waiting queue at
@@ -20,7 +20,7 @@ add. The state at t depends only on steps that started before t, and those only 
 requests that arrived before t, so each decision sees exactly what a router in front of
 real servers would see, and the result does not depend on how far any engine ran ahead.
 
-The engine side is `twin.engine.SteppedEngine`: the scheduler's waiting queue takes
+The engine side is `SteppedEngine` (below, on `twin.engine`'s loop and scheduler): the scheduler's waiting queue takes
 arrivals during a run (`Scheduler.add_request`, room per adapter queue fixed by the
 requests that may be routed there) and the loop stops before a step that would start at
 or after a given time and resumes there (`_Loop.run(until=...)`); an engine sent a set of
@@ -33,17 +33,26 @@ request of its own needs it.
 
 from __future__ import annotations
 
+import bisect
+import math
+import time
 from typing import Any, Protocol
 
 import numpy as np
 import polars as pl
 
+from tracekit.schema import TracekitError
+from twin.config import ServingConfig, SimResult
+from twin.engine import _finish, _Loop, _resolve_adapters
 from twin.fleet_plan import ResolvedFleet
-from twin.profile import Profile
+from twin.profile import Profile, load_profile
 from twin.routing import Router
+from twin.scheduler import BASE, DEFAULT_CPU_MISS_FACTOR, Scheduler
 
 
-class SteppedEngine(Protocol):
+class Engine(Protocol):
+    """What the driver needs of one GPU (see the module doc)."""
+
     def add(self, request: int, arrival_s: float) -> None: ...
 
     def run_until(self, t: float) -> None: ...
@@ -55,10 +64,109 @@ class SteppedEngine(Protocol):
     def finish(self) -> tuple[Any, dict[str, Any], Any]: ...
 
 
+class SteppedEngine:
+    """One GPU of a coupled fleet (`twin.cosim`): requests are added as the router sends
+    them, in arrival order, and the engine is advanced to each routing instant. The same
+    scheduler and loop as `simulate`, so an engine sent a set of requests gives the same
+    results, bit for bit, as `simulate` on that set.
+
+    `trace`: the fleet's trace in arrival order; `candidates`: its rows that may be sent
+    here (they fix the adapter table and the waiting queues' room)."""
+
+    def __init__(self, trace: pl.DataFrame, candidates: np.ndarray, profile: Any, config: ServingConfig,
+                 context: dict[str, Any] | None, window_s: float | None, record_steps: bool = False):
+        self.prof = load_profile(profile)
+        self.config = config.check()
+        self.ctx_in = dict(context or {})
+        self.window_s = window_s
+        self.record_steps = record_steps
+        self.trace = trace
+        sub = trace[candidates]
+        codes, self.names, ranks = _resolve_adapters(sub, self.ctx_in, config)
+        self.code_of = {n: i for i, n in enumerate(self.names)}
+        self.prompt_all = trace.get_column("prompt_tokens").cast(pl.Int64).to_numpy()
+        self.output_all = trace.get_column("output_tokens").cast(pl.Int64).to_numpy()
+        self.adapter_all = trace.get_column("adapter").to_list()
+        self.kv_tokens = int(self.prof.kv_capacity_tokens(config))
+        self.num_blocks = self.kv_tokens // config.block_size - 1
+        if self.num_blocks <= 0:
+            raise TracekitError("an engine of the fleet has no room for the KV cache")
+        self.max_len = min(config.max_model_len or 1 << 62, self.num_blocks * config.block_size + 1)
+        n_q = len(self.names) + 1
+        capacity = np.bincount(np.where(codes < 0, n_q - 1, codes), minlength=n_q)
+        cpu_factor = float(self.prof.data.get("adapter_load", {}).get("cpu_miss_factor", DEFAULT_CPU_MISS_FACTOR))
+        self.sched = Scheduler(
+            prompt=[], output=[], adapter_idx=np.zeros(0, dtype=np.int64), valid=np.zeros(0, dtype=bool),
+            adapter_rank=ranks, adapter_load_s=[self.prof.adapter_load_s(r, config.max_lora_rank) for r in ranks],
+            cpu_miss_factor=cpu_factor, max_loras=config.max_loras, max_cpu_loras=config.cpu_loras,
+            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+            block_size=config.block_size, num_blocks=self.num_blocks, waiting_capacity=capacity,
+        )
+        self.window = math.inf if window_s is None else float(window_s)
+        self.arrival = np.full(max(len(candidates), 1), np.inf)
+        self.valid = np.ones(max(len(candidates), 1), dtype=bool)
+        self.loop = _Loop(self.sched, self.prof, config, self.arrival, self.valid[:0], self.window, record_steps, False)
+        self.loop.num_requests = 0  # requests added so far
+        self.rows: list[int] = []
+        self.finish_times: list[float] = []
+        self.loop_s = 0.0
+
+    def add(self, request: int, arrival_s: float) -> None:
+        """Row `request` of the fleet's trace, arriving at `arrival_s` (in arrival order)."""
+        p, o = int(self.prompt_all[request]), int(self.output_all[request])
+        a = self.adapter_all[request]
+        code = BASE if a is None or not self.config.enable_lora else self.code_of[a]
+        ok = p + o <= self.max_len
+        r = self.sched.add_request(p, o, code, ok)
+        self.arrival[r] = arrival_s
+        self.rows.append(request)
+        loop = self.loop
+        loop.num_requests = r + 1
+        if not ok:
+            self.valid[r] = False
+            loop.all_valid = False
+        if not loop.all_valid:
+            loop.valid_prefix = np.concatenate([[0], np.cumsum(self.valid)]).astype(np.int64)
+
+    def run_until(self, t: float) -> None:
+        """Execute every step that starts before `t`."""
+        t0 = time.perf_counter()
+        self.loop.run(True, until=t)
+        self.loop_s += time.perf_counter() - t0
+        log = self.sched.finish_log
+        assert log is not None
+        ends = self.loop.step_end
+        for s in log[len(self.finish_times):]:
+            self.finish_times.append(ends[s])
+
+    def finished_by(self, t: float) -> int:
+        return bisect.bisect_right(self.finish_times, t)
+
+    def holds(self, adapter: str | None) -> bool:
+        if adapter is None:
+            return True
+        code = self.code_of.get(adapter)
+        return code is not None and code in self.sched.slots.gpu
+
+    def finish(self) -> SimResult:
+        """Run to the window's end (or until every request finished); the results of the
+        requests it was sent, in the order they were added."""
+        self.run_until(math.inf)
+        k = len(self.rows)
+        sched = self.sched
+        sched.first_token_step = sched.first_token_step[:k]
+        sched.end_step = sched.end_step[:k]
+        sub = self.trace[self.rows]
+        valid = self.valid[:k]
+        return _finish(sub, sched, self.loop, self.prof, self.config, self.ctx_in, self.window_s, valid, ~valid, False,
+                       self.window, self.max_len, self.kv_tokens, self.num_blocks, "", self.loop_s, self.names,
+                       self.record_steps)
+
+
 class _State:
     """`twin.routing.ReplicaState` over the engines at the current routing instant."""
 
-    def __init__(self, engines: list[SteppedEngine], routed: list[int]):
+    def __init__(self, engines: list[Engine], routed: list[int]):
         self.engines = engines
         self.routed = routed
         self.t = 0.0
@@ -77,16 +185,13 @@ def cosimulate(
     """Route and simulate together; returns (replica per request, per-GPU parts)."""
     import os
     import resource
-    import time
-
-    from twin.engine import SteppedEngine
 
     t0 = time.perf_counter()
     g_count = len(fleet.configs)
     may = np.zeros((g_count, len(names)), dtype=bool)  # may[g, code]: code's requests may go to g
     for k, a in enumerate(names):
         may[router.candidates(a), k] = True
-    engines: list[SteppedEngine] = [
+    engines: list[Engine] = [
         SteppedEngine(trace, np.flatnonzero(may[g][codes]), profile, c, context, window_s, record_steps)
         for g, c in enumerate(fleet.configs)
     ]
