@@ -84,11 +84,15 @@ def gpus_by_rank(class_load: Mapping[int, float], gpus: int) -> dict[int, int]:
 
 def pack(loads: pl.DataFrame, gpus: int, slots: Mapping[int, Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Adapters onto `gpus` GPUs, GPUs of one rank class each (rank classes get GPUs by
-    their predicted need); within a class, recommend's split: busiest adapter first onto
+    the larger of their share of the load and of the adapters); within a class, recommend's split: busiest adapter first onto
     the least loaded GPU with room, at most an even share of the class's adapters per
     GPU, so that loads and adapter counts (slot contention) both even out."""
     ranks = sorted({int(r) for r in loads["rank"].to_list()}, reverse=True)
-    need_of = {r: float(loads.filter(pl.col("rank") == r)["load"].sum()) / slots[r]["capacity_tok_s"] for r in ranks}
+    # A class's share of the GPUs: the larger of its share of the load (at its predicted
+    # capacity) and its share of the adapters (slot contention grows with adapters per GPU).
+    by_load = {r: float(loads.filter(pl.col("rank") == r)["load"].sum()) / slots[r]["capacity_tok_s"] for r in ranks}
+    total_load = sum(by_load.values()) or 1.0
+    need_of = {r: max(by_load[r] / total_load, loads.filter(pl.col("rank") == r).height / loads.height) for r in ranks}
     # Fewer GPUs than ranks: neighbouring ranks share GPUs (the least needy pair first).
     groups = [[r] for r in ranks]
     while len(groups) > max(gpus, 1):
@@ -234,6 +238,7 @@ class TwinCheck:
         self.pool = pool
         self.cache: dict[Any, Any] = {}
         self.runs = 0
+        self.wall_s = 0.0
 
     def run(self, plan: Any, only: list[int] | None = None) -> dict[str, Any]:
         """The plan's verdict in the twin; `only`: run just these GPUs (their verdict)."""
@@ -245,9 +250,11 @@ class TwinCheck:
             gpus = tuple(plan.gpus[i] for i in only)
             plan = FleetPlan(gpus=gpus, profile=plan.profile, router=plan.router)
             trace = trace.filter(pl.col("adapter").is_in([a for g in gpus for a in g.adapters]))
+        t0 = time.perf_counter()
         res = simulate_fleet(trace, self.profile, plan, "placement", trace_context=self.context, pool=self.pool,
                              cache=self.cache)
         self.runs += 1
+        self.wall_s += time.perf_counter() - t0
         s = res.summary
         fleet = s["fleet"]
         slo_miss = []
@@ -401,6 +408,7 @@ def plan_fleet(trace_path: Path, profile_name: str, *, slo_ttft_p99_s: float | N
             extra += 1
             verdict = verdict_of(best, kind, True)
         runs = check.runs
+        twin_s = check.wall_s
     fewer_fails = best - 1 >= 1 and any(x["gpus"] == best - 1 and not x["ok"] for x in search)
     plan = today if kind == TODAY else candidate(best, kind)
     from twin.config import ServingConfig
@@ -442,7 +450,7 @@ def plan_fleet(trace_path: Path, profile_name: str, *, slo_ttft_p99_s: float | N
     )
     return {
         "plan": plan, "today": today, "verdict": verdict, "today_verdict": today_check, "search": search,
-        "summary": summary, "explanations": explanations, "elapsed_s": elapsed, "model_s": t_model,
+        "summary": summary, "explanations": explanations, "elapsed_s": elapsed, "model_s": t_model, "twin_s": twin_s,
         "twin_plan_runs": runs, "recommend": {k: v for k, v in rec.items() if k != "_gpus"}, "class_slots": slots,
     }
 
