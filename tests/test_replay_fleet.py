@@ -150,12 +150,34 @@ def test_saturation_onset_needs_a_lasting_queue() -> None:
     (["--url", "URLS"], "--url lists several servers: pass --plan PLAN"),
     (["--url", "ONE", "--plan", "PLAN"], "--url lists 1 server(s) for the 2 GPU(s)"),
     (["--url", "ONE", "--router", "round-robin"], "--router needs --plan PLAN"),
+    (["--url", "URLS", "--plan", "SHORT"], "1 trace adapter(s) on no GPU of the plan: a4"),
 ])
 def test_bad_fleet_flags_are_one_error_line(tmp_path: Path, servers, args: list[str], message: str) -> None:  # type: ignore[no-untyped-def]
     s1, s2 = servers
     make_trace(tmp_path / "t.parquet")
     plan = make_plan(tmp_path / "plan.json", [["a1", "a2"], ["a3", "a4"]])
-    subst = {"URLS": f"{s1.url},{s2.url}", "ONE": s1.url, "PLAN": str(plan)}
+    short = make_plan(tmp_path / "short.json", [["a1", "a2"], ["a3"]])
+    big = tmp_path / "big.json"
+    big.write_text(json.dumps({"gpus": [{"name": "g0", "adapters": ["a1", "a2"]},
+                                        {"name": "g1", "adapters": ["a3", "a4"], "max_loras": 512, "max_lora_rank": 256}]}))
+    subst = {"URLS": f"{s1.url},{s2.url}", "ONE": s1.url, "PLAN": str(plan), "SHORT": str(short), "BIG": str(big)}
     code, out = run_cli("run", str(tmp_path / "t.parquet"), "--target", "vllm", *[subst.get(a, a) for a in args],
                         "--no-progress", "--out", str(tmp_path / "r.parquet"))
     assert code == 2 and out.startswith("error: ") and message in out and len(out.strip().splitlines()) == 1, out
+
+
+def test_bad_plans_on_the_fleet_twin_are_one_error_line(tmp_path: Path) -> None:
+    make_trace(tmp_path / "t.parquet")
+    short = make_plan(tmp_path / "short.json", [["a1", "a2"], ["a3"]])
+    code, out = run_cli("run", str(tmp_path / "t.parquet"), "--target", "twin", "--profile", "h100-llama-3.1-8b",
+                        "--plan", str(short), "--out", str(tmp_path / "r.parquet"))
+    assert code == 2 and out.strip().endswith("1 trace adapter(s) on no GPU of the plan: a4") and len(out.strip().splitlines()) == 1
+    code, out = run_cli("run", str(tmp_path / "t.parquet"), "--target", "twin", "--profile", "h100-llama-3.1-8b",
+                        "--plan", str(short), "--max-loras", "2", "--out", str(tmp_path / "r.parquet"))
+    assert code == 2 and "--max-loras does not apply with --plan" in out
+    big = tmp_path / "big.json"
+    big.write_text(json.dumps({"gpus": [{"name": "g0", "adapters": ["a1", "a2"]},
+                                        {"name": "g1", "adapters": ["a3", "a4"], "max_loras": 512, "max_lora_rank": 256}]}))
+    code, out = run_cli("run", str(tmp_path / "t.parquet"), "--target", "twin", "--profile", "h100-llama-3.1-8b",
+                        "--plan", str(big), "--out", str(tmp_path / "r.parquet"))
+    assert code == 2 and "g1: does not fit its memory" in out and len(out.strip().splitlines()) == 1

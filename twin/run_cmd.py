@@ -89,7 +89,8 @@ def render(summary: dict[str, Any], title: str) -> None:
               help="fleet: how requests are sent to GPUs [default: the plan's, else placement].")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="fleet: where independent GPU runs go (local processes, or Ray).")
-@click.option("--jobs", type=int, default=None, help="fleet: parallel GPU runs [default: the CPU count].")
+@click.option("--jobs", type=int, default=None,
+              help="fleet: parallel GPU runs [default: the CPU count; 1 under 100k requests, where starting workers costs more].")
 @click.option("--ray-address", default=None, help="fleet: Ray cluster address [default: start a local one].")
 @user_errors
 def run_cmd(
