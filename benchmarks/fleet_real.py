@@ -51,7 +51,8 @@ from tracekit import schema  # noqa: E402
 RESULTS = HERE / "results"
 ADAPTERS = {f"a{i}": (8 if i % 2 else 16) for i in range(1, 9)}
 GROUPS = [["a1", "a2", "a3", "a4"], ["a5", "a6", "a7", "a8"]]
-SERVER = dict(max_loras=2, max_cpu_loras=4, max_lora_rank=16, max_num_seqs=16, max_num_batched_tokens=512)
+# Few seats, so that a replica past its speed queues requests (its saturation onset).
+SERVER = dict(max_loras=2, max_cpu_loras=4, max_lora_rank=16, max_num_seqs=8, max_num_batched_tokens=512)
 PY = sys.executable
 PROMPT = (16, 300)
 OUTPUT = (8, 64)
