@@ -350,9 +350,14 @@ def plan_fleet(trace_path: Path, profile_name: str, *, slo_ttft_p99_s: float | N
                                      if kind == RANK_GROUPED else recommend_split(load_of, g, rec, profile.name))
         return candidates[(g, kind)]
 
-    with parallel.Pool(executor, default_jobs() if jobs is None else jobs, ray_address) as pool:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with parallel.Pool(executor, default_jobs(trace.height) if jobs is None else jobs, ray_address) as pool, \
+            ThreadPoolExecutor(3) as threads:
+        # Runs submitted from several threads share the pool's workers: today's check and
+        # both packings of a candidate keep every worker busy.
         check = TwinCheck(trace, context, profile, slo_ttft_p99_s, pool)
-        today_check = check.run(today)
+        today_future = threads.submit(check.run, today)
 
         def verdict_of(g: int, kind: str, whole: bool) -> dict[str, Any]:
             plan_g = candidate(g, kind)
@@ -369,31 +374,33 @@ def plan_fleet(trace_path: Path, profile_name: str, *, slo_ttft_p99_s: float | N
             return v
 
         def feasible(g: int) -> str | None:
-            for kind in PACKINGS:
-                if verdict_of(g, kind, False)["ok"]:
-                    return kind
-            return None
+            futures = [threads.submit(verdict_of, g, kind, False) for kind in PACKINGS]
+            oks = [f.result()["ok"] for f in futures]
+            return next((kind for kind, ok in zip(PACKINGS, oks, strict=True) if ok), None)
 
         # Bisect the GPU count, running only each candidate's critical GPUs (a failure there
         # fails the plan), with both packings; then every GPU of the answer, and one more
         # GPU while that fails. Today's plan, when it passes, bounds the search.
         lo, hi = 1, None
         winner: dict[int, str] = {}
-        if today_check["ok"]:
-            hi = len(today.gpus)
-            winner[hi] = TODAY
-        g = first_guess(loads, slots) if hi is None else min(first_guess(loads, slots), hi - 1)
+        g = first_guess(loads, slots)
+        today_check: dict[str, Any] | None = None
         for _ in range(MAX_SEARCH_STEPS):
-            if hi is not None and lo >= hi:
-                break
-            kind = feasible(g)
+            kind = feasible(g)  # the first round runs beside today's check
             if kind is not None:
                 hi, winner[g] = g, kind
             else:
                 lo = g + 1
+            if today_check is None:
+                today_check = today_future.result()
+                if today_check["ok"] and len(today.gpus) >= lo and (hi is None or len(today.gpus) < hi):
+                    hi = len(today.gpus)
+                    winner[hi] = TODAY
             if hi is not None and lo >= hi:
                 break
             g = (lo + hi) // 2 if hi is not None else max(g + 1, math.ceil(g * 1.25))
+        if today_check is None:
+            today_check = today_future.result()
         best = hi if hi is not None else g
         kind = winner.get(best, RANK_GROUPED)
         verdict = today_check if kind == TODAY else verdict_of(best, kind, True)

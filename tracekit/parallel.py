@@ -53,9 +53,12 @@ def iter_ray(fn: Callable[..., Any], tasks: Sequence[tuple[Any, ...]], jobs: int
 class Pool:
     """Workers kept across several batches of tasks (a planner checks many candidate
     plans: the workers start once). `run(fn, tasks)` yields (index, result) as tasks
-    finish; with `jobs` <= 1 on "local", tasks run in this process."""
+    finish; with `jobs` <= 1 on "local", tasks run in this process. Several threads may
+    submit to one pool."""
 
     def __init__(self, executor: str = "local", jobs: int = 1, ray_address: str | None = None):
+        import threading
+
         if executor not in EXECUTORS:
             raise TracekitError(f"--executor {executor}: expected local or ray")
         if executor == "local" and ray_address:
@@ -68,6 +71,7 @@ class Pool:
         self._local: Any = None
         self._ray_started = False
         self._remote: dict[Any, Any] = {}
+        self._lock = threading.Lock()
 
     def __enter__(self) -> Pool:
         return self
@@ -92,27 +96,31 @@ class Pool:
             return ((i, fn(*t)) for i, t in enumerate(tasks))
         return self._run_local(fn, tasks)
 
+    def _executor(self) -> Any:
+        with self._lock:
+            if self._local is None:
+                import multiprocessing as mp
+                from concurrent.futures import ProcessPoolExecutor
+
+                self._local = ProcessPoolExecutor(max_workers=self.jobs, mp_context=mp.get_context("spawn"))
+            return self._local
+
     def _run_local(self, fn: Callable[..., Any], tasks: Sequence[tuple[Any, ...]]) -> Iterator[tuple[int, Any]]:
         from concurrent.futures import as_completed
 
-        if self._local is None:
-            import multiprocessing as mp
-            from concurrent.futures import ProcessPoolExecutor
-
-            # The workers inherit the environment when they start: set it only then.
+        ex = self._executor()
+        with self._lock:
+            # The workers inherit the environment when they start (at the first submit).
             saved = {k: os.environ.get(k) for k in SINGLE_THREAD_ENV}
             os.environ.update(SINGLE_THREAD_ENV)
             try:
-                self._local = ProcessPoolExecutor(max_workers=self.jobs, mp_context=mp.get_context("spawn"))
-                futs = {self._local.submit(fn, *t): i for i, t in enumerate(tasks)}  # workers start here
+                futs = {ex.submit(fn, *t): i for i, t in enumerate(tasks)}
             finally:
                 for k, v in saved.items():
                     if v is None:
                         os.environ.pop(k, None)
                     else:
                         os.environ[k] = v
-        else:
-            futs = {self._local.submit(fn, *t): i for i, t in enumerate(tasks)}
         try:
             for f in as_completed(futs):
                 yield futs[f], f.result()
@@ -125,21 +133,22 @@ class Pool:
             import ray
         except ImportError:
             raise TracekitError("--executor ray needs Ray: pip install 'lora-tracekit[ray]'") from None
-        if not ray.is_initialized():
-            kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
-            if self.ray_address:
-                kwargs["address"] = self.ray_address
-            else:
-                kwargs["num_cpus"] = self.jobs
-                kwargs["runtime_env"] = {"env_vars": dict(SINGLE_THREAD_ENV)}
-            try:
-                ray.init(**kwargs)
-            except Exception as e:  # ray raises many types for a bad address
-                raise TracekitError(f"--ray-address {self.ray_address}: cannot connect: {str(e).splitlines()[0]}") from None
-            self._ray_started = True
-        remote = self._remote.get(fn)
-        if remote is None:
-            remote = self._remote[fn] = ray.remote(num_cpus=1)(fn)
+        with self._lock:
+            if not ray.is_initialized():
+                kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+                if self.ray_address:
+                    kwargs["address"] = self.ray_address
+                else:
+                    kwargs["num_cpus"] = self.jobs
+                    kwargs["runtime_env"] = {"env_vars": dict(SINGLE_THREAD_ENV)}
+                try:
+                    ray.init(**kwargs)
+                except Exception as e:  # ray raises many types for a bad address
+                    raise TracekitError(f"--ray-address {self.ray_address}: cannot connect: {str(e).splitlines()[0]}") from None
+                self._ray_started = True
+            remote = self._remote.get(fn)
+            if remote is None:
+                remote = self._remote[fn] = ray.remote(num_cpus=1)(fn)
         refs = {remote.remote(*t): i for i, t in enumerate(tasks)}
         pending = list(refs)
         while pending:
