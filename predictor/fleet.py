@@ -374,9 +374,11 @@ def plan_fleet(trace_path: Path, profile_name: str, *, slo_ttft_p99_s: float | N
             return v
 
         def feasible(g: int) -> str | None:
+            """The passing packing with the most headroom (lowest p99 TTFT), or None."""
             futures = [threads.submit(verdict_of, g, kind, False) for kind in PACKINGS]
-            oks = [f.result()["ok"] for f in futures]
-            return next((kind for kind, ok in zip(PACKINGS, oks, strict=True) if ok), None)
+            passing = [(f.result()["p99_ttft_ms"] or 0.0, kind) for f, kind in zip(futures, PACKINGS, strict=True)
+                       if f.result()["ok"]]
+            return min(passing)[1] if passing else None
 
         # Bisect the GPU count, running only each candidate's critical GPUs (a failure there
         # fails the plan), with both packings; then every GPU of the answer, and one more
