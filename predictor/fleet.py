@@ -464,6 +464,15 @@ def plan_fleet(trace_path: Path, profile_name: str, *, slo_ttft_p99_s: float | N
     }
 
 
+def _compact(v: Mapping[str, Any]) -> dict[str, Any]:
+    keep = ("name", "adapters", "requests", "offered_tok_s", "throughput_tok_s", "served_frac", "starving_adapters",
+            "min_adapter_served_frac", "p99_ttft_ms", "mean_itl_ms", "max_loras", "max_cpu_loras", "max_lora_rank",
+            "kv_capacity_tokens")
+    out = {k: x for k, x in v.items() if k != "per_gpu"}
+    out["per_gpu"] = [{k: g.get(k) for k in keep} for g in v.get("per_gpu", [])]
+    return out
+
+
 def _row(v: Mapping[str, Any], plan: Any) -> list[str]:
     mls = sorted({g.settings.get("max_loras") for g in plan.gpus})
     rks = sorted({g.settings.get("max_lora_rank") for g in plan.gpus})
@@ -509,8 +518,8 @@ def plan_cmd(trace: Path, profile: str, out: Path, today_out: Path | None, slo: 
     if as_json:
         click.echo(json.dumps({
             "gpus": len(r["plan"].gpus), "today_gpus": len(r["today"].gpus), "ok": r["verdict"]["ok"],
-            "plan": r["plan"].to_dict(), "verdict": {k: v for k, v in r["verdict"].items() if k != "per_gpu"},
-            "today_verdict": {k: v for k, v in r["today_verdict"].items() if k != "per_gpu"},
+            "plan": r["plan"].to_dict(), "verdict": _compact(r["verdict"]),
+            "today_verdict": _compact(r["today_verdict"]),
             "search": r["search"], "summary": r["summary"], "elapsed_s": r["elapsed_s"],
             "twin_plan_runs": r["twin_plan_runs"], "out": str(out),
         }, default=str))

@@ -90,3 +90,15 @@ def test_adapter_loads_are_offered_tokens_per_second() -> None:
     out = adapter_loads(df, 10.0, {"a": 8})
     assert out["adapter"].to_list() == ["a", "b"] and out["rank"].to_list() == [8, 16]
     assert out["load"].to_list() == pytest.approx([3.3, 0.8]) and out["rate"].to_list() == pytest.approx([0.2, 0.1])
+
+
+def test_a_ttft_slo_is_met_by_every_gpu(tmp_path: Path, trace_path: Path) -> None:
+    r = CliRunner().invoke(predictor_main, ["plan", str(trace_path), "--profile", PROFILE, "--out", str(tmp_path / "p.json"),
+                                            "--json", "--jobs", "1", "--slo-ttft-p99", "0.5"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["ok"] and d["verdict"]["slo_missed_by"] == []
+    assert max(g["p99_ttft_ms"] for g in d["verdict"]["per_gpu"]) <= 500.0
+    # A candidate that served every adapter but missed the SLO failed the search.
+    assert all(s["ok"] == (s["starving_adapters"] == 0 and not s["slo_missed_by"] and not s["starving_gpus"])
+               for s in d["search"])
