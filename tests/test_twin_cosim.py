@@ -144,3 +144,14 @@ def test_coupled_groups_on_ray_give_the_same_results(fleet_trace) -> None:  # ty
     local = simulate_fleet(df, PROFILE, plan, "placement", trace_context=ctx, jobs=1)
     ray = simulate_fleet(df, PROFILE, plan, "placement", trace_context=ctx, executor="ray", jobs=2)
     assert local.results.equals(ray.results)
+
+
+def test_coupled_fleet_without_fast_forward_is_the_same() -> None:
+    # Sparse arrivals: decode-only stretches between routing instants are fast-forwarded.
+    df, ctx = synthesize(adapters=4, rates=None, total_rate=1.0, ranks=[8, 16], duration_s=300.0, seed=9)
+    names = sorted(df["adapter"].unique().to_list())
+    plan = FleetPlan.from_dict({"gpus": [{"adapters": names, "max_loras": 4} for _ in range(2)]})
+    a = simulate_fleet(df, PROFILE, plan, "least-loaded", trace_context=ctx)
+    b = simulate_fleet(df, PROFILE, plan, "least-loaded", trace_context=ctx, fast_forward=False)
+    assert a.results.equals(b.results)
+    assert sum(g["fast_forward_steps"] for g in a.summary["gpus"]) > 0 == sum(g["fast_forward_steps"] for g in b.summary["gpus"])

@@ -74,12 +74,14 @@ class SteppedEngine:
     here (they fix the adapter table and the waiting queues' room)."""
 
     def __init__(self, trace: pl.DataFrame, candidates: np.ndarray, profile: Any, config: ServingConfig,
-                 context: dict[str, Any] | None, window_s: float | None, record_steps: bool = False):
+                 context: dict[str, Any] | None, window_s: float | None, record_steps: bool = False,
+                 fast_forward: bool = True):
         self.prof = load_profile(profile)
         self.config = config.check()
         self.ctx_in = dict(context or {})
         self.window_s = window_s
         self.record_steps = record_steps
+        self.fast_forward = fast_forward
         self.trace = trace
         sub = trace[candidates]
         codes, self.names, ranks = _resolve_adapters(sub, self.ctx_in, config)
@@ -131,7 +133,7 @@ class SteppedEngine:
     def run_until(self, t: float) -> None:
         """Execute every step that starts before `t`."""
         t0 = time.perf_counter()
-        self.loop.run(True, until=t)
+        self.loop.run(self.fast_forward, until=t)
         self.loop_s += time.perf_counter() - t0
         log = self.sched.finish_log
         assert log is not None
@@ -181,6 +183,7 @@ class _State:
 def cosimulate(
     trace: pl.DataFrame, codes: np.ndarray, names: list[str | None], router: Router, profile: Profile,
     fleet: ResolvedFleet, context: dict[str, Any], window_s: float | None, record_steps: bool,
+    fast_forward: bool = True,
 ) -> tuple[np.ndarray, list[Any]]:
     """Route and simulate together; returns (replica per request, per-GPU parts)."""
     import os
@@ -192,7 +195,7 @@ def cosimulate(
     for k, a in enumerate(names):
         may[router.candidates(a), k] = True
     engines: list[Engine] = [
-        SteppedEngine(trace, np.flatnonzero(may[g][codes]), profile, c, context, window_s, record_steps)
+        SteppedEngine(trace, np.flatnonzero(may[g][codes]), profile, c, context, window_s, record_steps, fast_forward)
         for g, c in enumerate(fleet.configs)
     ]
     n = trace.height

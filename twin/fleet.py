@@ -171,6 +171,7 @@ def run_task(kind: str, args: tuple[Any, ...]) -> Any:
 def run_group(
     names: list[str], trace: pl.DataFrame, profile: Profile, plan: FleetPlan, router: str,
     configs: list[ServingConfig], kvs: list[int], context: dict[str, Any], window_s: float | None, record_steps: bool,
+    fast_forward: bool = True,
 ) -> tuple[np.ndarray, list[Any]]:
     """A coupled group of GPUs (in a worker or in this process): co-simulated."""
     from twin.cosim import cosimulate
@@ -178,7 +179,7 @@ def run_group(
     codes, anames = adapter_codes(trace)
     fleet = ResolvedFleet(plan=plan, configs=configs, kv_capacity_tokens=kvs, warnings=[])
     rt = Router(router, len(plan.gpus), plan.placement())
-    return cosimulate(trace, codes, anames, rt, profile, fleet, context, window_s, record_steps)
+    return cosimulate(trace, codes, anames, rt, profile, fleet, context, window_s, record_steps, fast_forward)
 
 
 def _run_coupled(
@@ -220,7 +221,7 @@ def _run_coupled(
             sub_plan = FleetPlan(gpus=tuple(plan.gpus[g] for g in comp), profile=plan.profile, router=plan.router)
             tasks.append(([plan.gpus[g].name for g in comp], trace[rows], portable, sub_plan, rt.name,
                           [fleet.configs[g] for g in comp], [fleet.kv_capacity_tokens[g] for g in comp], ctx, window_s,
-                          record_steps))
+                          record_steps, fast_forward))
             kinds.append(("group", comp, rows))
     # Largest first, so that the longest task does not start last.
     order = sorted(range(len(tasks)), key=lambda i: -len(kinds[i][2]))
