@@ -67,7 +67,7 @@ def render_fleet(summary: dict[str, Any], title: str) -> None:
 def run_fleet(
     trace: Path, profile_name: str, plan_path: Path, router: str | None, window: float | None, out: Path,
     steps_out: Path | None, no_fast_forward: bool, as_json: bool, executor: str, jobs: int | None,
-    ray_address: str | None, serving: dict[str, Any],
+    ray_address: str | None, serving: dict[str, Any], drain: bool = False,
 ) -> None:
     from twin.fleet import adapter_codes, simulate_fleet
     from twin.fleet_plan import FleetPlan, resolve
@@ -91,7 +91,11 @@ def run_fleet(
         raise TracekitError(f"{trace}: the trace has no requests")
     if window is not None and not window > 0:
         raise TracekitError(f"--window must be positive, got {window}")
+    if drain and window is not None:
+        raise TracekitError("--drain never cuts the run: give --window or --drain, not both")
     context = {k: v for k, v in meta.context.items() if k != "parts"}
+    if drain:  # the engines cut at the trace's window unless it has none
+        context["trace_window_s"] = context.pop("window_s", None)
     from tracekit.schema import adapter_ranks
 
     _, names = adapter_codes(df)
