@@ -179,7 +179,7 @@ def run_cmd(trace: Path, target: str, out: Path, speed: float, duration: float |
         tgt = TwinTarget(profile=profile, config=config)
 
     replayed = tgt.replay(df, dict(meta.context), cut)
-    if target == "twin":
+    if target == "twin" and plan is None:  # a fleet's per-GPU configurations are in its `fleet` context
         kv = (replayed.context.get("twin") or {}).get("kv_capacity_tokens")
         replayed.context["configuration"] = describe_config(profile, config, flags, kv)
     context = {k: v for k, v in meta.context.items() if k not in ("window_s", "parts")}
