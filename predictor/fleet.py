@@ -46,6 +46,7 @@ from tracekit.schema import TracekitError
 # The engine limits the shipped models and recommend assume (the paper's servers).
 ENGINE = {"max_num_seqs": 2048, "max_num_batched_tokens": 2048}
 MAX_SEARCH_STEPS = 8
+MAX_FULL_STEPS = 6
 RANK_GROUPED, RECOMMEND_SPLIT, TODAY = "rank-grouped", "recommend's split", "today's recommend plan"
 PACKINGS = (RANK_GROUPED, RECOMMEND_SPLIT)
 
@@ -143,13 +144,22 @@ def share(need: Mapping[int, float], gpus: int) -> dict[int, int]:
 
 
 def critical(plan: Any, load_of: Mapping[str, float]) -> list[int]:
-    """The GPUs of a plan most likely to fail first: the two most loaded, the one holding
-    the most adapters, and the one holding the busiest adapter."""
+    """The GPUs of a plan most likely to fail first: in each rank class the most loaded
+    and the one holding the most adapters, the two most loaded of the fleet, and the one
+    holding the busiest adapter."""
     loads = [sum(load_of.get(a, 0.0) for a in g.adapters) for g in plan.gpus]
-    order = sorted(range(len(loads)), key=lambda i: -loads[i])
-    crowded = max(range(len(plan.gpus)), key=lambda i: len(plan.gpus[i].adapters))
-    busiest = max(range(len(plan.gpus)), key=lambda i: max(load_of.get(a, 0.0) for a in plan.gpus[i].adapters))
-    return sorted({*order[:2], crowded, busiest})
+    out = set(sorted(range(len(loads)), key=lambda i: -loads[i])[:2])
+    out.add(max(range(len(plan.gpus)), key=lambda i: max(load_of.get(a, 0.0) for a in plan.gpus[i].adapters)))
+    for rank in {g.settings.get("max_lora_rank") for g in plan.gpus}:
+        mine = [i for i, g in enumerate(plan.gpus) if g.settings.get("max_lora_rank") == rank]
+        # Busiest by load share per adapter slot... simply: the most loaded GPU of the
+        # class that holds no adapter shared with another GPU (a coupled group is
+        # already in through the fleet's most loaded), and the most crowded.
+        alone = [i for i in mine if all(sum(a in h.adapters for h in plan.gpus) == 1 for a in plan.gpus[i].adapters)]
+        if alone:
+            out.add(max(alone, key=lambda i: loads[i]))
+        out.add(max(mine, key=lambda i: len(plan.gpus[i].adapters)))
+    return sorted(out)
 
 
 def first_guess(loads: pl.DataFrame, slots: Mapping[int, Mapping[str, Any]]) -> int:
@@ -406,16 +416,21 @@ def plan_fleet(trace_path: Path, profile_name: str, *, slo_ttft_p99_s: float | N
         best = hi if hi is not None else g
         kind = winner.get(best, RANK_GROUPED)
         verdict = today_check if kind == TODAY else verdict_of(best, kind, True)
+        # The critical GPUs passed but another failed: every GPU from here on, both
+        # packings at once, one more GPU at a time.
         extra = 0
-        while not verdict["ok"] and extra < 4:
-            other = [k for k in PACKINGS if k != kind and (best, k) not in {(x["gpus"], x["packing"]) for x in search
-                                                                              if x["gpus_run"] == "all"}]
-            if other:
-                kind = other[0]
-            else:
-                best, kind = best + 1, RANK_GROUPED
+        while not verdict["ok"] and extra < MAX_FULL_STEPS:
+            if extra or kind == TODAY:
+                best += 1
             extra += 1
-            verdict = verdict_of(best, kind, True)
+            futures = {k: threads.submit(verdict_of, best, k, True) for k in PACKINGS if (extra > 1 or k != kind)}
+            done = {k: f.result() for k, f in futures.items()}
+            passing = [(v["p99_ttft_ms"] or 0.0, k) for k, v in done.items() if v["ok"]]
+            if passing:
+                kind = min(passing)[1]
+                verdict = done[kind]
+            else:
+                kind, verdict = min(done.items(), key=lambda kv: kv[1]["starving_adapters"])
         runs = check.runs
         twin_s = check.wall_s
     fewer_fails = best - 1 >= 1 and any(x["gpus"] == best - 1 and not x["ok"] for x in search)
