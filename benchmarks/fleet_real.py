@@ -118,6 +118,10 @@ def make_trace(path: Path, *, duration: float, rate_of_t: Any, weights: dict[str
 
 
 def main() -> None:
+    import signal
+
+    # A timeout's SIGTERM must still stop the servers (the `finally` below).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=float, default=90.0, help="seconds of each trace")
     ap.add_argument("--size", default="medium", choices=["tiny", "medium"])
