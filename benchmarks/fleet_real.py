@@ -192,6 +192,8 @@ def main() -> None:
     finally:
         for s in servers:
             s.stop()
+    for sd in steps:  # the calibration's parts were copied; the rest is the held-out run's
+        shutil.rmtree(sd, ignore_errors=True)
     cal = cli("twin", "calibrate", *map(str, cal_dirs), "--out", str(work / "profile.json"))
     cli("replay", "run", str(work / "heldout_trace.parquet"), "--target", "twin", "--profile", str(work / "profile.json"),
         "--plan", str(plan_path), "--out", str(work / "heldout_twin.parquet"))
