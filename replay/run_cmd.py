@@ -205,6 +205,13 @@ def run_cmd(trace: Path, target: str, out: Path, speed: float, duration: float |
         click.echo(json.dumps(_json_safe(dict(report_dict(res, ctx), out=str(out))), default=str))
     else:
         render_summary(res, ctx, console, show_all=show_all)
+        if plan is not None:
+            import pyarrow.parquet as pq
+
+            from twin.fleet import fleet_summary
+            from twin.fleet_cmd import render_fleet
+
+            render_fleet(fleet_summary(pq.read_table(out), ctx, plan, None), f"fleet: router {router}, per replica")
         if context.get("interrupted"):
             console.print("[yellow]interrupted: results so far were written[/]")
         console.print(f"wrote {out} ({res.height:,} requests)")
