@@ -104,7 +104,7 @@ def main() -> None:
         f"Command: `{res['command']}` ({res['when']}).",
         "Traces: `tracekit synth --adapters 2000 --total-rate R --popularity zipf:1.0 --arrivals gamma:2 --ranks 8,16,32 "
         "--duration 3600 --seed 0`; profile h100-llama-3.1-8b. Starving adapter: served < 90% of offered in the twin, "
-        "judged on requests that arrived before the window's last 5%.",
+        "judged on requests that arrived before the window's last 5% (or the time the longest answer takes at the fleet's mean ITL, if longer).",
         "",
         "| R req/s | requests | plan: wall s (goal <= 10) | plan: GPUs | plan: starving adapters | today's recommend: GPUs | "
         "today's: starving adapters (worst served) | today's split, fewest GPUs with none starving |",
