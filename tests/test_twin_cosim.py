@@ -48,6 +48,37 @@ def test_an_engine_fed_request_by_request_is_simulate(fleet_trace, every: int, s
     assert eng.finish().results.equals(ref.results)
 
 
+@settings(max_examples=10, deadline=None)
+@given(every=st.integers(1, 30), seats=st.sampled_from([4, 32]), slots=st.integers(1, 3),
+       async_=st.booleans(), prefix=st.booleans(), kv_tokens=st.sampled_from([3000, 40000]))
+def test_engine_is_simulate_with_async_scheduling_and_prefix_caching(every: int, seats: int, slots: int,
+                                                                     async_: bool, prefix: bool, kv_tokens: int) -> None:
+    # Multi-turn chats on shared system prompts (prefix hits), a small KV cache
+    # (preemptions), requests added as a router would: the fleet's trace holds other rows
+    # too, routed elsewhere; this engine's adapter table is that of its own rows.
+    df, ctx = synthesize(adapters=5, rates=None, total_rate=12.0, popularity="zipf:1.0", arrivals="gamma:2",
+                         ranks=[8, 16], duration_s=40.0, seed=5, turns=3, system_prompts="2:64")
+    df = df.sort("arrival_s", maintain_order=True).with_row_index("row")
+    prof = load_profile(PROFILE)
+    cfg = ServingConfig.for_profile(prof, max_loras=slots, max_cpu_loras=5, max_lora_rank=16, max_num_seqs=seats,
+                                    async_scheduling=async_, enable_prefix_caching=prefix, max_num_batched_tokens=512,
+                                    kv_capacity_tokens=kv_tokens)
+    mine = df.filter(pl.col("row") % 3 != 1)  # rows 1, 4, 7, ... go to another GPU
+    ref = simulate(mine.drop("row"), prof, cfg, trace_context=ctx, window_s=30.0)
+    full = df.drop("row")
+    rows = mine["row"].to_numpy()
+    eng = SteppedEngine(full, rows, prof, cfg, ctx, 30.0)
+    arr = full["arrival_s"].to_numpy()
+    for j, i in enumerate(rows):
+        if j % every == 0:
+            eng.run_until(float(arr[i]))
+        eng.add(int(i), float(arr[i]))
+    got = eng.finish()
+    assert got.results.equals(ref.results)
+    for key in ("preemptions", "steps", "adapter_loads", "cached_prompt_tokens"):
+        assert got.summary.get(key) == ref.summary.get(key)
+
+
 def test_a_static_router_through_the_coupled_path_is_the_static_fleet(fleet_trace) -> None:  # type: ignore[no-untyped-def]
     df, ctx = fleet_trace
     names = sorted(df["adapter"].unique().to_list())

@@ -43,8 +43,9 @@ import polars as pl
 
 from tracekit.schema import TracekitError
 from twin.config import ServingConfig, SimResult
-from twin.engine import _finish, _Loop, _resolve_adapters
+from twin.engine import _finish, _Loop, _registered_adapters, _resolve_adapters
 from twin.fleet_plan import ResolvedFleet
+from twin.kv_cache import PrefixKeys, prefix_keys
 from twin.profile import Profile, load_profile
 from twin.routing import Router
 from twin.scheduler import BASE, DEFAULT_CPU_MISS_FACTOR, Scheduler
@@ -64,6 +65,18 @@ class Engine(Protocol):
     def finish(self) -> tuple[Any, dict[str, Any], Any]: ...
 
 
+class _RoutedPrefix:
+    """The prefix units of an engine's requests in the order they were added: request r
+    is row `rows[r]` of the candidates' `PrefixKeys`."""
+
+    def __init__(self, keys: PrefixKeys, rows: list[int]):
+        self.keys = keys
+        self.rows = rows
+
+    def of(self, r: int) -> tuple[list[int], list[int]]:
+        return self.keys.of(self.rows[r])
+
+
 class SteppedEngine:
     """One GPU of a coupled fleet (`twin.cosim`): requests are added as the router sends
     them, in arrival order, and the engine is advanced to each routing instant. The same
@@ -71,7 +84,8 @@ class SteppedEngine:
     results, bit for bit, as `simulate` on that set.
 
     `trace`: the fleet's trace in arrival order; `candidates`: its rows that may be sent
-    here (they fix the adapter table and the waiting queues' room)."""
+    here, ascending (they fix the adapter table, the waiting queues' room and the prefix
+    units)."""
 
     def __init__(self, trace: pl.DataFrame, candidates: np.ndarray, profile: Any, config: ServingConfig,
                  context: dict[str, Any] | None, window_s: float | None, record_steps: bool = False,
@@ -83,8 +97,9 @@ class SteppedEngine:
         self.record_steps = record_steps
         self.fast_forward = fast_forward
         self.trace = trace
+        self.candidates = candidates
         sub = trace[candidates]
-        codes, self.names, ranks = _resolve_adapters(sub, self.ctx_in, config)
+        codes, self.names, ranks = _resolve_adapters(sub.get_column("adapter").to_arrow(), self.ctx_in, config)
         self.code_of = {n: i for i, n in enumerate(self.names)}
         self.prompt_all = trace.get_column("prompt_tokens").cast(pl.Int64).to_numpy()
         self.output_all = trace.get_column("output_tokens").cast(pl.Int64).to_numpy()
@@ -96,20 +111,37 @@ class SteppedEngine:
         self.max_len = min(config.max_model_len or 1 << 62, self.num_blocks * config.block_size + 1)
         n_q = len(self.names) + 1
         capacity = np.bincount(np.where(codes < 0, n_q - 1, codes), minlength=n_q)
+        size = max(len(candidates), 1)
+        # Arrival times of the requests added so far; the rest stay inf (never arrived).
+        self.arrival = np.full(size, np.inf)
+        self.valid = np.ones(size, dtype=bool)
+        self.rows: list[int] = []  # fleet trace rows, in the order added
+        prefix = None
+        if config.enable_prefix_caching:
+            keys = prefix_keys(sub, self.ctx_in, config.block_size,
+                               lambda: sub.get_column("adapter").to_list() if config.enable_lora else [None] * sub.height)
+            self._cand_pos: list[int] = []
+            prefix = None if keys is None else _RoutedPrefix(keys, self._cand_pos)
         cpu_factor = float(self.prof.data.get("adapter_load", {}).get("cpu_miss_factor", DEFAULT_CPU_MISS_FACTOR))
         self.sched = Scheduler(
-            prompt=[], output=[], adapter_idx=np.zeros(0, dtype=np.int64), valid=np.zeros(0, dtype=bool),
-            adapter_rank=ranks, adapter_load_s=[self.prof.adapter_load_s(r, config.max_lora_rank) for r in ranks],
+            prompt=[], output=[], arrival=self.arrival, adapter_idx=np.zeros(0, dtype=np.int64),
+            valid=np.zeros(0, dtype=bool), adapter_rank=ranks,
+            adapter_load_s=[self.prof.adapter_load_s(r, config.max_lora_rank) for r in ranks],
             cpu_miss_factor=cpu_factor, max_loras=config.max_loras, max_cpu_loras=config.cpu_loras,
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-            block_size=config.block_size, num_blocks=self.num_blocks, waiting_capacity=capacity,
-        )
+            block_size=config.block_size, num_blocks=self.num_blocks,
+            enable_prefix_caching=config.enable_prefix_caching,
+            scheduler_reserve_full_isl=config.scheduler_reserve_full_isl,
+            async_scheduling=config.async_scheduling, prefix=prefix,  # type: ignore[arg-type]
+            waiting_capacity=capacity,
+        )  # fmt: skip
+        self.sched.slots.preload(_registered_adapters(self.ctx_in, self.names))
         self.window = math.inf if window_s is None else float(window_s)
-        self.arrival = np.full(max(len(candidates), 1), np.inf)
-        self.valid = np.ones(max(len(candidates), 1), dtype=bool)
         self.loop = _Loop(self.sched, self.prof, config, self.arrival, self.valid[:0], self.window, record_steps, False)
         self.loop.num_requests = 0  # requests added so far
-        self.rows: list[int] = []
+        # Valid requests among the first k (the loop's count of waiting ones), kept for
+        # every k up to the room: an invalid one lowers the counts after it.
+        self._valid_prefix = np.arange(size + 1, dtype=np.int64)
         self.finish_times: list[float] = []
         self.loop_s = 0.0
 
@@ -122,13 +154,15 @@ class SteppedEngine:
         r = self.sched.add_request(p, o, code, ok)
         self.arrival[r] = arrival_s
         self.rows.append(request)
+        if self.config.enable_prefix_caching:
+            self._cand_pos.append(int(np.searchsorted(self.candidates, request)))
         loop = self.loop
         loop.num_requests = r + 1
         if not ok:
             self.valid[r] = False
+            self._valid_prefix[r + 1 :] -= 1
             loop.all_valid = False
-        if not loop.all_valid:
-            loop.valid_prefix = np.concatenate([[0], np.cumsum(self.valid)]).astype(np.int64)
+            loop.valid_prefix = self._valid_prefix
 
     def run_until(self, t: float) -> None:
         """Execute every step that starts before `t`."""
@@ -155,14 +189,11 @@ class SteppedEngine:
         requests it was sent, in the order they were added."""
         self.run_until(math.inf)
         k = len(self.rows)
-        sched = self.sched
-        sched.first_token_step = sched.first_token_step[:k]
-        sched.end_step = sched.end_step[:k]
-        sub = self.trace[self.rows]
+        table = self.trace[self.rows].to_arrow()
         valid = self.valid[:k]
-        return _finish(sub, sched, self.loop, self.prof, self.config, self.ctx_in, self.window_s, valid, ~valid, False,
-                       self.window, self.max_len, self.kv_tokens, self.num_blocks, "", self.loop_s, self.names,
-                       self.record_steps)
+        return _finish(table, self.arrival[:k], self.sched, self.loop, self.prof, self.config, self.ctx_in,
+                       self.window_s, valid, ~valid, False, self.window, self.max_len, self.kv_tokens, self.num_blocks,
+                       "", self.loop_s, self.names, self.record_steps)
 
 
 class _State:
