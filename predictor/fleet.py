@@ -20,7 +20,8 @@ How the plan is built:
 4. The twin runs the plans (static placement: one independent run per GPU, in parallel).
    G is bisected (today's plan, when it passes, bounds it), running only each
    candidate's critical GPUs (most loaded, most crowded, busiest adapter): a failure
-   there fails the plan. The answer is then run on every GPU, one more GPU while it fails.
+   there fails the plan; the packing with fewer critical GPUs is screened first, the
+   other only when it fails. The answer is then run on every GPU, one more GPU while it fails.
    The search shows one GPU fewer failing, which is what makes G the fewest found.
 
 Starving adapters are judged as the fleet twin judges them (`twin.fleet`): served < 90%
@@ -384,11 +385,15 @@ def plan_fleet(trace_path: Path, profile_name: str, *, slo_ttft_p99_s: float | N
             return v
 
         def feasible(g: int) -> str | None:
-            """The passing packing with the most headroom (lowest p99 TTFT), or None."""
-            futures = [threads.submit(verdict_of, g, kind, False) for kind in PACKINGS]
-            passing = [(f.result()["p99_ttft_ms"] or 0.0, kind) for f, kind in zip(futures, PACKINGS, strict=True)
-                       if f.result()["ok"]]
-            return min(passing)[1] if passing else None
+            """A packing whose critical GPUs pass at `g` GPUs, or None. The packing with
+            fewer critical GPUs is screened first and the other only when it fails: the
+            other's run is saved whenever the first passes (its GPUs are many, and they
+            keep the pool's workers busy by themselves)."""
+            order = sorted(PACKINGS, key=lambda k: len(critical(candidate(g, k), load_of)))
+            for kind in order:
+                if verdict_of(g, kind, False)["ok"]:
+                    return kind
+            return None
 
         # Bisect the GPU count, running only each candidate's critical GPUs (a failure there
         # fails the plan), with both packings; then every GPU of the answer, and one more

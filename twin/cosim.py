@@ -24,7 +24,12 @@ The engine side is `SteppedEngine` (below, on `twin.engine`'s loop and scheduler
 arrivals during a run (`Scheduler.add_request`, room per adapter queue fixed by the
 requests that may be routed there) and the loop stops before a step that would start at
 or after a given time and resumes there (`_Loop.run(until=...)`); an engine sent a set of
-requests gives the results `simulate` gives on that set, bit for bit (tested).
+requests gives the results `simulate` gives on that set, bit for bit (tested, with async
+scheduling and prefix caching), when every adapter it may be sent reaches it: its adapter
+table is its candidates' (fixed before routing), and the scheduler's stand-in for vLLM's
+set order of adapters (`twin.scheduler.set_order_key`) is keyed by that table's index, so
+an engine that never receives one of its candidate adapters orders the others by another
+(equally random) draw than `simulate` on its requests would.
 
 Only engines the request may go to are advanced to its arrival: a GPU that shares no
 adapter with the request's candidates runs on freely (fast-forward included) until a
