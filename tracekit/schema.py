@@ -493,10 +493,15 @@ def write(
     kind: str,
     context: Mapping[str, Any] | None = None,
     row_group_size: int = 1_000_000,
+    conformed: bool = False,
 ) -> Path:
-    """Validate and write one tracekit file atomically (temp file, then rename)."""
+    """Validate and write one tracekit file atomically (temp file, then rename).
+
+    `conformed`: `data` is an Arrow table that `conform` returned for this `kind` (as
+    `twin.engine.simulate`'s results are): not checked a second time (a million-row
+    results file's checks cost a tenth of a second)."""
     p = Path(path)
-    table = conform(_to_arrow(data), kind, source=str(p))
+    table = data if conformed and isinstance(data, pa.Table) else conform(_to_arrow(data), kind, source=str(p))
     table = table.replace_schema_metadata(_meta_bytes(kind, context or {}))
     try:
         p.parent.mkdir(parents=True, exist_ok=True)

@@ -143,7 +143,8 @@ def run_cmd(
     # these results says the same as this summary.
     res.context["configuration"] = describe_config(profile, config, serving, res.summary.get("kv_capacity_tokens"))
     res.context["twin"] = {k: v for k, v in res.summary.items() if k in TWIN_COUNTERS}
-    write(out, res.results, KIND_RESULTS, res.context)
+    # `simulate`'s results went through `conform` already (SimResult's contract).
+    write(out, res.results, KIND_RESULTS, res.context, conformed=True)
     if steps_out is not None and res.steps is not None:
         write(steps_out, res.steps, KIND_STEPS, res.context)
     res.summary["wall_s"] = time.perf_counter() - started
