@@ -11,11 +11,25 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich import box
-from rich.console import Console
-from rich.table import Table
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+
+
+def _table() -> type[Table]:
+    # rich.table on first use: `twin run --json` prints no table (5-8 ms of imports here).
+    from rich.table import Table
+
+    return Table
+
+
+def _box():  # type: ignore[no-untyped-def]
+    from rich import box
+
+    return box.SIMPLE_HEAVY
+
 
 TOP_ADAPTERS = 20
 LATENCIES = (("ttft", "TTFT"), ("tpot", "TPOT"), ("itl", "ITL"), ("e2e", "E2E"), ("dispatch_lag", "dispatch lag"))
@@ -87,7 +101,7 @@ def starving_reason(summary: Mapping[str, Any], twin: Mapping[str, Any] | None =
 
 
 def facts_table(title: str) -> Table:
-    t = Table(title=title, show_header=False, box=box.SIMPLE_HEAVY, pad_edge=False)
+    t = _table()(title=title, show_header=False, box=_box(), pad_edge=False)
     t.add_column("", style="bold", no_wrap=True)
     t.add_column("", justify="right", no_wrap=True)
     return t
@@ -125,7 +139,7 @@ def render_latency(s: Mapping[str, Any], out: Console) -> None:
     """Latency percentiles, titled with the requests they cover out of all measured."""
     n, k = int(s["requests"]), int(s["completed"])
     title = f"latency (ms): {k:,} completed of {n:,} requests"
-    t = Table(title=title, box=box.SIMPLE_HEAVY, min_width=len(title) + 2)
+    t = _table()(title=title, box=_box(), min_width=len(title) + 2)
     for c in ("metric", "mean", "p50", "p90", "p99"):
         t.add_column(c, justify="right" if c != "metric" else "left", no_wrap=True)
     for key, label in LATENCIES:
@@ -141,7 +155,7 @@ def render_config(cfg: Mapping[str, Any] | None, out: Console) -> None:
     """The configuration a twin run ran with, each value with where it came from."""
     if not cfg:
         return
-    t = Table(title=f"configuration (profile {cfg.get('profile', '?')})", box=box.SIMPLE_HEAVY, pad_edge=False)
+    t = _table()(title=f"configuration (profile {cfg.get('profile', '?')})", box=_box(), pad_edge=False)
     t.add_column("setting", style="bold", no_wrap=True)
     t.add_column("value", justify="right", no_wrap=True)
     t.add_column("from")
@@ -187,7 +201,7 @@ def per_adapter_table(rows: Sequence[Mapping[str, Any]], show_all: bool = False,
     cols = [cols[i] for i in keep]
     title = f"per adapter, by requests ({len(shown)} of {len(rows)})" if len(shown) < len(rows) else \
         f"per adapter, by requests ({len(rows)})"
-    t = Table(title=title, box=box.SIMPLE_HEAVY, pad_edge=False, show_footer=True)
+    t = _table()(title=title, box=_box(), pad_edge=False, show_footer=True)
     t.add_column("adapter", "total", no_wrap=True, min_width=name_w)
     for c, h in cols:
         t.add_column(h, fmt(totals[c]) if c in totals else "", justify="right", no_wrap=True)
