@@ -177,7 +177,7 @@ def phases(case: dict) -> dict[str, float]:
     finally:
         engine._Loop.run = run  # type: ignore[method-assign]
     t2 = clock()
-    schema.write(Path(case["out"]), res.results, "results", res.context)
+    schema.write(Path(case["out"]), res.results, "results", res.context, conformed=True)  # as `twin run` writes them
     t3 = clock()
     loop = loop_cpu[0]
     return {"read_trace_s": t1 - t0, "engine_loop_s": loop, "simulate_rest_s": t2 - t1 - loop, "write_results_s": t3 - t2}
