@@ -91,7 +91,13 @@ def main() -> None:
                 "today_split_passing_gpus": today_ok, "today_split_tries": tries,
                 "today_split_check_s": time.perf_counter() - t1, "search": d["search"], "summary": d["summary"],
                 "twin_plan_runs": d["twin_plan_runs"],
+                # The twin time the answer needs at the least: every GPU of the plan and of
+                # today's plan run once (CPU seconds, and on --jobs workers).
+                "full_checks_cpu_s": sum(g.get("twin_wall_s") or 0.0 for v in (d["verdict"], d["today_verdict"])
+                                         for g in v["per_gpu"]),
+                "search_evaluations": len(d["search"]),
             })
+            rows[-1]["full_checks_wall_bound_s"] = rows[-1]["full_checks_cpu_s"] / args.jobs
     res = {"machine": machine(), "load_avg_end": os.getloadavg(), "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "command": "flock /tmp/tracekit-heavy.lock .venv/bin/python benchmarks/fleet_plan.py " + " ".join(sys.argv[1:]),
            "rows": rows}
@@ -115,6 +121,11 @@ def main() -> None:
             f"| {r['rate_req_s']:g} | {r['requests']:,} | {r['plan_wall_s']:.1f} | {r['plan_gpus']} ({r['plan_packing']}) | "
             f"{r['plan_starving']} | {r['today_gpus']} | {r['today_starving']} ({r['today_worst_served']:.0%}) | "
             f"{r['today_split_passing_gpus'] or 'none up to ' + str(r['today_gpus'] + args.max_extra)} |")
+    lines += ["", "Where the planning time goes: the two full checks the answer needs (every GPU of the plan and of "
+              "today's plan, each run once) take, in the twin:", ""]
+    lines += [f"- R = {r['rate_req_s']:g}: {r['full_checks_cpu_s']:.1f} CPU-s, {r['full_checks_wall_bound_s']:.1f} s on "
+              f"{args.jobs} workers at best; the search ran {r['search_evaluations']} screenings and checks in all"
+              for r in rows]
     lines += ["", "What the planner said:", ""] + [f"- R = {r['rate_req_s']:g}: {r['summary']}" for r in rows]
     (RESULTS / "fleet_plan.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -487,7 +487,7 @@ def plan_fleet(trace_path: Path, profile_name: str, *, slo_ttft_p99_s: float | N
 def _compact(v: Mapping[str, Any]) -> dict[str, Any]:
     keep = ("name", "adapters", "requests", "offered_tok_s", "throughput_tok_s", "served_frac", "starving_adapters",
             "min_adapter_served_frac", "p99_ttft_ms", "mean_itl_ms", "max_loras", "max_cpu_loras", "max_lora_rank",
-            "kv_capacity_tokens")
+            "kv_capacity_tokens", "twin_wall_s")
     out = {k: x for k, x in v.items() if k != "per_gpu"}
     out["per_gpu"] = [{k: g.get(k) for k in keep} for g in v.get("per_gpu", [])]
     return out
