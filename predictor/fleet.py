@@ -22,7 +22,7 @@ How the plan is built:
    candidate's critical GPUs (most loaded, most crowded, busiest adapter): a failure
    there fails the plan; the packing with fewer critical GPUs is screened first, the
    other only when it fails. The answer is then run on every GPU, one more GPU while it
-   fails (again one packing at a time).
+   fails (both packings at once).
    The search shows one GPU fewer failing, which is what makes G the fewest found.
 
 Starving adapters are judged as the fleet twin judges them (`twin.fleet`): served < 90%
@@ -429,18 +429,11 @@ def plan_fleet(trace_path: Path, profile_name: str, *, slo_ttft_p99_s: float | N
             if extra or kind == TODAY:
                 best += 1
             extra += 1
-            # One packing at a time, the one that starved fewer adapters last first: the
-            # other's full run is saved whenever the first passes.
-            todo = [k for k in PACKINGS if (extra > 1 or k != kind)]
-            todo.sort(key=lambda k: 0 if k == kind else 1)
-            done: dict[str, dict[str, Any]] = {}
-            for k in todo:
-                done[k] = verdict_of(best, k, True)
-                if done[k]["ok"]:
-                    break
-            passing = [k for k, v in done.items() if v["ok"]]
+            futures = {k: threads.submit(verdict_of, best, k, True) for k in PACKINGS if (extra > 1 or k != kind)}
+            done = {k: f.result() for k, f in futures.items()}
+            passing = [(v["p99_ttft_ms"] or 0.0, k) for k, v in done.items() if v["ok"]]
             if passing:
-                kind = passing[0]
+                kind = min(passing)[1]
                 verdict = done[kind]
             else:
                 kind, verdict = min(done.items(), key=lambda kv: kv[1]["starving_adapters"])
