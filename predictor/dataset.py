@@ -51,10 +51,18 @@ def _resolve(path: str) -> Callable[..., Any]:
         raise TracekitError(f"--simulator {path}: cannot import: {e}") from None
 
 
+def serving_config(prof: Any, cell: Cell) -> Any:
+    """The cell's ServingConfig: its max_loras / max_cpu_loras / max_lora_rank, the spec's
+    `serving` flags, the rest from the profile's server (as `twin run` takes them)."""
+    from twin.api import ServingConfig
+
+    return ServingConfig.for_profile(prof, **dict(cell.serving), max_loras=cell.max_loras,
+                                     max_cpu_loras=cell.max_cpu_loras, max_lora_rank=cell.max_lora_rank).check()
+
+
 def run_cell(cell: Cell, profile: str, simulator: str = DEFAULT_SIMULATOR) -> dict[str, Any]:
     """Simulate one cell; returns one dataset row. Runs in a worker (local or Ray)."""
     from tracekit.synth import synthesize
-    from twin.api import ServingConfig
     from twin.profile import load_profile
 
     w = cell.workload
@@ -71,14 +79,7 @@ def run_cell(cell: Cell, profile: str, simulator: str = DEFAULT_SIMULATOR) -> di
         arrivals=w.arrivals,
     )
     prof = load_profile(profile)
-    config = ServingConfig(
-        max_loras=cell.max_loras,
-        max_cpu_loras=cell.max_cpu_loras,
-        max_lora_rank=cell.max_lora_rank,
-        # The paper's (and the measured runs') engine limits.
-        max_num_seqs=2048,
-        max_num_batched_tokens=2048,
-    )
+    config = serving_config(prof, cell)
     kv = int(prof.kv_capacity_tokens(config))
     row: dict[str, Any] = {
         "cell_key": cell.key,
@@ -260,8 +261,13 @@ def sweep(
     simulator: str = DEFAULT_SIMULATOR,
     slo_ttft_p99_s: float | None = None,
     progress: bool = True,
+    time_budget_s: float | None = None,
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
-    """Run every cell not yet in `<out>.parts/`, then merge, label and write `out`."""
+    """Run every cell not yet in `<out>.parts/`, then merge, label and write `out`.
+
+    `time_budget_s`: stop starting cells after this long (a chunk of a long sweep, e.g.
+    under a shared lock); the finished ones persist in the parts, `out` is written only
+    once every cell is done, and the returned context says `complete`."""
     from twin.profile import load_profile
 
     parts = parts_dir(out)
@@ -269,8 +275,11 @@ def sweep(
     sha = profile_digest(load_profile(profile))
     done = done_keys(out, sha)
     todo = [c for c in cells if c.key not in done]
+    cfg0 = serving_config(load_profile(profile), cells[0]).to_dict() if cells else {}
     context = {
         "profile": profile,
+        # What every cell ran with besides the swept max_loras / max_cpu_loras / rank.
+        "serving": {k: v for k, v in cfg0.items() if k not in ("max_loras", "max_cpu_loras", "max_lora_rank")},
         "spec": spec.to_dict(),
         "simulator": simulator,
         "profile_sha": sha,
@@ -279,6 +288,7 @@ def sweep(
     session = uuid.uuid4().hex[:8]
     buf: list[dict[str, Any]] = []
     n_part = 0
+    n_run = 0
     last_flush = time.monotonic()
     t0 = time.perf_counter()
 
@@ -316,9 +326,12 @@ def sweep(
         try:
             for row in it:
                 buf.append(row)
+                n_run += 1
                 bar.advance(task)
                 if len(buf) >= FLUSH_EVERY_ROWS or time.monotonic() - last_flush > FLUSH_EVERY_S:
                     flush()
+                if time_budget_s is not None and time.perf_counter() - t0 > time_budget_s:
+                    break
         finally:
             # Interrupted or failed: keep every finished cell for the next run.
             flush()
@@ -331,13 +344,16 @@ def sweep(
     df = label(df, slo_ttft_p99_s)
     context.update(
         cells=len(cells),
-        cells_run=len(todo),
+        cells_run=n_run,
         sweep_wall_s=elapsed,
-        runs_per_min=(len(todo) / elapsed * 60.0) if todo and elapsed > 0 else None,
+        runs_per_min=(n_run / elapsed * 60.0) if n_run and elapsed > 0 else None,
         executor=executor,
         jobs=jobs,
         slo_ttft_p99_s=slo_ttft_p99_s,
+        complete=len(df) == len(cells),
     )
+    if not context["complete"]:
+        return df, context
     pio.write(out, df.sort("workload", "max_loras", "max_cpu_loras"), context)
     if len(df) == len(cells):
         # Every cell is in OUT now: the parts are redundant (a rerun reads OUT).

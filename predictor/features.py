@@ -64,7 +64,8 @@ FEATURES: dict[str, str] = {
 FEATURE_NAMES = list(FEATURES)
 
 
-def _window(lf: pl.LazyFrame, context: Mapping[str, Any]) -> float:
+def window_of(lf: pl.LazyFrame, context: Mapping[str, Any]) -> float:
+    """The trace's window in seconds: its context's `window_s`, else the span of arrivals."""
     w = context.get("window_s")
     if w:
         return float(w)
@@ -101,7 +102,7 @@ def compute_with_loads(
     Also returns each adapter's offered tokens/s (for splitting the fleet over GPUs)."""
     ctx = dict(context or {})
     lf = lf.lazy()
-    window = _window(lf, ctx)
+    window = window_of(lf, ctx)
     ranks = schema.adapter_ranks(ctx)
 
     cols = lf.select("arrival_s", "adapter", "prompt_tokens", "output_tokens").with_columns(pl.col("adapter").fill_null(BASE))
