@@ -121,7 +121,12 @@ def rows_md(rows: list[dict[str, Any]], extra: Mapping[str, str] | None = None) 
                  str(s["cell"]), "STARVES" if s["starved"] else pct(s["shortfall"])]
         for k in extra:
             v = r.get(k)
-            cells.append("-" if v is None else (f"{v:,.1f}" if isinstance(v, float) else str(v)))
+            if v is None:
+                cells.append("-")
+            elif k == "step":
+                cells.append(pct(v))
+            else:
+                cells.append(f"{v:,.1f}" if isinstance(v, float) else str(v))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 

@@ -395,9 +395,16 @@ def search(
                 if _better(done[ml], best):
                     best = done[ml]
             assert best is not None
-            i = idx[best.max_loras]
-            frontier = [(grid[j], guess(grid[j], best)) for j in (i - 1, i + 1)
-                        if 0 <= j < len(grid) and grid[j] not in done]
+            # Climb on from the best and from any max_loras within the resolution of it (a
+            # tie between two single runs is noise, and the better one may lie past it).
+            near = [best] + [r for r in done.values() if r is not best and not r.fits and not best.fits
+                             and r.starving_point >= best.starving_point * (1.0 - RESOLUTION)]
+            frontier = []
+            for r in near:
+                i = idx[r.max_loras]
+                for j in (i - 1, i + 1):
+                    if 0 <= j < len(grid) and grid[j] not in done and grid[j] not in {f[0] for f in frontier}:
+                        frontier.append((grid[j], guess(grid[j], best)))
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
