@@ -505,6 +505,9 @@ def _cli() -> click.Command:
             return
         _print(rec)
 
+    for p in recommend_cmd.params:  # here max_loras is an answer unless fixed
+        if p.name == "max_loras" and isinstance(p, click.Option):
+            p.help = "Fix the GPU adapter slots instead of searching them [default: searched]."
     return recommend_cmd
 
 

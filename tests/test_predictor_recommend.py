@@ -338,3 +338,23 @@ def test_overlay_scales_every_rate_and_keeps_the_mix() -> None:
         assert o["arrival_s"].min() >= 0 and o["arrival_s"].max() < 600.0
         per = o.group_by("adapter").len().sort("adapter")["len"].to_numpy() / df.group_by("adapter").len().sort("adapter")["len"].to_numpy()
         assert np.all(np.abs(per / load - 1) < 0.35)
+
+
+def test_one_gpus_share_takes_base_model_requests_in_proportion(toy) -> None:
+    """The twin runs n adapters of the fleet's mix with their own requests, and the
+    base-model requests (no adapter) in proportion n / fleet, picked deterministically."""
+    import polars as pl
+
+    d, prof, _ = toy
+    df, ctx = synthesize(40, [0.2, 0.05], [8, 16], 600.0, seed=9)
+    df = df.with_columns(pl.when(pl.col("request_id").hash(3) % 5 == 0).then(None).otherwise(pl.col("adapter")).alias("adapter"))
+    from predictor import features as F
+
+    wf, loads = F.compute_with_loads(df, ctx)
+    t = SE.Trials(df, ctx, loads, prof, ServingConfig(max_loras=4, max_cpu_loras=40, max_lora_rank=16), 600.0)
+    base = df.filter(pl.col("adapter").is_null()).height
+    for n in (10, 20, 40):
+        sub, sctx = t.subset(n)
+        assert sub.filter(pl.col("adapter").is_not_null())["adapter"].n_unique() == n == len(sctx["adapters"])
+        assert sub.filter(pl.col("adapter").is_null()).height == pytest.approx(base * n / 40, rel=0.25)
+        assert t.subset(n)[0].equals(sub)
