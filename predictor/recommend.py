@@ -266,7 +266,8 @@ def recommend_gpu(
         offered_tok_s=check.offered_tok_s, served_frac=check.served_frac, p99_ttft_ms=check.p99_ttft_ms,
         kv_capacity_tokens=kv(ml, int(config.max_lora_rank)), safety=sf, fleet_adapters=n_fleet,
         starving_max_loras=best.max_loras, twin_runs=list(runs), warnings=warnings, model_path=mpath,
-        candidates=[{"max_loras": m, "starving_point": r.starving_point, "fits": r.fits, "runs": len(r.runs),
+        candidates=[{"max_loras": m, "starving_point": r.starving_point, "fits": r.fits, "feasible": r.feasible,
+                     "runs": len(r.runs),
                      "model_starving_point": next((q["starving_point"] for q in points if q["max_loras"] == m), None)}
                     for m, r in sorted(res.per_ml.items())])
     ans.explanation = _explain_search(ans, best, res, wf)

@@ -85,6 +85,13 @@ class MlResult:
     start: int
 
     @property
+    def feasible(self) -> bool:
+        """The starving point is at least max_loras: below it (even as many adapters as
+        slots starve) it is an extrapolation to configurations vLLM would not take
+        (max_cpu_loras >= max_loras), so it does not compete with max_loras that hold it."""
+        return self.starving_point >= self.max_loras or any(r.ok for r in self.runs)
+
+    @property
     def best_ok(self) -> TwinRun | None:
         ok = [r for r in self.runs if r.ok]
         return max(ok, key=lambda r: r.adapters) if ok else None
@@ -302,10 +309,13 @@ def _worker_search(ml: int, start: int, up: float, need: float | None) -> MlResu
 
 
 def _better(a: MlResult, b: MlResult | None) -> bool:
-    """Is `a` better than `b`: a larger starving point (more adapters, or where the whole
-    fleet fits, more headroom); exact ties go to fewer GPU slots (less memory reserved)."""
+    """Is `a` better than `b`: one whose runs found a served count beats one whose every
+    run starved; then a larger starving point (more adapters, or where the whole fleet
+    fits, more headroom); exact ties go to fewer GPU slots (less memory reserved)."""
     if b is None:
         return True
+    if a.feasible != b.feasible:
+        return a.feasible
     if a.starving_point != b.starving_point:
         return a.starving_point > b.starving_point
     return a.max_loras < b.max_loras
@@ -330,7 +340,6 @@ def search(
     t0 = time.perf_counter()
     idx = {ml: i for i, ml in enumerate(grid)}
     done: dict[int, MlResult] = {}
-    first_guess: dict[int, int] = {}
 
     def guess(ml: int, origin: MlResult | None) -> int:
         if starts is not None:
@@ -388,8 +397,6 @@ def search(
             i = idx[start_ml]
             frontier += [(grid[j], guess(grid[j], None)) for j in (i - 1, i + 1) if 0 <= j < len(grid)]
         while frontier:
-            for ml, g in frontier:
-                first_guess[ml] = g
             run_all(frontier)
             for ml, _ in frontier:
                 if _better(done[ml], best):
@@ -398,7 +405,7 @@ def search(
             # Climb on from the best and from any max_loras within the resolution of it (a
             # tie between two single runs is noise, and the better one may lie past it).
             near = [best] + [r for r in done.values() if r is not best and not r.fits and not best.fits
-                             and r.starving_point >= best.starving_point * (1.0 - RESOLUTION)]
+                             and r.feasible and r.starving_point >= best.starving_point * (1.0 - RESOLUTION)]
             frontier = []
             for r in near:
                 i = idx[r.max_loras]
