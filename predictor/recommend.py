@@ -374,9 +374,7 @@ def recommend(
 
     t0 = time.perf_counter()
     prof = load_profile(profile)
-    lf, meta = schema.scan(trace_path)
-    if meta.kind == schema.KIND_STEPS:
-        raise TracekitError(f"{trace_path}: expected a trace or results file, got a steps file")
+    lf, meta, _ = schema.scan_trace(trace_path)  # the validation every command applies
     try:
         wf, loads = feats.compute_with_loads(lf, meta.context)
     except TracekitError as e:

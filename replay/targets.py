@@ -177,8 +177,9 @@ class TwinTarget:
         out_ctx = {k: v for k, v in (sim.context or {}).items() if k not in trace_context}
         out_ctx["serving_config"] = self.config.to_dict()
         out_ctx["profile"] = getattr(self.profile, "name", str(self.profile))
-        twin_counters = {k: v for k, v in (sim.summary or {}).items()
-                         if k in ("steps", "preemptions", "adapter_loads", "kv_capacity_tokens", "rejected", "oom", "oom_reason")}
+        from twin.config import TWIN_COUNTERS
+
+        twin_counters = {k: v for k, v in (sim.summary or {}).items() if k in TWIN_COUNTERS}
         if twin_counters:
             out_ctx["twin"] = twin_counters
         if cut_s is not None:

@@ -185,6 +185,11 @@ def test_bad_profiles(tmp_path: Path) -> None:
     bad.write_text(json.dumps({"name": "x", "step_time": {"kind": "transformer"}}))
     with pytest.raises(TracekitError, match="unknown kind"):
         load_profile(bad)
+    # An empty or malformed profile names its file.
+    for data, msg in (({}, "missing section 'name'"), ({"name": "x", "step_time": 5}, "wrong shape")):
+        bad.write_text(json.dumps(data))
+        with pytest.raises(TracekitError, match=f"^{bad}: .*{msg}"):
+            load_profile(bad)
     for intake in ({"s_per_request": "abc"}, 5, {"s_per_request": -1.0}):
         bad.write_text(json.dumps({"name": "x", "step_time": {"kind": "linear", "coef": {}}, "request_intake": intake}))
         with pytest.raises(TracekitError, match="request_intake must be"):

@@ -193,7 +193,13 @@ def load_profile(name_or_path: str | os.PathLike[str] | Profile) -> Profile:
         raise TracekitError(f"{path}: not a valid profile JSON: {e}") from None
     if not isinstance(data, dict):
         raise TracekitError(f"{path}: not a valid profile JSON: expected an object at the top level")
-    return Profile.from_dict(data)
+    try:
+        return Profile.from_dict(data)
+    except TracekitError as e:  # name the file: a user may hold several profiles
+        msg = str(e)
+        raise TracekitError(msg if msg.startswith(str(path)) else f"{path}: {msg.removeprefix('profile: ')}") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise TracekitError(f"{path}: not a valid profile: a section has the wrong shape ({type(e).__name__}: {e})") from None
 
 
 def summary_line(prof: Profile) -> dict[str, str]:
