@@ -106,6 +106,7 @@ class GpuAnswer:
     explanation: list[str] = field(default_factory=list)
     model_path: str | None = None
     answer_ms: float = 0.0
+    settings: dict[str, Any] = field(default_factory=dict)  # the serving flags the user gave
 
 
 def serving_config(profile: Any, context: Mapping[str, Any], wf: Mapping[str, float],
@@ -215,6 +216,7 @@ def recommend_gpu(
             safety=sf, fleet_adapters=n_fleet, starving_max_loras=p.starving_max_loras,
             candidates=p.candidates, warnings=warnings, model_path=mpath)
         ans.explanation = _explain_model(mdl, p, wf, ans)
+        ans.settings = dict(settings or {})
         ans.answer_ms = (time.perf_counter() - t0) * 1e3
         return ans
 
@@ -271,6 +273,7 @@ def recommend_gpu(
                      "model_starving_point": next((q["starving_point"] for q in points if q["max_loras"] == m), None)}
                     for m, r in sorted(res.per_ml.items())])
     ans.explanation = _explain_search(ans, best, res, wf)
+    ans.settings = dict(settings or {})
     ans.answer_ms = (time.perf_counter() - t0) * 1e3
     return ans
 
@@ -397,6 +400,19 @@ def recommend(
     return out
 
 
+def configuration(a: GpuAnswer, profile: Any) -> dict[str, Any]:
+    """Every setting of the answer, resolved, and where each came from (as `twin run`
+    states its own, `twin.options.describe_config`); max_loras and max_cpu_loras are the
+    answer's."""
+    from twin.options import describe_config
+
+    conf = describe_config(profile, a.config, a.settings, a.kv_capacity_tokens)
+    pinned = a.settings.get("max_loras") is not None
+    conf["from"]["max_loras"] = "flag" if pinned else ("the model" if a.method == "model" else "searched in the twin")
+    conf["from"]["max_cpu_loras"] = "the answer: adapters per GPU"
+    return conf
+
+
 def answer_dict(a: GpuAnswer, profile: Any) -> dict[str, Any]:
     """The JSON form of one GPU's answer."""
     return {
@@ -415,6 +431,7 @@ def answer_dict(a: GpuAnswer, profile: Any) -> dict[str, Any]:
         "p99_ttft_ms": a.p99_ttft_ms,
         "kv_capacity_tokens": a.kv_capacity_tokens,
         "serving": a.config.to_dict(),
+        "configuration": configuration(a, profile),
         "vllm_command": vllm_command(profile, a.config),
         "safety": a.safety.to_dict(),
         "twin_runs": [r.to_dict() for r in a.twin_runs],
@@ -438,6 +455,9 @@ def _print(rec: dict[str, Any]) -> None:
     s = rec["serving"]
     t.add_row("engine limits", f"--max-num-seqs {s['max_num_seqs']}, --max-num-batched-tokens {s['max_num_batched_tokens']}, "
               f"--gpu-memory-utilization {s['gpu_memory_utilization']:g} ({rec['kv_capacity_tokens']:,} KV tokens)")
+    src = rec["configuration"]["from"]
+    t.add_row("engine limits from", src["max_num_seqs"] if src["max_num_seqs"] == src["max_num_batched_tokens"]
+              else f"--max-num-seqs: {src['max_num_seqs']}; --max-num-batched-tokens: {src['max_num_batched_tokens']}")
     tl, th = rec["throughput_range_tok_s"]
     served = f", {rec['served_frac']:.1%} of {rec['offered_tok_s']:,.0f} offered" if rec.get("served_frac") is not None else ""
     t.add_row("expected throughput per GPU", f"{rec['throughput_tok_s']:,.0f} tok/s (range {tl:,.0f}-{th:,.0f}{served})")

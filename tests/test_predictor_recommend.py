@@ -216,6 +216,10 @@ def test_serving_flags_are_taken_and_stated(toy) -> None:
     assert rec["max_loras"] == 8 and {c["max_loras"] for c in rec["candidates"]} == {8}  # pinned
     for flag in ("--max-num-seqs 64", "--max-num-batched-tokens 1024", "--gpu-memory-utilization 0.8", "--max-lora-rank 32"):
         assert flag in rec["vllm_command"]
+    src = rec["configuration"]["from"]
+    assert src["max_num_seqs"] == "flag" and src["max_loras"] == "flag" and src["max_cpu_loras"].startswith("the answer")
+    plain = R.recommend(path, prof, model=mpath, simulator=TOY_SIM)["configuration"]["from"]
+    assert plain["max_loras"] == "searched in the twin" and plain["max_num_seqs"] != "flag"
     # Settings the model was not trained at: a model-only answer says so.
     fast = R.recommend(path, prof, {"max_num_seqs": 64}, fast=True, model=mpath)
     assert any("max_num_seqs" in w for w in fast["warnings"])
