@@ -80,6 +80,8 @@ def results_from_recorder(trace: pl.DataFrame, rec: Recorder, target: str) -> pa
     cols["tpot_s"] = col(tpot, ok)
     cols["error"] = pa.array(errors, type=pa.string())
     cols["itl_s"] = pa.array(rec.itl, type=pa.list_(pa.float32()))
+    if (rec.cached >= 0).any():
+        cols["cached_tokens"] = pa.array(rec.cached, type=pa.int32(), mask=rec.cached < 0)
     order = [f.name for f in full_schema(KIND_RESULTS) if f.name in cols]
     return conform(pa.table({k: cols[k] for k in order}), KIND_RESULTS, source="replay results")
 

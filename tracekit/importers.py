@@ -11,7 +11,11 @@ popularity law over `--adapters N`, seeded:
   tokens,Log Type`` (Timestamp in seconds); failed requests (zero response tokens) are
   skipped and counted.
 - ``mooncake``: Mooncake / Bailian JSONL, one object per line with ``timestamp`` (ms),
-  ``input_length``, ``output_length`` and ``hash_ids`` (prefix-block hashes).
+  ``input_length``, ``output_length`` and ``hash_ids`` (chained prefix-block hashes of
+  ``--block-tokens`` tokens, 512 in Mooncake's traces). They become the trace's
+  ``prefix_hashes`` as they are, one per full prompt block (Mooncake lists the partial
+  last block too; the schema's column, and a prefix cache, count full blocks only), with
+  ``prefix_block_tokens`` in the context.
 
 Time: 0 is the first request of the file; ``--start/--end`` select a window in those
 seconds, then ``--speed`` divides time (2 = twice the rate).
@@ -323,6 +327,8 @@ def import_trace(
         raise TracekitError(f"unknown format {fmt!r} (expected one of {', '.join(FORMATS)})")
     if token_ids and fmt != "mooncake":
         raise TracekitError("--token-ids needs prefix-block hashes, which only the mooncake format has")
+    if fmt == "mooncake" and block_tokens < 1:
+        raise TracekitError("--block-tokens must be at least 1")
     if token_ids and (block_tokens < 1 or vocab_size < 2):
         raise TracekitError("--block-tokens must be at least 1 and --vocab-size at least 2")
     p = Path(path)
@@ -374,6 +380,11 @@ def import_trace(
             "output_tokens": raw["output_tokens"].cast(pl.Int32),
         }
     )
+    extra_ctx: dict[str, Any] = {}
+    if fmt == "mooncake" and raw["hash_ids"].list.len().sum() > 0:
+        full = raw.select(pl.col("hash_ids").list.head(pl.col("prompt_tokens").cast(pl.Int64) // block_tokens))
+        df = df.with_columns(prefix_hashes=full["hash_ids"])
+        extra_ctx[schema.CTX_PREFIX_BLOCK_TOKENS] = int(block_tokens)
     if token_ids:
         hashes = raw["hash_ids"]
         hash_offsets = np.zeros(n + 1, np.int64)
@@ -412,6 +423,7 @@ def import_trace(
         window_s=window,
         generator=generator,
         seed=int(seed),
+        **extra_ctx,
     )
     return df, context, skipped
 
@@ -431,7 +443,7 @@ def _public_cmd(fmt: str, what: str, short: str) -> click.Command:
     @click.option("--speed", type=float, default=1.0, show_default=True, help="Time is divided by this (2 = twice the rate).")
     @click.option("--seed", type=int, default=0, show_default=True)
     @click.option("--token-ids", is_flag=True, help="mooncake: add prompt_token_ids that reproduce the trace's prefix sharing (hash_ids).")
-    @click.option("--block-tokens", type=int, default=512, show_default=True, help="Tokens per hash_ids block (mooncake).")
+    @click.option("--block-tokens", type=int, default=512, show_default=True, help="Tokens per hash_ids block (mooncake): the trace's prefix_block_tokens.")
     @click.option("--vocab-size", type=int, default=32000, show_default=True, help="Token ids stay below this (the model's vocabulary).")
     @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
     @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")

@@ -152,7 +152,7 @@ def server_defaults(profile_data: Mapping[str, Any]) -> dict[str, Any]:
 # preemptions, adapter loads, KV capacity, rejections, whether the server would start,
 # and which limit held waiting requests back (`admission_blocked`, where counted).
 TWIN_COUNTERS = ("steps", "preemptions", "adapter_loads", "kv_capacity_tokens", "num_blocks", "rejected",
-                 "oom", "oom_reason", "admission_blocked")
+                 "oom", "oom_reason", "admission_blocked", "prefill_tokens_computed", "cached_prompt_tokens")
 
 
 @dataclass

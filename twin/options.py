@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import click
 import polars as pl
+import pyarrow as pa
 
 from tracekit.schema import TracekitError, adapter_ranks
 from twin.config import ServingConfig
@@ -55,17 +56,18 @@ def serving_options(help_prefix: str = "", exclude: tuple[str, ...] = ()) -> Cal
     return deco
 
 
-def trace_max_rank(trace: pl.DataFrame, context: Mapping[str, Any], default: int = 16) -> int:
+def trace_max_rank(trace: pl.DataFrame | pa.Table, context: Mapping[str, Any], default: int = 16) -> int:
     """The largest rank among the adapters the trace uses (vLLM's `--max-lora-rank` must
     be at least that), from the trace context's adapters; `default` when none is known."""
     ranks = adapter_ranks(context)
-    used = set(trace.get_column("adapter").drop_nulls().unique().to_list())
+    col = trace.get_column("adapter") if isinstance(trace, pl.DataFrame) else pl.from_arrow(trace.select(["adapter"]))["adapter"]  # type: ignore[index]
+    used = set(col.drop_nulls().unique().to_list())
     known = [r for name, r in ranks.items() if name in used]
     return max(known) if known else default
 
 
 def config_from_options(
-    profile: Any, trace: pl.DataFrame | None, context: Mapping[str, Any], options: Mapping[str, Any]
+    profile: Any, trace: pl.DataFrame | pa.Table | None, context: Mapping[str, Any], options: Mapping[str, Any]
 ) -> ServingConfig:
     """The ServingConfig for these flag values: unset ones from the profile's server,
     `max_lora_rank` from the trace. Bad values are one TracekitError line."""

@@ -17,7 +17,7 @@ from tracekit.schema import (
     KIND_STEPS,
     TracekitError,
     read,
-    read_trace,
+    read_trace_arrow,
     write,
 )
 from tracekit.summary import (
@@ -45,8 +45,11 @@ def render(summary: dict[str, Any], title: str, context: dict[str, Any] | None =
     render_latency(summary, console)
     t = facts_table("the twin's engine")
     for name, key in (("engine steps", "steps"), ("preemptions", "preemptions"), ("adapter loads", "adapter_loads"),
-                      ("KV cache capacity (tokens)", "kv_capacity_tokens")):
+                      ("KV cache capacity (tokens)", "kv_capacity_tokens"),
+                      ("prefill tokens computed", "prefill_tokens_computed")):
         t.add_row(name, fmt(summary.get(key)))
+    if summary.get("cached_prompt_tokens") is not None:
+        t.add_row("prompt tokens from the prefix cache", fmt(summary["cached_prompt_tokens"]))
     console.print(t)
     if per_adapter:
         console.print(per_adapter_table(per_adapter, show_all=show_all, width=console.width))
@@ -87,8 +90,8 @@ def run_cmd(
 
     started = time.perf_counter()
     profile = load_profile(profile_name)
-    df, meta = read_trace(trace)
-    if df.height == 0:
+    df, meta = read_trace_arrow(trace, dictionary=["adapter"])
+    if df.num_rows == 0:
         raise TracekitError(f"{trace}: the trace has no requests")
     if window is not None and not window > 0:
         raise TracekitError(f"--window must be positive, got {window}")
