@@ -6,8 +6,9 @@ summary (throughput, offered load, served fraction, TTFT/ITL) and the trace's fe
 
 Resumable: finished cells are flushed as Parquet parts into `<out>.parts/` every few
 seconds; on restart, cells already there (or in an earlier `<out>`) are skipped, unless
-they were simulated under another version of the profile. The merged `<out>` (with the
-labels) is written at the end, and the parts are removed once it holds every cell.
+they were simulated under another version of the profile or of the twin's code. The
+merged `<out>` (with the labels) is written at the end, and the parts are removed once it
+holds every cell.
 
 Labels (the paper's rule): per workload, the cell with the highest throughput among those
 that do not starve (served < 90% of offered = starving); with `--slo-ttft-p99 S`, also
@@ -134,12 +135,26 @@ def _frame(rows: list[dict[str, Any]]) -> pl.DataFrame:
     return pl.DataFrame(rows, schema_overrides=ROW_SCHEMA, infer_schema_length=None)
 
 
-def profile_digest(prof: Any) -> str:
-    """Identifies the profile's content: cells simulated under another version of the
-    profile are not reused on resume."""
+def twin_code_digest() -> str:
+    """Identifies the twin's simulation code (the sources of the `twin` package): a cell
+    simulated by another twin (a scheduling rule or step-time share changed) is stale."""
     import hashlib
 
-    return hashlib.sha256(json.dumps(prof.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    import twin
+
+    h = hashlib.sha256()
+    for f in sorted(Path(twin.__file__).parent.glob("*.py")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def profile_digest(prof: Any) -> str:
+    """Identifies the profile's content and the twin's code: cells simulated under
+    another version of either are not reused on resume."""
+    import hashlib
+
+    key = json.dumps(prof.to_dict(), sort_keys=True, default=str) + twin_code_digest()
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def parts_dir(out: Path) -> Path:
