@@ -117,7 +117,8 @@ def serving_config(profile: Any, context: Mapping[str, Any], wf: Mapping[str, fl
 
     opts = dict(settings or {})
     if opts.get("max_cpu_loras") is not None:
-        raise TracekitError("--max-cpu-loras is what recommend answers (adapters per GPU), not a setting it takes")
+        raise TracekitError("--max-cpu-loras is not taken: recommend sizes vLLM's CPU adapter cache to hold every "
+                            "adapter of a GPU, the adapters per GPU it answers")
     rank = int(wf["rank_max"])
     if opts.get("max_lora_rank") is not None and int(opts["max_lora_rank"]) < rank:
         raise TracekitError(f"--max-lora-rank {opts['max_lora_rank']} is below the trace's largest adapter rank {rank}: "
@@ -331,6 +332,22 @@ def _explain_search(a: GpuAnswer, best: Any, res: Any, wf: Mapping[str, float]) 
     return out
 
 
+# From this vLLM on (the one the project runs), both scheduler flags exist and default on;
+# before it a server may lack them (the paper's 0.8.5 has neither) and then runs as if off.
+NEW_SCHEDULER_FLAGS_FROM = (0, 32)
+
+
+def _older_than(version: Any, first: tuple[int, ...]) -> bool:
+    """Is `version` ("0.8.5") known and older than `first`? Unknown versions are not."""
+    parts = []
+    for x in str(version or "").split("."):
+        digits = "".join(c for c in x if c.isdigit())
+        if not digits:
+            break
+        parts.append(int(digits))
+    return bool(parts) and tuple(parts) < first
+
+
 def vllm_command(profile: Any, config: Any) -> str:
     """The vLLM command line of a configuration, for the profile's model and server."""
     from twin.config import server_defaults
@@ -344,10 +361,13 @@ def vllm_command(profile: Any, config: Any) -> str:
             "--max-num-seqs", str(config.max_num_seqs), "--max-num-batched-tokens", str(config.max_num_batched_tokens),
             "--gpu-memory-utilization", f"{config.gpu_memory_utilization:g}", "--block-size", str(config.block_size),
             "--enable-prefix-caching" if config.enable_prefix_caching else "--no-enable-prefix-caching"]
-    # Flags a server of the profile's vLLM may not know: only where they change its behaviour.
+    # Both are stated whatever their value: vLLM 0.32 turns them on when not given
+    # (async scheduling where the executor supports it). For an older vLLM (the paper's
+    # 0.8.5 knows neither, and behaves as if off) they are stated only when on.
+    old = _older_than(server.get("vllm_version"), NEW_SCHEDULER_FLAGS_FROM)
     for name in ("async_scheduling", "scheduler_reserve_full_isl"):
         v = bool(getattr(config, name))
-        if v or v != bool(server.get(name)):
+        if v or not old:
             args.append(("--" if v else "--no-") + name.replace("_", "-"))
     if config.kv_capacity_tokens is not None:
         args += ["--num-gpu-blocks-override", str(int(config.kv_capacity_tokens) // int(config.block_size))]
@@ -409,8 +429,21 @@ def configuration(a: GpuAnswer, profile: Any) -> dict[str, Any]:
     conf = describe_config(profile, a.config, a.settings, a.kv_capacity_tokens)
     pinned = a.settings.get("max_loras") is not None
     conf["from"]["max_loras"] = "flag" if pinned else ("the model" if a.method == "model" else "searched in the twin")
-    conf["from"]["max_cpu_loras"] = "the answer: adapters per GPU"
+    conf["from"]["max_cpu_loras"] = "vLLM's CPU adapter cache, sized to hold the adapters per GPU"
+    server = _server(profile)
+    for name in ("gpu_memory_utilization", "scheduler_reserve_full_isl", "async_scheduling"):
+        conf[name] = getattr(a.config, name)
+        conf["from"][name] = "flag" if a.settings.get(name) is not None else \
+            f"the profile's server (vLLM {server.get('vllm_version')})"
     return conf
+
+
+def _server(profile: Any) -> dict[str, Any]:
+    """The profile's server section over the defaults (`twin.config.server_defaults`)."""
+    from twin.config import server_defaults
+
+    data = getattr(profile, "data", profile)
+    return server_defaults(data if isinstance(data, Mapping) else {})
 
 
 def answer_dict(a: GpuAnswer, profile: Any) -> dict[str, Any]:
@@ -449,15 +482,27 @@ def _print(rec: dict[str, Any]) -> None:
     t.add_column("", style="bold")
     t.add_column("")
     lo, hi = rec["adapters_per_gpu_range"]
-    t.add_row("adapters per GPU (--max-cpu-loras)", f"{rec['adapters_per_gpu']}   (range {lo}-{hi})")
+    t.add_row("adapters per GPU", f"{rec['adapters_per_gpu']}   (range {lo}-{hi})")
     t.add_row("GPU adapter slots (--max-loras)", str(rec["max_loras"]))
-    t.add_row("--max-lora-rank", str(rec["max_lora_rank"]))
     s = rec["serving"]
+    t.add_row("CPU adapter cache (--max-cpu-loras)", f"{s['max_cpu_loras']}: holds every adapter of the GPU")
+    t.add_row("--max-lora-rank", str(rec["max_lora_rank"]))
     t.add_row("engine limits", f"--max-num-seqs {s['max_num_seqs']}, --max-num-batched-tokens {s['max_num_batched_tokens']}, "
               f"--gpu-memory-utilization {s['gpu_memory_utilization']:g} ({rec['kv_capacity_tokens']:,} KV tokens)")
     src = rec["configuration"]["from"]
     t.add_row("engine limits from", src["max_num_seqs"] if src["max_num_seqs"] == src["max_num_batched_tokens"]
               else f"--max-num-seqs: {src['max_num_seqs']}; --max-num-batched-tokens: {src['max_num_batched_tokens']}")
+    sched = [("prefix caching", "enable_prefix_caching"), ("async scheduling", "async_scheduling"),
+             ("full-prompt admission", "scheduler_reserve_full_isl")]
+    unset = [src[k] for _, k in sched if src.get(k) != "flag"]
+    t.add_row("scheduler", ", ".join(f"{label} {'on' if s[k] else 'off'}" + (" (flag)" if src.get(k) == "flag" else "")
+                                     for label, k in sched) + (f"; from {unset[0]}" if unset else ""))
+    sf = rec["safety"]
+    src_err = f"the twin's calibration error {sf['twin_error']:.1%}"
+    if sf["model_error"]:
+        src_err += f" with the model's cross-validated error {sf['model_error']:.1%}"
+    t.add_row("safety step", f"{sf['step']:.1%} below the starving point {rec['starving_point']:,.1f} "
+              f"({sf['z']:g} x {sf['sigma']:.1%}: {src_err})")
     tl, th = rec["throughput_range_tok_s"]
     served = f", {rec['served_frac']:.1%} of {rec['offered_tok_s']:,.0f} offered" if rec.get("served_frac") is not None else ""
     t.add_row("expected throughput per GPU", f"{rec['throughput_tok_s']:,.0f} tok/s (range {tl:,.0f}-{th:,.0f}{served})")
@@ -491,6 +536,8 @@ def _cli() -> click.Command:
     @click.argument("trace", type=click.Path(path_type=Path))
     @click.option("--profile", required=True, help="Twin profile (shipped name or JSON path, e.g. from `twin calibrate`).")
     @click.option("--fast", is_flag=True, help="The trained model alone (milliseconds, no twin run).")
+    @click.option("--verify", is_flag=True,
+                  help="The twin search around the model's answer (the default; the flag is kept for older scripts).")
     @click.option("--jobs", type=click.IntRange(1, 64), default=1, show_default=True,
                   help="Processes for the twin search (several max_loras at once).")
     @click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -498,14 +545,18 @@ def _cli() -> click.Command:
     @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
     @serving_options(exclude=("max_cpu_loras",))
     @user_errors
-    def recommend_cmd(trace: Path, profile: str, fast: bool, jobs: int, model_path: Path | None, as_json: bool,
-                      **settings: Any) -> None:
+    def recommend_cmd(trace: Path, profile: str, fast: bool, verify: bool, jobs: int, model_path: Path | None,
+                      as_json: bool, **settings: Any) -> None:
         """How many adapters of TRACE one GPU serves, with which vLLM settings, and how many GPUs.
 
         By default the twin searches it (seconds; with a trained model's first guesses where
         the profile has one); --fast answers from the model alone. Serving flags are vLLM's;
         unset ones are what the profile's server ran with; --max-loras fixes the slots
-        instead of searching them. The answer sets --max-cpu-loras to the adapters per GPU."""
+        instead of searching them. The answer sizes vLLM's CPU adapter cache (--max-cpu-loras)
+        to hold the adapters per GPU."""
+        if fast and verify:
+            raise TracekitError("--fast and --verify exclude each other: --fast is the model alone, --verify "
+                                "(the default) checks it in the twin")
         if as_json:
             rec = recommend(trace, profile, settings, fast=fast, model=model_path, jobs=jobs)
         else:

@@ -217,7 +217,7 @@ def test_serving_flags_are_taken_and_stated(toy) -> None:
     for flag in ("--max-num-seqs 64", "--max-num-batched-tokens 1024", "--gpu-memory-utilization 0.8", "--max-lora-rank 32"):
         assert flag in rec["vllm_command"]
     src = rec["configuration"]["from"]
-    assert src["max_num_seqs"] == "flag" and src["max_loras"] == "flag" and src["max_cpu_loras"].startswith("the answer")
+    assert src["max_num_seqs"] == "flag" and src["max_loras"] == "flag" and src["max_cpu_loras"].startswith("vLLM's CPU adapter cache")
     plain = R.recommend(path, prof, model=mpath, simulator=TOY_SIM)["configuration"]["from"]
     assert plain["max_loras"] == "searched in the twin" and plain["max_num_seqs"] != "flag"
     # Settings the model was not trained at: a model-only answer says so.
@@ -239,8 +239,43 @@ def test_cli_errors(toy, tmp_path) -> None:
     assert r.exit_code == 2 and "below the trace's largest adapter rank 16" in r.output
     r = CliRunner().invoke(main, ["recommend", str(path), "--profile", prof, "--max-cpu-loras", "8"])
     assert r.exit_code == 2 and "No such option" in r.output  # it is the answer, not a setting
-    with pytest.raises(Exception, match="--max-cpu-loras is what recommend answers"):
+    with pytest.raises(Exception, match="--max-cpu-loras is not taken: recommend sizes vLLM's CPU adapter cache"):
         R.recommend(path, prof, {"max_cpu_loras": 8}, model=mpath, simulator=TOY_SIM)
+    r = CliRunner().invoke(main, ["recommend", str(path), "--profile", prof, "--fast", "--verify"])
+    assert r.exit_code == 2 and r.output.startswith("error: --fast and --verify exclude each other")
+
+
+def test_the_profiles_server_section_is_taken_whole(toy, tmp_path) -> None:
+    """A profile whose server ran prefix caching, async scheduling and full-prompt
+    admission: recommend's twin runs, its stated configuration and its vLLM command all
+    take them from the profile (through ServingConfig.for_profile); a flag overrides one."""
+    d, _, mpath = toy
+    server = {"vllm_version": "0.32.0", "max_num_seqs": 128, "max_num_batched_tokens": 4096, "block_size": 32,
+              "gpu_memory_utilization": 0.85, "enable_prefix_caching": True, "scheduler_reserve_full_isl": True,
+              "async_scheduling": True}
+    prof = tmp_path / "served.json"
+    prof.write_text(json.dumps({**predictor_toy.TOY_PROFILE, "name": "toy-served", "server": server}))
+    path = _trace(d, [0.4, 0.05, 0.0125], [8, 16, 16])
+    predictor_toy.SEEN.clear()
+    rec = R.recommend(path, str(prof), model=mpath, simulator=TOY_SIM)
+    keys = [k for k in server if k != "vllm_version"]
+    assert predictor_toy.SEEN and all(getattr(c, k) == server[k] for c in predictor_toy.SEEN for k in keys)
+    assert all(rec["serving"][k] == server[k] for k in keys)
+    conf = rec["configuration"]
+    assert conf["async_scheduling"] and conf["scheduler_reserve_full_isl"] and conf["enable_prefix_caching"]
+    assert all(conf["from"][k] == "the profile's server (vLLM 0.32.0)"
+               for k in ("enable_prefix_caching", "async_scheduling", "scheduler_reserve_full_isl"))
+    for flag in ("--enable-prefix-caching", "--async-scheduling", "--scheduler-reserve-full-isl", "--max-num-seqs 128",
+                 "--max-num-batched-tokens 4096", "--block-size 32", "--gpu-memory-utilization 0.85"):
+        assert flag in rec["vllm_command"]
+    predictor_toy.SEEN.clear()
+    rec = R.recommend(path, str(prof), {"async_scheduling": False}, model=mpath, simulator=TOY_SIM)
+    assert predictor_toy.SEEN and not any(c.async_scheduling for c in predictor_toy.SEEN)
+    assert "--no-async-scheduling" in rec["vllm_command"] and rec["configuration"]["from"]["async_scheduling"] == "flag"
+    r = CliRunner(env={"COLUMNS": "300"}).invoke(main, ["recommend", str(path), "--profile", str(prof), "--model", str(mpath),
+                                                  "--fast"])
+    assert r.exit_code == 0, r.output
+    assert "prefix caching on, async scheduling on, full-prompt admission on" in " ".join(r.output.split())
 
 
 def test_old_models_are_refused(toy, tmp_path) -> None:
@@ -312,6 +347,10 @@ def test_vllm_command_states_every_setting() -> None:
     assert "reserve-full-isl" not in cmd and "async" not in cmd
     cmd = R.vllm_command(prof, cfg.replace(async_scheduling=True, enable_prefix_caching=True, kv_capacity_tokens=16000))
     assert "--async-scheduling" in cmd and "--enable-prefix-caching" in cmd and "--num-gpu-blocks-override 1000" in cmd
+    # vLLM 0.32 turns both on when not given: a server of it gets both stated, off too.
+    new = Profile.from_dict({**prof.to_dict(), "server": {**prof.data["server"], "vllm_version": "0.32.0"}})
+    cmd = R.vllm_command(new, ServingConfig.for_profile(new, max_loras=32, max_cpu_loras=150, max_lora_rank=16))
+    assert "--no-async-scheduling" in cmd and "--no-scheduler-reserve-full-isl" in cmd
 
 
 def test_search_handles_one_adapter_too_heavy(toy) -> None:

@@ -127,11 +127,13 @@ def test_a_calibrated_profile_without_a_model_gets_an_answer(tmp_path) -> None:
     assert r.exit_code == 0, r.output
     df, tctx = synthesize(64, [0.05, 0.01], [8, 16], 1800.0, lengths="fixed:100,30", seed=2)
     path = schema.write(tmp_path / "t.parquet", df, "trace", tctx)
-    r = CliRunner().invoke(main, ["recommend", str(path), "--profile", str(tmp_path / "mine.json"), "--json",
-                                  "--max-num-seqs", "16", "--max-num-batched-tokens", "512"])
+    # No serving flag either: the captured server's settings are the profile's server section.
+    r = CliRunner().invoke(main, ["recommend", str(path), "--profile", str(tmp_path / "mine.json"), "--json"])
     assert r.exit_code == 0, r.output
     out = json.loads(r.output)
     assert out["method"].startswith("twin search (no trained model") and out["model"] is None
+    assert (out["serving"]["max_num_seqs"], out["serving"]["max_num_batched_tokens"]) == (16, 512)
+    assert "--max-num-seqs 16 " in out["vllm_command"] and "--max-num-batched-tokens 512 " in out["vllm_command"]
     assert out["twin_runs"][0]["adapters"] == 64  # the first guess: the whole fleet
     assert 1 <= out["adapters_per_gpu"] <= 64 and not out["twin_runs"][-1]["starved"]
     assert out["safety"]["twin_error_source"].startswith("held-out step times")
