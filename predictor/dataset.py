@@ -6,9 +6,9 @@ summary (throughput, offered load, served fraction, TTFT/ITL) and the trace's fe
 
 Resumable: finished cells are flushed as Parquet parts into `<out>.parts/` every few
 seconds; on restart, cells already there (or in an earlier `<out>`) are skipped, unless
-they were simulated under another version of the profile or of the twin's code. The
-merged `<out>` (with the labels) is written at the end, and the parts are removed once it
-holds every cell.
+they were simulated under another version of the profile or by a twin that behaves
+differently (`profile_digest`). The merged `<out>` (with the labels) is written at the
+end, and the parts are removed once it holds every cell.
 
 Labels (the paper's rule): per workload, the cell with the highest throughput among those
 that do not starve (served < 90% of offered = starving); with `--slo-ttft-p99 S`, also
@@ -17,6 +17,8 @@ the best cell whose p99 TTFT is within S seconds.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib
 import json
 import os
@@ -84,7 +86,6 @@ def run_cell(cell: Cell, profile: str, simulator: str = DEFAULT_SIMULATOR) -> di
     kv = int(prof.kv_capacity_tokens(config))
     row: dict[str, Any] = {
         "cell_key": cell.key,
-        "profile_sha": profile_digest(prof),
         "workload_key": w.key,
         "workload": w.label,
         "rates": json.dumps(list(w.rates)),
@@ -135,26 +136,51 @@ def _frame(rows: list[dict[str, Any]]) -> pl.DataFrame:
     return pl.DataFrame(rows, schema_overrides=ROW_SCHEMA, infer_schema_length=None)
 
 
-def twin_code_digest() -> str:
-    """Identifies the twin's simulation code (the sources of the `twin` package): a cell
-    simulated by another twin (a scheduling rule or step-time share changed) is stale."""
-    import hashlib
+# The fingerprint runs: one GPU past its capacity with every mechanism at work (GPU slot
+# and CPU cache evictions, chunked prefills, preemptions from a small KV cache), once as
+# the profile's server and once with prefix caching (shared system prompts), async
+# scheduling and full-prompt admission on.
+_FP_RUNS = (
+    {},
+    {"enable_prefix_caching": True, "async_scheduling": True, "scheduler_reserve_full_isl": True},
+)
 
-    import twin
 
-    h = hashlib.sha256()
-    for f in sorted(Path(twin.__file__).parent.glob("*.py")):
-        h.update(f.name.encode() + b"\0" + f.read_bytes())
+@functools.lru_cache(maxsize=8)
+def _fingerprint(profile_json: str, simulator: str) -> str:
+    from tracekit.synth import synthesize
+    from twin.api import ServingConfig
+    from twin.profile import Profile
+
+    prof = Profile.from_dict(json.loads(profile_json))
+    h = hashlib.sha256(profile_json.encode())
+    for i, flags in enumerate(_FP_RUNS):
+        trace, ctx = synthesize(24, [2.0, 0.5, 0.1], [8, 16, 32], 30.0, seed=11 + i,
+                                **({"turns": 2, "system_prompts": "2:64"} if flags else {}))
+        cfg = ServingConfig.for_profile(prof, max_loras=4, max_cpu_loras=8, max_lora_rank=32, max_num_seqs=16,
+                                        max_num_batched_tokens=256, kv_capacity_tokens=4096, **flags)
+        res = _resolve(simulator)(trace, prof, cfg, trace_context=ctx, window_s=30.0)
+        if getattr(res, "results", None) is not None:
+            df = pl.from_arrow(res.results)
+            for c in sorted(df.columns):
+                col = df[c]
+                if col.dtype.is_numeric():
+                    h.update(c.encode() + col.cast(pl.Float64).fill_null(-1.0).to_numpy().tobytes())
+                else:
+                    h.update(c.encode() + "\0".join(map(str, col.to_list())).encode())
+        summary = {k: v for k, v in (res.summary or {}).items()
+                   if isinstance(v, (int, float)) and "wall" not in k and "loop" not in k}
+        h.update(json.dumps(summary, sort_keys=True).encode())
     return h.hexdigest()[:16]
 
 
-def profile_digest(prof: Any) -> str:
-    """Identifies the profile's content and the twin's code: cells simulated under
-    another version of either are not reused on resume."""
-    import hashlib
-
-    key = json.dumps(prof.to_dict(), sort_keys=True, default=str) + twin_code_digest()
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
+def profile_digest(prof: Any, simulator: str = DEFAULT_SIMULATOR) -> str:
+    """Identifies what a cell's numbers come from: the profile's content and the twin's
+    behaviour. The latter is a fingerprint, the exact results of two small runs of one
+    saturated GPU (every scheduling mechanism at work, `_FP_RUNS`), so that cells simulated
+    by a twin that schedules or times anything differently are redone on resume, while a
+    change that moves no number (a refactor) keeps them."""
+    return _fingerprint(json.dumps(prof.to_dict(), sort_keys=True, default=str), simulator)
 
 
 def parts_dir(out: Path) -> Path:
@@ -287,7 +313,7 @@ def sweep(
 
     parts = parts_dir(out)
     cells = spec.cells()
-    sha = profile_digest(load_profile(profile))
+    sha = profile_digest(load_profile(profile), simulator)
     done = done_keys(out, sha)
     todo = [c for c in cells if c.key not in done]
     cfg0 = serving_config(load_profile(profile), cells[0]).to_dict() if cells else {}
@@ -340,7 +366,7 @@ def sweep(
         task = bar.add_task("cells", total=len(cells), completed=len(cells) - len(todo))
         try:
             for row in it:
-                buf.append(row)
+                buf.append({**row, "profile_sha": sha})
                 n_run += 1
                 bar.advance(task)
                 if len(buf) >= FLUSH_EVERY_ROWS or time.monotonic() - last_flush > FLUSH_EVERY_S:
