@@ -94,6 +94,7 @@ class GpuAnswer:
     throughput_tok_s: float
     throughput_range_tok_s: tuple[float, float]
     offered_tok_s: float
+    capacity_tok_s: float  # what one GPU of the answer's configuration serves when saturated
     served_frac: float | None
     p99_ttft_ms: float | None
     kv_capacity_tokens: int
@@ -180,7 +181,7 @@ def recommend_gpu(
             warnings.append("the model was trained at " + ", ".join(off) + ": its answer is outside what it learned; "
                             "drop --fast for the twin search, which runs these settings")
 
-    from predictor.search import Trials, allowed_max_loras, search
+    from predictor.search import SERVED_OK, Trials, allowed_max_loras, search
 
     grid = allowed_max_loras(prof, config, n_fleet, pinned)
     if not grid:
@@ -213,7 +214,7 @@ def recommend_gpu(
             config=config.replace(max_loras=p.max_loras, max_cpu_loras=n), starving_point=p.starving_point,
             adapters_range=_range(sf, p.starving_point, n_fleet), throughput_tok_s=thr,
             throughput_range_tok_s=(min(offered, cap * (1 - sf.step)), min(offered, cap * (1 + sf.step))),
-            offered_tok_s=offered, served_frac=None, p99_ttft_ms=None, kv_capacity_tokens=p.kv_capacity_tokens,
+            offered_tok_s=offered, capacity_tok_s=cap, served_frac=None, p99_ttft_ms=None, kv_capacity_tokens=p.kv_capacity_tokens,
             safety=sf, fleet_adapters=n_fleet, starving_max_loras=p.starving_max_loras,
             candidates=p.candidates, warnings=warnings, model_path=mpath)
         ans.explanation = _explain_model(mdl, p, wf, ans)
@@ -259,14 +260,16 @@ def recommend_gpu(
         ml = min(best.max_loras, n)
         check = trials.run(ml, n, purpose="check")
     runs = list(trials._cache.values())  # in the order they ran (workers' runs as their max_loras finished)
-    cap = max([r.throughput_tok_s for r in best.runs] + [check.throughput_tok_s])
+    # What one GPU serves saturated: the most the twin saw it serve, or the 90% it serves
+    # at the starving point (where the whole fleet fits, located by the scaled-up runs).
+    cap = max([r.throughput_tok_s for r in best.runs] + [check.throughput_tok_s, SERVED_OK * star * per_adapter])
     thr = check.throughput_tok_s
     ans = GpuAnswer(
         method=method, max_loras=ml, adapters=n, max_lora_rank=int(config.max_lora_rank),
         config=config.replace(max_loras=ml, max_cpu_loras=n), starving_point=star,
         adapters_range=_range(sf, star, n_fleet), throughput_tok_s=thr,
         throughput_range_tok_s=(min(thr, cap * (1 - sf.step)), min(check.offered_tok_s, max(thr, thr * (1 + sf.step)))),
-        offered_tok_s=check.offered_tok_s, served_frac=check.served_frac, p99_ttft_ms=check.p99_ttft_ms,
+        offered_tok_s=check.offered_tok_s, capacity_tok_s=cap, served_frac=check.served_frac, p99_ttft_ms=check.p99_ttft_ms,
         kv_capacity_tokens=kv(ml, int(config.max_lora_rank)), safety=sf, fleet_adapters=n_fleet,
         starving_max_loras=best.max_loras, twin_runs=list(runs), warnings=warnings, model_path=mpath,
         candidates=[{"max_loras": m, "starving_point": r.starving_point, "fits": r.fits, "feasible": r.feasible,
@@ -388,7 +391,7 @@ def recommend(
     on_run: Callable[[TwinRun], None] | None = None,
     simulator: str = "twin.api:simulate",
 ) -> dict[str, Any]:
-    """The recommendation for a trace file, as the --json object (plus `_gpus`: each
+    """The recommendation for a trace file, as the --json object (`gpu_adapters`: each
     GPU's adapters). `answer_ms` counts from here on, after the libraries are imported."""
     from predictor import features as feats
     from predictor.plan import split_fleet
@@ -460,6 +463,7 @@ def answer_dict(a: GpuAnswer, profile: Any) -> dict[str, Any]:
         "throughput_tok_s": round(a.throughput_tok_s, 1),
         "throughput_range_tok_s": [round(x, 1) for x in a.throughput_range_tok_s],
         "offered_tok_s": round(a.offered_tok_s, 1),
+        "capacity_tok_s": round(a.capacity_tok_s, 1),
         "served_frac": a.served_frac,
         "p99_ttft_ms": a.p99_ttft_ms,
         "kv_capacity_tokens": a.kv_capacity_tokens,

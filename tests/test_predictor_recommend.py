@@ -187,6 +187,8 @@ def test_fleet_split_and_json(toy) -> None:
     assert rec["serving"]["max_cpu_loras"] == n and rec["serving"]["max_loras"] == rec["max_loras"]
     assert f"--max-cpu-loras {n} " in rec["vllm_command"] and f"--max-loras {rec['max_loras']} " in rec["vllm_command"]
     assert json.loads(json.dumps(rec, default=str))["twin_runs"]
+    # A saturated GPU's capacity: about what the twin serves at the starving point.
+    assert rec["throughput_tok_s"] <= rec["capacity_tok_s"] <= 1.02 * max(r["throughput_tok_s"] for r in rec["twin_runs"])
 
 
 def test_cli_fast_json_keys_and_speed(toy) -> None:
@@ -196,7 +198,8 @@ def test_cli_fast_json_keys_and_speed(toy) -> None:
     assert r.exit_code == 0, r.output
     out = json.loads(r.output)
     assert {"adapters_per_gpu", "adapters_per_gpu_range", "max_loras", "max_lora_rank", "throughput_tok_s",
-            "throughput_range_tok_s", "gpus", "serving", "vllm_command", "safety", "explanation", "method"} <= set(out)
+            "throughput_range_tok_s", "capacity_tok_s", "gpus", "gpu_adapters", "serving", "vllm_command", "safety",
+            "explanation", "method"} <= set(out)
     assert "max_cpu_loras" not in out  # vLLM's CPU cache size: only in `serving`, set to adapters_per_gpu
     assert out["method"] == "model" and out["twin_runs"] == []
     # The budget is 100 ms in process; the shared test machine gets 3x slack.
