@@ -19,6 +19,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 OUT = ROOT / "benchmarks" / "results"
 INCOMPLETE = 3  # exit code of a chunked benchmark that stopped at its time budget: rerun it
+# Workers of the truth sweeps: they run under the shared lock, which holds the machine's
+# cores for them (a cell's numbers do not depend on how many run at once).
+SWEEP_JOBS = max(1, min(2, len(os.sched_getaffinity(0))))
 # The paper's grid (its real sweeps measured these max_loras / max_cpu_loras).
 PAPER_MAX_LORAS = [16, 32, 64, 96, 128, 160, 192]
 PAPER_COUNTS = [16, 32, 64, 96, 128, 160, 192, 256, 320, 384]

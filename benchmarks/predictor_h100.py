@@ -112,7 +112,7 @@ def twin_oracle(work: dict[str, Any], budget_s: float | None) -> dict[str, tuple
         "configs": {"max_loras": C.PAPER_MAX_LORAS, "max_cpu_loras": C.PAPER_COUNTS},
         "duration_s": 3600, "max_requests": 100000, "max_load_req_s": 60,
     })
-    df, ctx = dataset.sweep(sp, PROFILE, C.OUT / "predictor_h100_twin_sweep.parquet", jobs=1, progress=False,
+    df, ctx = dataset.sweep(sp, PROFILE, C.OUT / "predictor_h100_twin_sweep.parquet", jobs=C.SWEEP_JOBS, progress=False,
                             time_budget_s=budget_s)
     if not ctx["complete"]:
         return None

@@ -81,7 +81,7 @@ def truth(s: dict[str, Any], budget_s: float | None) -> tuple[pl.DataFrame | Non
         "duration_s": 3600, "max_requests": 100000, "max_load_req_s": s["max_load"], "serving": s["serving"],
     })
     slug = "".join(ch if ch.isalnum() or ch in "-." else "_" for ch in s["name"])
-    df, ctx = dataset.sweep(sp, s["profile"], C.OUT / f"predictor_lomo_truth_{slug}.parquet", jobs=1, progress=False,
+    df, ctx = dataset.sweep(sp, s["profile"], C.OUT / f"predictor_lomo_truth_{slug}.parquet", jobs=C.SWEEP_JOBS, progress=False,
                             time_budget_s=budget_s)
     return (df if ctx["complete"] else None), time.perf_counter() - t0
 
