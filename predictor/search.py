@@ -355,7 +355,7 @@ def search(
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
-        from predictor.dataset import SINGLE_THREAD_ENV
+        from tracekit.parallel import SINGLE_THREAD_ENV
 
         saved = {k: os.environ.get(k) for k in SINGLE_THREAD_ENV}
         os.environ.update(SINGLE_THREAD_ENV)

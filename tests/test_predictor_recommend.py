@@ -160,7 +160,8 @@ def test_fast_answer_is_near_the_true_optimum(toy) -> None:
         assert a.method == "model" and not a.twin_runs
         true = _toy_starving_point(prof, path, a.starving_max_loras)
         assert a.adapters <= true  # does not starve
-        assert a.adapters >= 0.8 * true  # and wastes little
+        # and wastes little: the safety step (z tuned on real runs, so not fixed here) and the model's error
+        assert a.adapters >= 0.9 * true * (1 - a.safety.step)
         assert a.max_lora_rank == max(ranks) and a.max_loras <= a.adapters
         assert a.safety.model_error > 0 and a.safety.sigma > a.safety.twin_error
 

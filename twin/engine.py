@@ -266,7 +266,17 @@ def simulate(
     if not oom:
         loop.run(fast_forward)
     loop_s = time.perf_counter() - loop_started
+    return _finish(table, arrival, sched, loop, prof, config, ctx_in, window_s, valid, too_long, oom, window, max_len,
+                   kv_tokens, num_blocks, oom_reason, loop_s, names, record_steps)
 
+
+def _finish(
+    table: pa.Table, arrival: np.ndarray, sched: Scheduler, loop: _Loop, prof: Profile, config: ServingConfig,
+    ctx_in: dict[str, Any], window_s: float | None, valid: np.ndarray, too_long: np.ndarray, oom: bool, window: float,
+    max_len: int, kv_tokens: int, num_blocks: int, oom_reason: str, loop_s: float, names: list[str], record_steps: bool,
+) -> SimResult:
+    """Results, summary and steps of a finished run (a whole trace's, or one engine's of
+    a coupled fleet, `twin.cosim`)."""
     results, status = _results(table, arrival, sched, loop, valid, too_long, oom, window, max_len)
     ctx = dict(ctx_in)
     ctx.update(
@@ -338,6 +348,11 @@ class _Loop:
         self.step = 0
         self.t = 0.0
         self.t_end = 0.0
+        # `run(until=...)` stops before a step that would start at or after `until` and
+        # resumes there (a coupled fleet's engines advance to each routing instant,
+        # `twin.cosim`); `_resume` holds the loop's state between calls.
+        self.horizon = math.inf
+        self._resume: tuple[float, int, float | None, int] | None = None
         self.step_end: list[float] = []
         self.steps = _Steps()
         self.ff_steps = 0
@@ -349,25 +364,29 @@ class _Loop:
     def _num_arrived_valid(self, k: int) -> int:
         return k if self.valid_prefix is None else int(self.valid_prefix[k])
 
-    def run(self, fast_forward: bool) -> None:
+    def run(self, fast_forward: bool, until: float = math.inf) -> None:
         sched = self.sched
         # Arrival times stay a numpy array: a Python list of a million floats costs
         # more (memory, page faults) than the per-step searchsorted it would speed up.
         arrivals = self.arrival
         n = self.num_requests
-        window = self.window
-        t = float(arrivals[0]) if n else 0.0
-        # Async scheduling: the time up to which the next step's scheduling sees
-        # arrivals (the start of the step in flight; None: no step in flight).
         async_ = self.async_scheduling
-        in_flight: float | None = None
-        step = 0
+        if self._resume is None:
+            t = float(arrivals[0]) if n else 0.0
+            # Async scheduling: the time up to which the next step's scheduling sees
+            # arrivals (the start of the step in flight; None: no step in flight).
+            in_flight: float | None = None
+            step = 0
+            arrived = 0  # arrivals up to t (t only grows: search near the last count, in cache)
+        else:
+            t, step, in_flight, arrived = self._resume
+        self.horizon = until
+        window = min(self.window, until)
         record = self.record
         cols = self.steps.cols
         step_end = self.step_end
         intake = self.intake
-        prefill_total = 0
-        arrived = 0  # arrivals up to t (t only grows: search near the last count, in cache)
+        prefill_total = self.prefill_tokens
         while t < window:
             k = int(arrivals[arrived : arrived + 256].searchsorted(t, "right"))
             arrived = arrived + k if k < 256 else int(arrivals.searchsorted(t, "right"))
@@ -381,7 +400,8 @@ class _Loop:
                     in_flight = None
                     seen = num_arrived
                     if sched.waiting.peek(num_arrived, False) is None:
-                        # Idle: jump to the next arrival (none left: done).
+                        # Idle: jump to the next arrival (none left: done, or paused
+                        # until more are added).
                         if num_arrived >= n:
                             break
                         t = float(arrivals[num_arrived])
@@ -445,6 +465,7 @@ class _Loop:
         self.step = step
         self.t_end = t
         self.prefill_tokens = prefill_total
+        self._resume = (t, step, in_flight, arrived)
 
     def _fast_forward(self, step: int, t: float, seen: int, in_flight: float | None) -> int:
         """Advance a decode-only stretch starting at `step` in one computation; returns
@@ -471,7 +492,8 @@ class _Loop:
         # before any numpy work. With async scheduling a step sees arrivals up to the
         # previous step's start: one step more.
         lag = 1 if self.async_scheduling else 0
-        limit = min(self.window, st.until_s)
+        end = min(self.window, self.horizon)  # no step may start at or after it
+        limit = min(end, st.until_s)
         d0 = self.step_time(0, n_dec, st.ctx_base + n_dec * step, na, rs)
         if d0 > 0 and (limit - t) / d0 + 1 + lag < MIN_STRETCH:
             self._ff_retry_t = limit
@@ -498,7 +520,7 @@ class _Loop:
         else:
             seen_s = starts
         # Stop at the first step that starts at/after the window or sees an admissible arrival.
-        k = min(k, int(np.searchsorted(starts, self.window, side="left")), int(np.searchsorted(seen_s, st.until_s, side="left")))
+        k = min(k, int(np.searchsorted(starts, end, side="left")), int(np.searchsorted(seen_s, st.until_s, side="left")))
         if k < MIN_STRETCH:
             return 0
         starts, dur, ends, need, ctx, seen_s = starts[:k], dur[:k], ends[:k], need[:k], ctx[:k], seen_s[:k]
@@ -523,7 +545,7 @@ class _Loop:
         bs, phase = sched.block_size, sched.block_phase
         free = sched.num_blocks - sched.used_blocks
         n_dec, na, rs, base = st.num_decodes, st.num_adapters, st.rank_sum, st.ctx_base
-        window, until = self.window, st.until_s
+        window, until = min(self.window, self.horizon), st.until_s
         step_time, c, arrivals = self.step_time, self.intake, self.arrival
         async_ = self.async_scheduling
         overlap = in_flight is not None  # async: a step in flight to overlap the intake with
