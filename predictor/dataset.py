@@ -150,6 +150,7 @@ _FP_RUNS = (
 def _fingerprint(profile_json: str, simulator: str) -> str:
     from tracekit.synth import synthesize
     from twin.api import ServingConfig
+    from twin.config import TWIN_COUNTERS
     from twin.profile import Profile
 
     prof = Profile.from_dict(json.loads(profile_json))
@@ -168,8 +169,12 @@ def _fingerprint(profile_json: str, simulator: str) -> str:
                     h.update(c.encode() + col.cast(pl.Float64).fill_null(-1.0).to_numpy().tobytes())
                 else:
                     h.update(c.encode() + "\0".join(map(str, col.to_list())).encode())
+        # With per-request results, the twin's counters of what the server did (steps,
+        # preemptions, adapter loads...); not its own bookkeeping (fast-forwarded steps,
+        # loop times), which a faster engine changes without moving a number.
+        keep = TWIN_COUNTERS if getattr(res, "results", None) is not None else tuple(res.summary or {})
         summary = {k: v for k, v in (res.summary or {}).items()
-                   if isinstance(v, (int, float)) and "wall" not in k and "loop" not in k}
+                   if k in keep and isinstance(v, (int, float)) and "wall" not in k and "loop" not in k}
         h.update(json.dumps(summary, sort_keys=True).encode())
     return h.hexdigest()[:16]
 
