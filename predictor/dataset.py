@@ -361,6 +361,18 @@ def label(df: pl.DataFrame, slo_ttft_p99_s: float | None = None) -> pl.DataFrame
     return df.with_columns(cols).drop("_i")
 
 
+def labels_summary(df: pl.DataFrame, context: dict[str, Any], out: Path) -> dict[str, Any]:
+    """The sweep's summary as `--json` prints it: each workload's best configuration."""
+    best = df.filter(pl.col("is_best")).sort("workload")
+    keep = ("cells_run", "sweep_wall_s", "runs_per_min", "executor", "jobs")
+    return {
+        "out": str(out), "cells": df.height, "workloads": df["workload_key"].n_unique(),
+        "starving_everywhere": df["workload_key"].n_unique() - best.height,
+        "best": best.select("workload", "max_loras", "max_cpu_loras", "throughput_tok_s", "served_frac").to_dicts(),
+        **{k: context[k] for k in keep if k in context},
+    }
+
+
 def print_labels(df: pl.DataFrame, context: dict[str, Any], out: Path) -> None:
     from rich.table import Table
 
@@ -390,8 +402,10 @@ def print_labels(df: pl.DataFrame, context: dict[str, Any], out: Path) -> None:
 @click.option("--ray-address", default=None, help="Ray cluster address (default: start a local Ray).")
 @click.option("--slo-ttft-p99", "slo", type=float, default=None, help="Also label the best config whose p99 TTFT <= S seconds.")
 @click.option("--simulator", default=DEFAULT_SIMULATOR, hidden=True, help="module:function with twin.api.simulate's signature.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object (progress on stderr).")
 @user_errors
-def dataset_cmd(profile: str, workloads: str, out: Path, executor: str, jobs: int, ray_address: str | None, slo: float | None, simulator: str) -> None:
+def dataset_cmd(profile: str, workloads: str, out: Path, executor: str, jobs: int, ray_address: str | None, slo: float | None,
+                simulator: str, as_json: bool = False) -> None:
     """Sweep the twin over workloads x (max_loras, max_cpu_loras) and label the best configs.
 
     SPEC is a JSON file, inline JSON, or a one-line grid (`;` between items, `,` between
@@ -416,5 +430,8 @@ def dataset_cmd(profile: str, workloads: str, out: Path, executor: str, jobs: in
     load_profile(profile)  # fail early on a bad name
     spec = specmod.load(workloads)
     df, ctx = sweep(spec, profile, out, executor=executor, jobs=jobs, ray_address=ray_address,
-                    simulator=simulator, slo_ttft_p99_s=slo)
-    print_labels(df, ctx, out)
+                    simulator=simulator, slo_ttft_p99_s=slo, progress=not as_json)
+    if as_json:
+        click.echo(json.dumps(labels_summary(df, ctx, out), indent=2, default=str))
+    else:
+        print_labels(df, ctx, out)

@@ -312,8 +312,9 @@ def print_cv(cv: dict[str, Any], chosen: str | None = None) -> None:
 @click.option("--kind", type=click.Choice(["auto", "tree", "linear"]), default="auto", show_default=True,
               help="Shallow tree or linear model on the log starving load; auto picks the smaller CV error.")
 @click.option("--folds", type=int, default=5, show_default=True, help="GroupKFold folds over workloads.")
+@click.option("--json", "as_json", is_flag=True, help="Print the saved model and its cross-validation as one JSON object.")
 @user_errors
-def train_cmd(dataset: Path, out: Path, kind: str, folds: int) -> None:
+def train_cmd(dataset: Path, out: Path, kind: str, folds: int, as_json: bool = False) -> None:
     """Train the starving-load model on DATASET (from `predictor dataset`), report CV error."""
     if folds < 2:
         raise TracekitError("--folds must be at least 2")
@@ -321,5 +322,10 @@ def train_cmd(dataset: Path, out: Path, kind: str, folds: int) -> None:
     if out.suffix == "":
         out = out.with_suffix(".json")
     model.save(out)
+    if as_json:
+        import json
+
+        click.echo(json.dumps({"model": str(out), "kind": model.kind, "cv": cv}, indent=2, default=str))
+        return
     print_cv(cv, model.kind)
     console.print(f"saved {model.kind} model -> {out} (held-out error {model.meta['cv'][model.kind]['capacity_mape']:.1%})")

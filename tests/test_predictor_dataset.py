@@ -144,6 +144,14 @@ def test_cli_runs_and_reports_errors(tmp_path, toy_profile) -> None:
                                   "--simulator", SIM, "--jobs", "1"])
     assert r.exit_code == 0, r.output
     assert out.exists() and "runs/min" in r.output
+    # --json: one object on stdout, the same best configurations as the labelled file.
+    r = CliRunner().invoke(main, ["dataset", "--profile", toy_profile, "--workloads", GRID, "--out", str(out),
+                                  "--simulator", SIM, "--jobs", "1", "--json"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    best = pl.read_parquet(out).filter(pl.col("is_best"))
+    assert summary["out"] == str(out) and summary["cells"] == pl.read_parquet(out).height
+    assert sorted((b["workload"], b["max_loras"]) for b in summary["best"]) == sorted(best.select("workload", "max_loras").rows())
     r = CliRunner().invoke(main, ["dataset", "--profile", toy_profile, "--workloads", "rates=x", "--out", str(out)])
     assert r.exit_code == 2 and r.output.startswith("error: workload spec")
     r = CliRunner().invoke(main, ["dataset", "--profile", "no-such-profile", "--workloads", GRID, "--out", str(out)])

@@ -106,6 +106,10 @@ def test_cli_train_saves_readable_model(toy, tmp_path) -> None:
     m = CapacityModel.load(tmp_path / "m.json")
     words = m.explain(np.zeros(len(MODEL_FEATURES)))
     assert words[-1].startswith("-> starving load")
+    r = CliRunner().invoke(main, ["train", str(toy[0]), "--out", str(out), "--kind", "tree", "--folds", "3", "--json"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["kind"] == "tree" and summary["cv"]["tree"]["workloads"] == d["meta"]["cv"]["tree"]["workloads"]
 
 
 def test_cli_train_errors(tmp_path) -> None:
