@@ -53,6 +53,7 @@ def render_summary(results: pl.DataFrame, context: dict[str, Any], out: Console,
     rows = [
         ("requests (measured)", s["requests"]), ("completed", s["completed"]), ("unfinished", s["unfinished"]),
         ("errors (incl. timeouts)", s["errors"]), ("timeouts", s["timeouts"]),
+        *((("cancelled (client hung up)", s["cancelled"]),) if s.get("cancelled") else ()),
         ("throughput (in+out tok/s, paper)", s["throughput_tok_s"]), ("output tok/s", s["output_tok_s"]),
         ("requests/s", s["req_s"]), ("offered (in+out tok/s)", s["offered_tok_s"]),
         ("served fraction", s["served_frac"]),

@@ -21,7 +21,9 @@ from hypothesis import strategies as st
 from vllm_support import free_port
 
 from tracekit import schema
-from tracekit.proxy import ProxyState, _relay_stream, serve
+from tracekit.capture.proxy import ProxyState, serve
+from tracekit.capture.rows import Record
+from tracekit.capture.sse import relay_stream
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = "base-model"
@@ -208,8 +210,9 @@ def test_client_hanging_up(tmp_path: Path) -> None:
 
     asyncio.run(with_proxy(tmp_path, fn))
     df, _ = schema.read(tmp_path / "cap")
-    assert df["status"].to_list() == ["ok", "error"]
+    assert df["status"].to_list() == ["ok", "cancelled"]
     assert df["output_tokens"][0] == 3 and "mid-stream" in df["error"][1]
+    assert df["output_tokens"][1] == 200  # what was asked for: the demand, for a replay
 
 
 def test_upstream_down_gives_502_and_keeps_running(tmp_path: Path) -> None:
@@ -236,7 +239,7 @@ def test_unwritable_dir_is_reported_and_traffic_flows(tmp_path: Path, capsys: py
             status, _, _ = await post(url, {"model": "a1", "prompt": [1, 2], "max_tokens": 2, "stream": True})
             assert status == 200
             await asyncio.sleep(0.15)  # flushes fail meanwhile
-        assert state.stats.write_errors >= 1 and len(state.rows) == 3  # kept in memory
+        assert state.writer.write_errors >= 1 and len(state.rows) == 3  # kept in memory
         blocker.unlink()  # the disk "comes back"
         await asyncio.sleep(0.3)
         assert not state.rows
@@ -275,16 +278,13 @@ class _FakeResp:
 @settings(max_examples=60, deadline=None)
 @given(n=st.integers(1, 12), cuts=st.lists(st.integers(0, 4000), max_size=12), strip=st.booleans())
 def test_relay_is_byte_exact_under_any_chunking(n: int, cuts: list[int], strip: bool) -> None:
-    from tracekit.proxy import _Record
-
     events = vllm_events("a1", n, 7, include_usage=True)
     stream = b"".join(events)
     points = sorted({min(c, len(stream)) for c in cuts})
     chunks = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)], strict=True) if b > a]
-    rec = _Record(arrival=0.0, model="a1", prompt_ids=None, max_tokens=n)
+    rec = Record(arrival=0.0, model="a1", prompt_ids=None, max_tokens=n)
     resp = _FakeResp()
-    state = ProxyState(upstream="http://x", out_dir=Path("/nonexistent"))
-    asyncio.run(_relay_stream(_FakeUp(chunks), resp, rec, strip, state))
+    asyncio.run(relay_stream(_FakeUp(chunks), resp, rec, strip, lambda: 0.0))
     expected = b"".join(e for e in events if not (strip and b'"choices":[]' in e))
     assert resp.data == expected
     assert rec.usage == {"prompt_tokens": 7, "total_tokens": 7 + n, "completion_tokens": n}
@@ -292,17 +292,14 @@ def test_relay_is_byte_exact_under_any_chunking(n: int, cuts: list[int], strip: 
 
 
 def test_relay_with_continuous_usage_and_chat_role_event() -> None:
-    from tracekit.proxy import _Record
-
     role = b'data: {"id":"c","choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n'
     toks = [b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"x"}}],"usage":{"prompt_tokens":3,'
             b'"completion_tokens":%d}}\n\n' % (i + 1) for i in range(4)]
     final = b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4}}\n\n'
     stream = [role, *toks, final, b"data: [DONE]\n\n"]
-    rec = _Record(arrival=0.0, model="a1", prompt_ids=None, max_tokens=4)
+    rec = Record(arrival=0.0, model="a1", prompt_ids=None, max_tokens=4)
     resp = _FakeResp()
-    state = ProxyState(upstream="http://x", out_dir=Path("/nonexistent"))
-    asyncio.run(_relay_stream(_FakeUp(stream), resp, rec, True, state))
+    asyncio.run(relay_stream(_FakeUp(stream), resp, rec, True, lambda: 0.0))
     assert resp.data == b"".join([role, *toks, b"data: [DONE]\n\n"])
     assert rec.usage == {"prompt_tokens": 3, "completion_tokens": 4}
     assert len(rec.gaps) == 3  # four token events; the role event is not a token
