@@ -643,3 +643,24 @@ def test_prefix_hashes_of_token_text_and_chat_prompts(tmp_path: Path) -> None:
     from tracekit.prefix import block_hashes
 
     assert block_hashes(list(range(10, 22)), "a1", FAKE_BLOCK_SIZE) != h[0]
+
+
+def test_the_drain_ends_when_the_last_request_does(tmp_path: Path) -> None:
+    """With a long drain timeout, a stop takes as long as the requests in flight, not the
+    timeout (handlers on kept-alive connections included)."""
+
+    async def fn(url: str, state: ProxyState, stop: asyncio.Event, served: asyncio.Task[Any], app: Any) -> None:
+        async with aiohttp.ClientSession() as s:  # one kept-alive connection for both requests
+            status, _, _ = await post(url, {"model": "a1", "prompt": [1], "max_tokens": 2})
+            body = {"model": "a1", "prompt": [1], "max_tokens": 10, "stream": True, "fake_token_s": 0.05}
+            async with s.post(url + "/v1/completions", json=body) as r:
+                await r.content.readline()
+                t = time.perf_counter()
+                stop.set()
+                await r.read()
+            await served
+            assert time.perf_counter() - t < 3.0  # the drain timeout is 30 s
+
+    asyncio.run(with_proxy(tmp_path, fn, stop_inside=True))
+    df, _ = schema.read(tmp_path / "cap")
+    assert df["status"].to_list() == ["ok", "ok"]

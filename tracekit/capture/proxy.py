@@ -114,6 +114,9 @@ class ProxyState:
     inflight: dict[Record, asyncio.Task[Any]] = field(default_factory=dict)
     others: set[asyncio.Task[Any]] = field(default_factory=set)  # passthrough handlers
     hash_tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    # Set whenever a handler ends. A handler's task is its connection's (it goes on to the
+    # next keep-alive request), so the drain cannot wait on the tasks themselves.
+    handler_ended: asyncio.Event = field(default_factory=asyncio.Event)
     hash_error: str | None = None
     writer: CaptureWriter = field(init=False)
 
@@ -275,6 +278,7 @@ def make_app(state: ProxyState) -> Any:
             raise
         finally:
             state.inflight.pop(rec, None)
+            state.handler_ended.set()
             finish(rec)
 
     async def _recorded(request: web.Request, rec: Record) -> web.StreamResponse:
@@ -428,6 +432,7 @@ def make_app(state: ProxyState) -> Any:
             return await passthrough(request)
         finally:
             state.others.discard(task)
+            state.handler_ended.set()
 
     app = web.Application(client_max_size=1 << 30)
     app.router.add_route("*", "/{tail:.*}", dispatch)
@@ -488,10 +493,11 @@ async def _drain_and_cut(state: ProxyState, cut_now: asyncio.Event, t_stop: floa
         remaining = deadline - loop.time()
         if remaining <= 0 or cut_now.is_set():
             break
-        cut_wait = asyncio.ensure_future(cut_now.wait())
-        await asyncio.wait({*state.inflight.values(), *state.others, cut_wait}, timeout=remaining,
-                           return_when=asyncio.FIRST_COMPLETED)
-        cut_wait.cancel()
+        state.handler_ended.clear()
+        waits = {asyncio.ensure_future(cut_now.wait()), asyncio.ensure_future(state.handler_ended.wait())}
+        await asyncio.wait(waits, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+        for w in waits:
+            w.cancel()
     left = dict(state.inflight)
     state.stats.drained = max(at_stop - len(left), 0)
     for rec, task in left.items():
