@@ -5,7 +5,7 @@
 2. Original: a vLLM server with prefix caching (its default) and the step plugin; the
    trace is replayed through `tracekit proxy`, which captures each request with its
    `prefix_hashes` (no token ids kept). In the `chat` variant the same prompts are sent
-   as chat messages of text (one word per token id), so the proxy has the server
+   as chat messages of text (the server's /detokenize of the ids), so the proxy has the server
    tokenize them (`/tokenize`, chat template applied) to hash them.
 3. Replay: a fresh server (empty prefix cache), the same configuration; `replay run` of
    the capture rebuilds token ids from the hashes (`tracekit.prefix.tokens_from_block_hashes`).
@@ -52,7 +52,7 @@ from tracekit import schema  # noqa: E402
 RESULTS = HERE / "results"
 ADAPTER_RANKS = {"a1": 8, "a2": 16}
 PY = sys.executable
-SERVER = dict(max_loras=4, max_cpu_loras=4, max_num_seqs=16, max_model_len=2048)
+SERVER = dict(max_loras=4, max_cpu_loras=8, max_num_seqs=16, max_model_len=2048)
 
 
 def cli(pkg: str, *args: str, timeout: float = 1800) -> subprocess.CompletedProcess[str]:
@@ -80,23 +80,33 @@ def steps_share(steps_dir: Path) -> dict[str, float]:
             "share": cached / (cached + prefill) if cached + prefill else 0.0}
 
 
-async def send_chat(url: str, trace: Any, base: str) -> None:
+def chat_texts(url: str, trace: Any) -> list[str]:
+    """Each prompt as text: the server's own /detokenize of its token ids (so that the chat
+    template and the tokenizer see ordinary text of about the same length)."""
+    out = []
+    for ids in trace["prompt_token_ids"].to_list():
+        body = json.dumps({"tokens": ids}).encode()
+        req = urllib.request.Request(url + "/detokenize", data=body, headers={"Content-Type": "application/json"})
+        out.append(json.loads(urllib.request.urlopen(req, timeout=60).read())["prompt"])
+    return out
+
+
+async def send_chat(url: str, trace: Any, texts: list[str], base: str) -> None:
     """The trace's prompts as chat messages of text, each at its arrival time."""
     import aiohttp
 
     start = time.perf_counter()
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
 
-        async def one(r: dict[str, Any]) -> None:
+        async def one(r: dict[str, Any], text: str) -> None:
             await asyncio.sleep(max(0.0, r["arrival_s"] - (time.perf_counter() - start)))
-            text = " ".join(f"w{t}" for t in r["prompt_token_ids"])
             body = {"model": r["adapter"] or base, "messages": [{"role": "user", "content": text}],
                     "max_tokens": int(r["output_tokens"]), "ignore_eos": True}
             async with s.post(url + "/v1/chat/completions", json=body) as resp:
                 assert resp.status == 200, (await resp.read())[:300]
                 await resp.read()
 
-        await asyncio.gather(*(one(r) for r in trace.iter_rows(named=True)))
+        await asyncio.gather(*(one(r, t) for r, t in zip(trace.iter_rows(named=True), texts, strict=True)))
 
 
 def tokenize_cost(srv: VllmServer, n: int = 200) -> dict[str, float]:
@@ -147,7 +157,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     body = json.dumps({"lora_name": name, "lora_path": str(lora_dir / name)}).encode()
                     urllib.request.urlopen(urllib.request.Request(srv.url + "/v1/load_lora_adapter", data=body, headers={
                         "Content-Type": "application/json"}), timeout=60).read()
-                asyncio.run(send_chat(url, tdf, srv.served_model_name))
+                texts = chat_texts(srv.url, tdf)
+                asyncio.run(send_chat(url, tdf, texts, srv.served_model_name))
                 out["tokenize"] = tokenize_cost(srv)
         finally:
             proxy.send_signal(signal.SIGTERM)
@@ -197,7 +208,8 @@ def render(data: dict[str, Any]) -> str:
         "",
         "Trace: `tracekit synth --adapters 4 --turns 4 --system-prompts 2:256 --lengths fixed:64,32` "
         "(prompts grow over 4 turns, each conversation opens with one of 2 shared 256-token system prompts). "
-        "`ids`: sent as token ids; `chat`: sent as chat messages of text, tokenized by the server for the hashes. "
+        "`ids`: sent as token ids; `chat`: the same prompts as text (the server's /detokenize of the ids) in chat "
+        "messages, tokenized by the server (`/tokenize`, chat template applied) for the hashes. "
         "The capture keeps no token ids; the replay rebuilds them from `prefix_hashes`.",
         "",
         "| variant | requests | capture rows | hit share, original (steps) | hit share, replay (steps) | "

@@ -207,7 +207,8 @@ def test_steps_of_a_running_burst_survive_a_server_stop(
 ) -> None:
     """Stopping the server (SIGTERM) in the middle of a burst: the steps buffered in the
     EngineCore are flushed before it exits. The periodic flush is set far beyond the
-    test, so any row on disk came from the flushes at shutdown.
+    test, so any row of the burst on disk came from the flushes at shutdown (the speed
+    probe's rows, written when the engine fell idle after it, are left out).
 
     abort: vLLM's default (`--shutdown-timeout 0`), SIGTERM to the whole process group as
     systemd sends it; vLLM would kill the EngineCore right after, so the plugin asks for
@@ -218,16 +219,21 @@ def test_steps_of_a_running_burst_survive_a_server_stop(
     steps_dir = tmp_path / "steps"
     rng = random.Random(5)
     adapters = sorted(tiny_adapters)
-    # Long requests (440 tokens) two at a time keep the engine busy for about 10 s, so
-    # the stop below comes mid-burst: the API server, starved of CPU by the engine on
-    # this 2-core machine, hands responses out in bunches seconds apart.
-    reqs = [{"adapter": rng.choice(adapters), "prompt": [rng.randint(10, 2000) for _ in range(rng.randint(4, 60))],
-             "max_tokens": rng.choice([4, 8, 440])} for _ in range(32)]  # fmt: skip
     drain = ["--shutdown-timeout", "120"] if mode == "drain" else []
     srv = VllmServer(tiny_model, tiny_adapters, max_loras=MAX_LORAS, max_cpu_loras=4, max_num_seqs=2,
                      env={"TRACEKIT_STEPS_DIR": str(steps_dir), "TRACEKIT_STEPS_FLUSH_S": "3600"},
                      extra_args=["--no-enable-prefix-caching", *drain], log_path=tmp_path / "server.log").start()  # fmt: skip
     try:
+        # Long requests, two at a time (about five rounds of them), keep the engine busy for
+        # about 15 s (440 tokens at most: the model length), so the stop below comes
+        # mid-burst: the API server, starved of CPU by the engine on a 2-core machine,
+        # hands responses out in bunches seconds apart.
+        speed = measure_speed(srv.url, "a1", batch=2)
+        long = max(32, min(440, int(16.0 / (5 * speed.batch_decode_s))))
+        reqs = [{"adapter": rng.choice(adapters), "prompt": [rng.randint(10, 2000) for _ in range(rng.randint(4, 60))],
+                 "max_tokens": rng.choice([4, 8, long])} for _ in range(32)]  # fmt: skip
+        time.sleep(1.5)  # the probe's steps reach the disk (idle flush) and are left out below
+        probe_steps = read_steps(steps_dir).height if list(steps_dir.glob("*.parquet")) else 0
         async def burst() -> list[Any]:
             async with aiohttp.ClientSession() as s:
 
@@ -255,7 +261,7 @@ def test_steps_of_a_running_burst_survive_a_server_stop(
     finished = [x for x in served if x["choices"][0]["finish_reason"] == "length"]
     assert len(finished) >= 4
     log = (tmp_path / "server.log").read_text(errors="replace")
-    steps = read_steps(steps_dir)
+    steps = read_steps(steps_dir).filter(pl.col("step") >= probe_steps)
     assert "tracekit: ERROR" not in log, log[-3000:]
     # Every token a client received has its step on disk: the prompt of every request that
     # produced a token, and every output token after the first (the prefill step makes

@@ -279,6 +279,10 @@ def test_client_hanging_up(tmp_path: Path) -> None:
     assert df["status"].to_list() == ["ok", "cancelled"]
     assert df["output_tokens"][0] == 3 and "mid-stream" in df["error"][1]
     assert df["output_tokens"][1] == 200  # what was asked for: the demand, for a replay
+    from tracekit.metrics import summarize
+
+    s = summarize(df)
+    assert (s["completed"], s["cancelled"], s["errors"]) == (1, 1, 0)  # a hang-up is neither served nor an error
 
 
 def test_upstream_down_gives_502_and_keeps_running(tmp_path: Path) -> None:
