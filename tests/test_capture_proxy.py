@@ -668,3 +668,29 @@ def test_the_drain_ends_when_the_last_request_does(tmp_path: Path) -> None:
     asyncio.run(with_proxy(tmp_path, fn, stop_inside=True))
     df, _ = schema.read(tmp_path / "cap")
     assert df["status"].to_list() == ["ok", "ok"]
+
+
+def test_a_request_still_arriving_at_the_stop_is_refused_and_recorded(tmp_path: Path) -> None:
+    """Its headers came before the stop, its body after: not forwarded, a 503, a row."""
+
+    async def fn(url: str, state: ProxyState, stop: asyncio.Event, served: asyncio.Task[Any], app: Any) -> None:
+        host, port = url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        body = json.dumps({"model": "a1", "prompt": [1, 2], "max_tokens": 3}).encode()
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body))
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        stop.set()
+        await asyncio.sleep(0.2)
+        writer.write(body)
+        await writer.drain()
+        head = await reader.readline()
+        assert b"503" in head
+        writer.close()
+        await served
+
+    asyncio.run(with_proxy(tmp_path, fn, stop_inside=True))
+    df, _ = schema.read(tmp_path / "cap")
+    assert df["status"].to_list() == ["error"] and "stopping" in df["error"][0]
+    assert df["adapter"][0] == "a1" and df["output_tokens"][0] == 3

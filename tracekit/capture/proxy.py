@@ -335,8 +335,13 @@ def make_app(state: ProxyState) -> Any:
                     rec.fail("error", _http_error(up.status, data))
                 rec.end = _now(state)
                 rec.done = True
-                return web.Response(body=data, status=up.status, reason=up.reason, headers=headers)
+                answer = web.Response(body=data, status=up.status, reason=up.reason, headers=headers)
+                if state.stopping:
+                    answer.force_close()  # the client reconnects elsewhere
+                return answer
             resp = web.StreamResponse(status=up.status, reason=up.reason, headers=headers)
+            if state.stopping:
+                resp.force_close()
             await resp.prepare(request)
             await relay_stream(up, resp, rec, strip_usage, lambda: _now(state))
             rec.end = _now(state)
@@ -547,8 +552,9 @@ async def serve(state: ProxyState, host: str, port: int, ready: asyncio.Event | 
         state.stopping = True
         for s in list(runner.sites):
             await s.stop()  # no new connections
-        if runner.server is not None:
-            runner.server.pre_shutdown()  # idle keep-alive connections close now, busy ones after their answer
+        # Open connections stay open (aiohttp's pre_shutdown would drop the bodies still
+        # arriving on them): a request that arrives on one from now on is refused with a
+        # 503 and recorded, and runner.cleanup() closes them after the drain.
         await _drain_and_cut(state, cut_now, t_stop)
         # Rows waiting for their prompt's hashes: until the drain's end, then without them.
         await gather_quietly(state.hash_tasks, timeout=max(t_stop + state.drain_timeout_s - loop.time(), 1.0))
