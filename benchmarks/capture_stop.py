@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import json
 import random
+import re
 import signal
 import statistics
 import subprocess
@@ -52,11 +53,12 @@ ADAPTERS = {"a1": 8, "a2": 16, "a3": 8, "a4": 16}
 TRACEKIT = [sys.executable, "-c", "from tracekit.cli import main; main()"]
 
 
-def start_proxy(upstream: str, out: Path, *extra: str) -> tuple[subprocess.Popen[bytes], str]:
+def start_proxy(upstream: str, out: Path, *extra: str, log: Path | None = None) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
+    sink = log.open("wb") if log is not None else subprocess.DEVNULL
     p = subprocess.Popen([*TRACEKIT, "proxy", "--upstream", upstream, "--listen", f"127.0.0.1:{port}",
                           "--out", str(out), "--flush-every", "2", *extra],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                         stdout=sink, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -96,7 +98,8 @@ def one_stop(srv: VllmServer, work: Path, rep: int, args: argparse.Namespace) ->
     reqs = [{"model": models[i % 3], "max_tokens": args.tokens, "ignore_eos": True, "stream": i % 2 == 0,
              "prompt": [rng.randint(10, 2000) for _ in range(32)]} for i in range(args.requests)]
     out = work / f"stop-{rep}"
-    proxy, url = start_proxy(srv.url, out, "--drain-timeout", str(args.drain))
+    log = work / f"proxy-stop-{rep}.log"
+    proxy, url = start_proxy(srv.url, out, "--drain-timeout", str(args.drain), log=log)
 
     async def run() -> tuple[float, float | None]:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
@@ -131,10 +134,18 @@ def one_stop(srv: VllmServer, work: Path, rep: int, args: argparse.Namespace) ->
         "ok": ok.height, "ok_full_tokens": int((ok["generated_tokens"] == args.tokens).sum()),
         "cut": cut.height, "cut_marked": int(cut["error"].str.contains("drain").sum()),
         "other": df.height - ok.height - cut.height, "proxy_exit_s": gone, "server_idle_after_s": idle,
-        "exit_code": proxy.returncode,
+        "exit_code": proxy.returncode, **stop_phases(log.read_text(errors="replace")),
     }
     print(json.dumps(res), flush=True)
     return res
+
+
+def stop_phases(summary: str) -> dict[str, float | None]:
+    """The proxy's own account of its stop, from its summary table."""
+    flat = " ".join(re.sub("[\u2500-\u257f]", " ", summary).split())
+    m = re.search(r"drain over ([\d.]+)s, cut rows ([\d.]+)s, last part written ([\d.]+)s", flat)
+    keys = ("drain_s", "cut_s", "last_part_s")
+    return dict(zip(keys, (float(x) for x in m.groups()), strict=True)) if m else dict.fromkeys(keys)
 
 
 def part_stop(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -229,13 +240,19 @@ def render(data: dict[str, Any]) -> str:
             f"{p['stop_after']:g} s after sending; {p['repeats']} repeats. Server speed: "
             f"{d['speed']['batch_decode_s'] * 1e3:.1f} ms per step at batch 16.",
             "",
-            "| repeat | rows / sent | ok (all with full tokens) | cut, marked | other | proxy exit after SIGTERM s | server idle after s |",
-            "|---|---|---|---|---|---|---|",
+            "Seconds from SIGTERM: the drain's end, the cut requests' rows, the last part written (the proxy's own "
+            "summary), the process gone (seen by the client).",
+            "",
+            "| repeat | rows / sent | ok (all with full tokens) | cut, marked | other | drain over s | "
+            "cut rows s | last part s | **proxy exit s** | server idle after s |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
+        f = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731
         for r in runs:
-            idle = f"{r['server_idle_after_s']:.2f}" if r["server_idle_after_s"] is not None else "never"
+            idle = f(r["server_idle_after_s"]) if r["server_idle_after_s"] is not None else "never"
             lines.append(f"| {r['repeat']} | {r['rows']} / {r['sent']} | {r['ok']} ({r['ok_full_tokens']}) | "
-                         f"{r['cut']}, {r['cut_marked']} | {r['other']} | {r['proxy_exit_s']:.2f} | {idle} |")
+                         f"{r['cut']}, {r['cut_marked']} | {r['other']} | {f(r.get('drain_s'))} | {f(r.get('cut_s'))} | "
+                         f"{f(r.get('last_part_s'))} | **{r['proxy_exit_s']:.2f}** | {idle} |")
         worst_exit = max(r["proxy_exit_s"] for r in runs)
         lines += ["", f"**Total: {tot['rows']} rows for {tot['sent']} requests**; {tot['ok']} ok, "
                   f"{tot['ok_full_tokens']} of them with all {p['tokens']} tokens; {tot['cut']} cut, {tot['cut_marked']} "

@@ -82,7 +82,10 @@ class ProxyStats:
     hash_errors: int = 0
     hash_skipped: int = 0
     drained: int = 0  # requests in flight at the stop that finished within the drain timeout
-    stop_s: float | None = None  # seconds from the stop signal to the last part
+    # Seconds from the stop signal to: the drain's end, the cut requests' rows, the last part.
+    drain_s: float | None = None
+    cut_s: float | None = None
+    stop_s: float | None = None
 
     # The writer's figures, kept here for one place to read a run's outcome.
     parts: int = 0
@@ -505,6 +508,7 @@ async def _drain_and_cut(state: ProxyState, cut_now: asyncio.Event, t_stop: floa
             w.cancel()
     left = dict(state.inflight)
     state.stats.drained = max(at_stop - len(left), 0)
+    state.stats.drain_s = loop.time() - t_stop
     for rec, task in left.items():
         rec.cut = True
         task.cancel()
@@ -556,6 +560,7 @@ async def serve(state: ProxyState, host: str, port: int, ready: asyncio.Event | 
         # arriving on them): a request that arrives on one from now on is refused with a
         # 503 and recorded, and runner.cleanup() closes them after the drain.
         await _drain_and_cut(state, cut_now, t_stop)
+        state.stats.cut_s = loop.time() - t_stop
         # Rows waiting for their prompt's hashes: until the drain's end, then without them.
         await gather_quietly(state.hash_tasks, timeout=max(t_stop + state.drain_timeout_s - loop.time(), 1.0))
         await runner.cleanup()
@@ -637,7 +642,8 @@ def _print_summary(state: ProxyState, stats: ProxyStats) -> None:
               f"errors {by['error']}, cut by the stop {by['unfinished']})")
     if stats.stop_s is not None:
         t.add_row("stop", f"{stats.drained} in flight finished during the drain, {by['unfinished']} cut; "
-                  f"last part written {stats.stop_s:.1f}s after the signal")
+                  f"after the signal: drain over {stats.drain_s:.2f}s, cut rows {stats.cut_s:.2f}s, "
+                  f"last part written {stats.stop_s:.2f}s")
     t.add_row("other requests passed through", str(stats.passed_through))
     t.add_row("upstream unreachable (502)", str(stats.upstream_errors))
     t.add_row("rows written", f"{state.writer.rows_written} in {stats.parts} parts in {state.out_dir}")
