@@ -266,8 +266,8 @@ def render(data: dict[str, Any]) -> str:
             f"down (polled every 10 ms, so about 10-20 ms of each figure is the polling); "
             f"{len(d['proxy']['mid_stream'])} of each. Server speed: {d['speed']['decode_s'] * 1e3:.1f} ms per token alone.",
             "",
-            "| hang-up | gauge | through the proxy: median s, worst s | straight to vLLM: median s, worst s |",
-            "|---|---|---|---|",
+            "| hang-up | gauge | through the proxy: **median s** | **worst s** | straight to vLLM: median s | worst s |",
+            "|---|---|---|---|---|---|",
         ]
         for key, label, gauge in (("queued_stream", "queued, streamed", "waiting"),
                                   ("queued_json", "queued, not streamed", "waiting"),
