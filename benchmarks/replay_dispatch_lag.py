@@ -53,7 +53,7 @@ def main() -> None:
                 trace, _, _ = rf.make_trace(work, args.rate, args.duration, 1)
                 out = work / "r.parquet"
                 subprocess.run([str(rf.VENV_BIN / "replay"), "run", str(trace), "--target", "vllm", "--url", url,
-                                "--until-done", "--no-progress", "--out", str(out)],
+                                "--drain", "--no-progress", "--out", str(out)],
                                env=dict(os.environ, TRACEKIT_REPLAY_HTTP=client), check=True, capture_output=True)
                 res, _ = read(out, "results")
                 lag = (res["dispatch_s"] - res["arrival_s"]).to_numpy() * 1e3

@@ -116,7 +116,7 @@ def server_lags(url: str, arrivals: np.ndarray) -> tuple[np.ndarray, float]:
 def run_replay(url: str, trace: Path, out: Path, client: str = "h1") -> dict[str, Any]:
     env = dict(os.environ, TRACEKIT_REPLAY_HTTP=client)
     cpu, wall, _ = run_child([str(VENV_BIN / "replay"), "run", str(trace), "--target", "vllm", "--url", url,
-                              "--until-done", "--no-progress", "--out", str(out)], env=env)
+                              "--drain", "--no-progress", "--out", str(out)], env=env)
     res, meta = read(out, "results")
     lag = (res["dispatch_s"] - res["arrival_s"]).to_numpy()
     errors = res.filter(pl.col("status") != "ok").group_by("error").len().sort("len", descending=True).head(3)

@@ -37,8 +37,8 @@ import polars as pl
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 BIN = Path(sys.executable).parent
-SYNTH_1M = ["--adapters", "1000", "--total-rate", "277.78", "--ranks", "8,16,32", "--duration", "3600", "--seed", "0"]
-SYNTH_10M = ["--adapters", "1000", "--total-rate", "2777.8", "--ranks", "8,16,32", "--duration", "3600", "--seed", "1"]
+SYNTH_1M = ["--adapters", "1000", "--total-rate", "277.78", "--ranks", "8,16,32", "--window", "3600", "--seed", "0"]
+SYNTH_10M = ["--adapters", "1000", "--total-rate", "2777.8", "--ranks", "8,16,32", "--window", "3600", "--seed", "1"]
 
 EAGER_BASELINE = r"""
 import sys, numpy as np, polars as pl

@@ -123,6 +123,10 @@ def simulate_run(args: tuple[dict[str, Any], int, dict[str, Any] | None]) -> dic
         lengths="sharegpt",
         seed=_synth_seed(run["workload"], run["max_cpu_loras"], seed),
     )
+    # The paper's servers registered every adapter at start-up (`--lora-modules`; its client
+    # reads them from /v1/models), which reads each into the CPU cache and a GPU slot, as
+    # the replay's /v1/load_lora_adapter does: the run starts with them loaded.
+    ctx = dict(ctx, adapters_loaded=dict.fromkeys(ctx["adapters"]))
     res = simulate(trace, prof, cfg, trace_context=ctx, window_s=WINDOW_S, record_steps=True)
     s = res.summary
     # Sums over the simulated steps, for scripts/fit_sweep_terms.py: engine busy time,
@@ -157,11 +161,17 @@ def ape(pred: float, true: float) -> float:
     return abs(pred - true) / abs(true) if true else float("nan")
 
 
+# max_loras bands the issue reports the saturated error by.
+BANDS = (("<= 16", 0, 16), ("32-96", 17, 96), (">= 128", 97, 1 << 30))
+
+
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     ok = [r for r in rows if r["status"] == "ok" and "twin_tok_s" in r]
     tp = [ape(r["twin_tok_s"], r["real_tok_s"]) for r in ok]
     tp_signed = [(r["twin_tok_s"] - r["real_tok_s"]) / r["real_tok_s"] for r in ok]
-    itl = [ape(r["twin_itl_ms"], r["real_itl_ms"]) for r in ok if r["real_itl_ms"] and not math.isnan(r["twin_itl_ms"])]
+    with_itl = [r for r in ok if r["real_itl_ms"] and not math.isnan(r["twin_itl_ms"])]
+    itl = [ape(r["twin_itl_ms"], r["real_itl_ms"]) for r in with_itl]
+    itl_signed = [(r["twin_itl_ms"] - r["real_itl_ms"]) / r["real_itl_ms"] for r in with_itl]
     agree = [r["twin_starved"] == r["real_starved"] for r in ok]
     oom_rows = [r for r in rows if r["status"] in ("ok", "OOM")]
     oom_agree = [r["twin_oom"] == (r["status"] == "OOM") for r in oom_rows]
@@ -169,11 +179,26 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "runs": len(ok),
         "throughput_mape_pct": 100 * float(np.mean(tp)) if tp else float("nan"),
         "throughput_bias_pct": 100 * float(np.mean(tp_signed)) if tp else float("nan"),
+        "throughput_max_ape_pct": 100 * float(np.max(tp)) if tp else float("nan"),
         "itl_mape_pct": 100 * float(np.mean(itl)) if itl else float("nan"),
+        "itl_bias_pct": 100 * float(np.mean(itl_signed)) if itl else float("nan"),
         "verdict_agreement_pct": 100 * float(np.mean(agree)) if agree else float("nan"),
         "oom_runs": sum(r["status"] == "OOM" for r in oom_rows),
         "oom_agreement_pct": 100 * float(np.mean(oom_agree)) if oom_agree else float("nan"),
     }
+
+
+def by_band(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Saturated (the real run starves) and unsaturated runs apart, each overall and by
+    max_loras band."""
+    ok = [r for r in rows if r["status"] == "ok" and "twin_tok_s" in r]
+    out: dict[str, dict[str, Any]] = {}
+    for part, sat in (("saturated", True), ("unsaturated", False)):
+        sub = [r for r in ok if bool(r["real_starved"]) is sat]
+        out[part] = summarise(sub)
+        for label, lo, hi in BANDS:
+            out[f"{part} max_loras {label}"] = summarise([r for r in sub if lo <= r["max_loras"] <= hi])
+    return out
 
 
 def figure(rows: list[dict[str, Any]], path: Path) -> None:
@@ -231,8 +256,20 @@ def write_md(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> No
         "than when it enters the batch, are 3 numbers fitted on these sweeps by "
         "scripts/fit_sweep_terms.py, leave-one-workload-out. The *form* of the step model was also "
         "revised after seeing these sweeps, more than once (history in the git log and in "
-        "scripts/fit_h100_profiles.py): before this revision the twin had 8.6% throughput MAPE and "
+        "scripts/fit_h100_profiles.py): before the issue-6 revision the twin had 8.6% throughput MAPE and "
         "16.0% mean-ITL MAPE on all runs.  ",
+        "Issue 11 revision, no new parameter: the twin loads adapters as vLLM's worker does (the batch's "
+        "adapters in set order, so a new adapter can evict one of its own batch, loaded again in the same "
+        "step; checked load for load against a real vLLM server), and the paper's servers start with every "
+        "adapter registered. The shares were refitted for it (two iterations, leave-one-workload-out; slot "
+        "share 0.82 -> 0.80). Before it, held out: 2.9% overall, saturated 4.4% (max_loras <= 16: 4.8%, "
+        "signed +3.2%; 32-96: 4.3%, +0.3%; >= 128: 4.4%, +2.8%, worst 19.1%), mean ITL on saturated runs 8.0%, "
+        "verdict 99.2%.  ",
+        "What is left (not modelled): at max_loras 16 the real servers lose throughput as the arrival rate "
+        "grows (3.2/1.6/0.025 req/s: 14.2k tok/s with 32 adapters, 10.9k with 384), and their mean ITL *falls* "
+        "(120 -> 78 ms) with median ITL 0.01 ms: tokens reach the client in bundles, the API server's "
+        "streaming lags behind the engine. The twin has no frontend, so it keeps the engine's throughput "
+        "and ITL there (+11% to +20% with 320-384 adapters on the 3.2/1.6 workloads).  ",
         "Workloads generated with `tracekit.synth.synthesize(adapters=max_cpu_loras, rates, ranks, "
         "duration_s=3600, lengths=\"sharegpt\")`, one stream per (workload, served adapters); "
         "config max_num_seqs 2048, max_num_batched_tokens 2048, window 3600 s.  ",
@@ -248,6 +285,24 @@ def write_md(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> No
         f"{total['oom_agreement_pct']:.1f}% agree ({total['oom_runs']} OOM runs) |",
         "",
         "Paper's own twin on its held-out runs: throughput MAPE 8.8%, mean ITL 18.1%.",
+        "",
+        "## Saturated runs apart, by max_loras band",
+        "",
+        "Saturated: the real run starves (served < 90% of offered). Signed error: twin minus real, "
+        "over real (positive: the twin over-predicts).",
+        "",
+        "| subset | runs | throughput MAPE | signed | worst | mean-ITL MAPE | ITL signed | verdict agrees |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, s in by_band(rows).items():
+        if not s["runs"]:
+            continue
+        lines.append(
+            f"| {name} | {s['runs']} | {s['throughput_mape_pct']:.1f}% | {s['throughput_bias_pct']:+.1f}% | "
+            f"{s['throughput_max_ape_pct']:.1f}% | {s['itl_mape_pct']:.1f}% | {s['itl_bias_pct']:+.1f}% | "
+            f"{s['verdict_agreement_pct']:.0f}% |"
+        )
+    lines += [
         "",
         "## Per workload",
         "",
@@ -326,6 +381,7 @@ def main() -> None:
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     summary = summarise(rows)
+    summary["bands"] = by_band(rows)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": rows}, indent=1, default=str) + "\n")
     write_md(rows, meta, out.with_suffix(".md"))
     figure(rows, out.with_suffix(".png"))

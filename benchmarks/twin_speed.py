@@ -2,15 +2,24 @@
 included), fast-forward on vs the plain step-by-step loop of the same engine
 (`--no-fast-forward`, bit-identical results) as the baseline, in the same run.
 
-Cases (one simulated hour each, synthetic traces from `tracekit.synth`, ShareGPT lengths):
+Cases (one simulated hour each; synthetic traces from `tracekit.synth`, ShareGPT lengths,
+except `mooncake`):
 - heavy: the issue's case: 384 adapters, rates 1.6/0.8/0.4 req/s, ranks 8/16,
   max_loras 64, max_cpu_loras 384, max_num_seqs 2048, max_num_batched_tokens 2048;
   the server saturates and the waiting queue grows to about a million requests.
 - moderate: 96 adapters at 0.1/0.05/0.025 req/s (not starving, max_loras 32).
 - sparse: 8 adapters, 0.05 req/s each: long decode-only stretches between arrivals,
   where fast-forward does the most.
+- mooncake: prefix caching on, from `prefix_hashes`: about a million requests of
+  Mooncake-like chats (`mooncake_like`: 512-token hash blocks, shared system prompts,
+  multi-turn sessions whose prompts grow, 7k-token prompts on average) over 384 adapters,
+  max_loras 64.
 
-Usage: .venv/bin/python benchmarks/twin_speed.py [--repeats 3] [--cases heavy,moderate,sparse]
+Every case runs with the profile's server defaults (the paper's: prefix caching, full-
+prompt admission and async scheduling off) except where its flags say otherwise. Peak
+memory is the `twin run` process's maximum resident set (wait4).
+
+Usage: .venv/bin/python benchmarks/twin_speed.py [--repeats 3] [--cases heavy,moderate,sparse,mooncake] [--baseline DIR]
 Writes benchmarks/results/twin_speed.md and .json.
 """
 
@@ -20,13 +29,16 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -40,28 +52,101 @@ CASES = {
                  "flags": ["--max-loras", "32", "--max-cpu-loras", "96"]},
     "sparse": {"adapters": 8, "rates": [0.05], "ranks": [8, 16],
                "flags": ["--max-loras", "8", "--max-cpu-loras", "8"]},
+    "mooncake": {"adapters": 384, "requests": 1_050_000, "ranks": [8, 16],
+                 "flags": ["--max-loras", "64", "--max-cpu-loras", "384", "--enable-prefix-caching"]},
 }
 COMMON = ["--max-num-seqs", "2048", "--max-num-batched-tokens", "2048"]
 
 
-def run_once(trace: Path, out_dir: Path, flags: list[str], fast: bool) -> tuple[float, dict]:
-    cmd = [*TWIN, "run", str(trace), "--profile", PROFILE, *flags, *COMMON,
+def run_once(trace: Path, out_dir: Path, flags: list[str], fast: bool, checkout: str | None = None) -> tuple[float, dict]:
+    """One `twin run` process; `checkout`: run another source tree's twin instead (a
+    baseline such as main, with this environment's packages)."""
+    twin = TWIN if checkout is None else [
+        sys.executable, "-c", f"import sys; sys.path.insert(0, {checkout!r}); sys.argv = ['twin'] + sys.argv[1:]; "
+        "from twin.cli import main; main()"]  # fmt: skip
+    cmd = [*twin, "run", str(trace), "--profile", PROFILE, *flags, *COMMON,
            "--out", str(out_dir / "results.parquet"), "--json"]
     if not fast:
         cmd.append("--no-fast-forward")
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
-    wall = time.perf_counter() - t0
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if proc.returncode != 0:
-        raise SystemExit(f"twin run failed: {proc.stderr.strip()}")
-    summary = json.loads(proc.stdout)
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, cwd=ROOT)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own CPU time and peak memory
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        if proc.returncode != 0:
+            raise SystemExit(f"twin run failed: {err.read().strip()}")
+        summary = json.loads(out.read())
     # CPU seconds of the process: what the wall time would be on an idle machine (the
     # work is single-threaded apart from short pyarrow/polars bursts), much less
     # sensitive than wall time to the other jobs sharing the 2 cores.
-    summary["cpu_s"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    summary["cpu_s"] = usage.ru_utime + usage.ru_stime
+    summary["peak_rss_gib"] = usage.ru_maxrss / 2**20
     return wall, summary
+
+
+def mooncake_like(n: int, duration_s: float, adapters: int, ranks: list[int], seed: int = 0) -> tuple[pa.Table, dict]:
+    """A Mooncake-like trace with `prefix_hashes` (512-token blocks), about `n` requests.
+
+    Sessions of multi-turn chats: a session opens with one of 64 shared system prompts (2
+    to 8 blocks, Zipf-popular) and each turn adds 1-4 blocks of its own, the next turn's
+    prompt holding the previous one, as a chat's does; turns are 20-120 s apart, sessions
+    start uniformly over the hour, each on one adapter. Hash ids are consecutive integers
+    per distinct prefix block, as in Mooncake's traces (their input lengths average 7-12k
+    tokens; these 7k)."""
+    from tracekit.schema import new_context
+
+    rng = np.random.default_rng(seed)
+    block = 512
+    n_sys = 64
+    sys_len = rng.integers(2, 9, n_sys)
+    sys_off = np.concatenate([[0], np.cumsum(sys_len)])
+    turns = rng.integers(1, 9, n)
+    sessions = int(np.searchsorted(np.cumsum(turns), n)) + 1
+    turns = turns[:sessions]
+    turns[-1] -= int(turns.sum()) - n
+    sess_of = np.repeat(np.arange(sessions), turns)
+    first = np.concatenate([[0], np.cumsum(turns)[:-1]])[sess_of]  # each request's session's first request
+    zipf = 1.0 / np.arange(1, n_sys + 1) ** 1.1
+    sess_sys = rng.choice(n_sys, sessions, p=zipf / zipf.sum())
+    sess_adapter = rng.integers(0, adapters, sessions)
+    new_blocks = rng.integers(1, 5, n)
+
+    def within_session(x: np.ndarray) -> np.ndarray:
+        c = np.cumsum(x)
+        return c - np.where(first > 0, c[first - 1], 0)
+
+    sys_blocks = sys_len[sess_sys[sess_of]]
+    lens = sys_blocks + within_session(new_blocks)
+    prompt = lens * block + rng.integers(0, block, n)
+    output = np.exp(rng.uniform(np.log(16), np.log(512), n)).astype(np.int64)
+    sess_total = np.bincount(sess_of, weights=new_blocks, minlength=sessions).astype(np.int64)
+    sess_base = sys_off[-1] + np.concatenate([[0], np.cumsum(sess_total)[:-1]])
+    offsets = np.concatenate([[0], np.cumsum(lens)])
+    req = np.repeat(np.arange(n), lens)
+    pos = np.arange(int(offsets[-1])) - offsets[req]
+    sb = sys_blocks[req]
+    values = np.where(pos < sb, sys_off[sess_sys[sess_of[req]]] + pos, sess_base[sess_of[req]] + pos - sb)
+    arrival = rng.uniform(0, duration_s, sessions)[sess_of] + within_session(
+        rng.uniform(20, 120, n) * (np.arange(n) != first))
+    keep = np.flatnonzero(arrival < duration_s)
+    keep = keep[np.argsort(arrival[keep], kind="stable")]
+    names = [f"lora-{i:04d}" for i in range(adapters)]
+    hashes = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values)).take(pa.array(keep))
+    ids = pl.int_range(0, len(keep), eager=True).cast(pl.String).str.zfill(8)
+    table = pa.table({
+        "request_id": ("mc-" + ids).to_arrow(),
+        "arrival_s": pa.array(arrival[keep]),
+        "adapter": pa.array(names).take(pa.array(sess_adapter[sess_of[keep]])),
+        "prompt_tokens": pa.array(prompt[keep].astype(np.int32)),
+        "output_tokens": pa.array(output[keep].astype(np.int32)),
+        "prefix_hashes": hashes,
+    })  # fmt: skip
+    ctx = new_context(source="mooncake-like (benchmarks/twin_speed.py)", window_s=duration_s, prefix_block_tokens=block,
+                      adapters={a: {"rank": ranks[i % len(ranks)], "path": None} for i, a in enumerate(names)})  # fmt: skip
+    return table, ctx
 
 
 def phases(case: dict) -> dict[str, float]:
@@ -101,6 +186,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--baseline", default=None,
+                    help="another checkout (e.g. `git worktree add /tmp/main main`) whose twin runs the heavy case "
+                         "interleaved with this one, for a before/after in the same conditions")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     from tracekit import schema
@@ -112,44 +200,64 @@ def main() -> None:
         tmpdir = Path(tmp)
         for name in args.cases.split(","):
             case = CASES[name]
-            tr, ctx = synthesize(case["adapters"], case["rates"], case["ranks"], 3600.0, lengths="sharegpt", seed=0)
+            if name == "mooncake":
+                tr, ctx = mooncake_like(case["requests"], 3600.0, case["adapters"], case["ranks"])
+            else:
+                tr, ctx = synthesize(case["adapters"], case["rates"], case["ranks"], 3600.0, lengths="sharegpt", seed=0)
             trace = schema.write(tmpdir / f"{name}.parquet", tr, "trace", ctx)
+            n_arrivals = tr.num_rows if isinstance(tr, pa.Table) else tr.height
             walls: dict[bool, list[float]] = {True: [], False: []}
             cpus: dict[bool, list[float]] = {True: [], False: []}
             loops: dict[bool, list[float]] = {True: [], False: []}
             summary: dict[bool, dict] = {}
+            rss: dict[bool, list[float]] = {True: [], False: []}
+            base_walls: list[float] = []
+            base_cpus: list[float] = []
             for _ in range(args.repeats):
+                if args.baseline and name == "heavy":
+                    wall, summ = run_once(trace, tmpdir, case["flags"], True, args.baseline)
+                    base_walls.append(wall)
+                    base_cpus.append(summ["cpu_s"])
                 # Interleaved, so load from other processes hits both alike.
                 for fast in (True, False):
                     wall, summ = run_once(trace, tmpdir, case["flags"], fast)
                     walls[fast].append(wall)
                     loops[fast].append(summ["engine_loop_s"])
                     cpus[fast].append(summ["cpu_s"])
+                    rss[fast].append(summ["peak_rss_gib"])
                     summary[fast] = summ
             s = summary[True]
             same = {k: summary[False][k] for k in ("completed", "steps", "preemptions", "throughput_tok_s")} == {
                 k: s[k] for k in ("completed", "steps", "preemptions", "throughput_tok_s")}
             ff, base = statistics.median(walls[True]), statistics.median(walls[False])
             rows.append({
-                "case": name, "arrivals": tr.height, "completed": s["completed"], "steps": s["steps"],
+                "case": name, "arrivals": n_arrivals, "completed": s["completed"], "steps": s["steps"],
                 "fast_forward_steps": s["fast_forward_steps"], "preemptions": s["preemptions"],
                 "starved": s["starved"], "wall_s_fast_forward": ff, "wall_s_plain": base,
                 "walls_fast_forward": walls[True], "walls_plain": walls[False],
                 "speedup": base / ff,
                 "cpu_s_fast_forward": statistics.median(cpus[True]), "cpu_s_plain": statistics.median(cpus[False]),
                 "loop_s_fast_forward": statistics.median(loops[True]), "loop_s_plain": statistics.median(loops[False]),
-                "loop_speedup": statistics.median(loops[False]) / statistics.median(loops[True]), "arrivals_per_s": tr.height / ff,
+                "loop_speedup": statistics.median(loops[False]) / statistics.median(loops[True]), "arrivals_per_s": n_arrivals / ff,
                 "completions_per_s": s["completed"] / ff, "steps_per_s": s["steps"] / ff,
-                "same_results": same,
+                "same_results": same, "peak_rss_gib": max(rss[True]), "peak_rss_gib_plain": max(rss[False]),
+                "prefix_caching": "--enable-prefix-caching" in case["flags"],
+                "baseline": {"checkout": args.baseline, "wall_s": statistics.median(base_walls), "walls": base_walls,
+                             "cpu_s": statistics.median(base_cpus)} if base_walls else None,
+                "cached_prompt_tokens": s.get("cached_prompt_tokens"), "prefill_tokens_computed": s.get("prefill_tokens_computed"),
             })
             print(json.dumps(rows[-1]))
             if name == "heavy":
                 tmp_heavy = {"trace": trace, "out": tmpdir / "phases.parquet"}
         breakdown = phases(tmp_heavy) if tmp_heavy else None
-    machine = f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), Python {platform.python_version()}"
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines() if ln.startswith("model name")), platform.machine())
+    isa = "AVX-512" if " avx512f" in cpuinfo else "AVX2, no AVX-512" if " avx2" in cpuinfo else "no AVX2"
+    machine = f"{os.cpu_count()}-core {model} ({isa}), Python {platform.python_version()}"
     load = "load average at the end {:.1f} / {:.1f} / {:.1f} (1/5/15 min)".format(*os.getloadavg())
     RESULTS.mkdir(parents=True, exist_ok=True)
-    meta = {"machine": machine, "command": f".venv/bin/python benchmarks/twin_speed.py --repeats {args.repeats} --cases {args.cases}",
+    base = f" --baseline {args.baseline}" if args.baseline else ""
+    meta = {"machine": machine, "command": f".venv/bin/python benchmarks/twin_speed.py --repeats {args.repeats} --cases {args.cases}{base}",
             "profile": PROFILE, "load": load, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     (RESULTS / "twin_speed.json").write_text(json.dumps({"meta": meta, "rows": rows, "heavy_phases": breakdown}, indent=2) + "\n")
     lines = [
@@ -158,11 +266,12 @@ def main() -> None:
         f"Machine: {machine}; {load} (shared with other jobs: timings are noisy; medians of {args.repeats} "
         "interleaved runs). Baseline: the same engine with `--no-fast-forward` (plain step loop, "
         "bit-identical results), measured in the same run.",
-        f"Profile `{PROFILE}`; `--max-num-seqs 2048 --max-num-batched-tokens 2048`; one simulated hour.",
+        f"Profile `{PROFILE}`; `--max-num-seqs 2048 --max-num-batched-tokens 2048`; one simulated hour; "
+        "every new feature off (the profile's server) except the mooncake case's prefix caching.",
         f"Command: `{meta['command']}` ({meta['date']}).",
         "",
-        "| case | arrivals | completed | steps | fast-forwarded steps | wall s (ff / plain) | CPU s of the process (ff / plain) | speedup (wall) | engine loop s (ff / plain) | loop speedup | arrivals/s | completions/s | steps/s | same results |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| case | arrivals | completed | steps | fast-forwarded steps | wall s (ff / plain) | CPU s of the process (ff / plain) | speedup (wall) | engine loop s (ff / plain) | loop speedup | arrivals/s | completions/s | steps/s | peak memory GiB | same results |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         lines.append(
@@ -171,8 +280,15 @@ def main() -> None:
             f"{r['wall_s_fast_forward']:.2f} / {r['wall_s_plain']:.2f} | {r['cpu_s_fast_forward']:.2f} / {r['cpu_s_plain']:.2f} | {r['speedup']:.2f}x | "
             f"{r['loop_s_fast_forward']:.2f} / {r['loop_s_plain']:.2f} | {r['loop_speedup']:.2f}x | "
             f"{r['arrivals_per_s']:,.0f} | {r['completions_per_s']:,.0f} | {r['steps_per_s']:,.0f} | "
-            f"{'yes' if r['same_results'] else 'NO'} |"
+            f"{r['peak_rss_gib']:.2f} | {'yes' if r['same_results'] else 'NO'} |"
         )
+    for r in rows:
+        if r.get("baseline"):
+            b = r["baseline"]
+            lines += ["", f"Baseline in the same run (`--baseline {b['checkout']}`, its `twin run` interleaved with this "
+                      f"one's on the {r['case']} case): {b['wall_s']:.2f} s wall, {b['cpu_s']:.2f} s CPU (medians of "
+                      f"{len(b['walls'])}); this checkout {r['wall_s_fast_forward']:.2f} s / {r['cpu_s_fast_forward']:.2f} s: "
+                      f"{b['wall_s'] / r['wall_s_fast_forward']:.2f}x."]
     if breakdown:
         lines += ["", "Where the heavy case's time goes (CPU seconds, one run in the benchmark's own process, so "
                   "without interpreter start and imports, about 0.5 s): "
@@ -181,7 +297,9 @@ def main() -> None:
         "",
         "Rates are per second of wall time of the whole `twin run` process (the figures the issue asks",
         "for); CPU s is the same process's user + system CPU time, a steadier figure on a shared machine. The paper's twin took 67.5 s on the heavy case on this kind of machine; Vidur about",
-        "1,000 requests/s.",
+        "1,000 requests/s. Plain-loop rates (same run): "
+        + "; ".join(f"{r['case']}: {r['arrivals'] / r['wall_s_plain']:,.0f} arrivals/s, {r['completed'] / r['wall_s_plain']:,.0f} "
+                    f"completions/s, {r['steps'] / r['wall_s_plain']:,.0f} steps/s" for r in rows) + ".",
     ]
     (RESULTS / "twin_speed.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

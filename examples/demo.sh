@@ -9,7 +9,7 @@ mkdir -p "$OUT"
 
 # 64 adapters, per-adapter Poisson rates 0.4/0.2/0.1 req/s, ranks 8/16, 10 minutes,
 # ShareGPT V3 prompt/output lengths.
-tracekit synth --adapters 64 --rates 0.4,0.2,0.1 --ranks 8,16 --duration 600 \
+tracekit synth --adapters 64 --rates 0.4,0.2,0.1 --ranks 8,16 --window 600 \
   --lengths sharegpt --seed 0 --out "$OUT/trace.parquet"
 tracekit inspect "$OUT/trace.parquet"
 
@@ -22,3 +22,7 @@ replay report "$OUT/results.parquet" --plots "$OUT"
 echo
 echo "Files written under $OUT/:"
 ls -1 "$OUT" | sed 's/^/  /'
+echo
+echo "Next, your own requests (README, 'Your own requests'): a CSV, Parquet or JSONL log in,"
+echo "  .venv/bin/tracekit import table examples/my_requests.csv --map arrival_s=timestamp,adapter=model,..."
+echo "  .venv/bin/twin run mine.parquet --profile h100-llama-3.1-8b --max-loras 8 --out mine-twin.parquet"

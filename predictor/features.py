@@ -197,9 +197,7 @@ def compute_with_loads(
 
 def from_file(path: str | os.PathLike[str]) -> tuple[dict[str, float], schema.Meta]:
     """Features of a trace or results file (or a directory of parts), read lazily."""
-    lf, meta = schema.scan(path)
-    if meta.kind == schema.KIND_STEPS:
-        raise TracekitError(f"{path}: expected a trace or results file, got a steps file")
+    lf, meta, _ = schema.scan_trace(path)  # the validation every command applies
     try:
         return compute(lf, meta.context), meta
     except pl.exceptions.PolarsError as e:

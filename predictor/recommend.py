@@ -87,9 +87,7 @@ def recommend(trace_path: Path, profile_name: str, model_path: Path | None = Non
     t0 = time.perf_counter()
     profile = load_profile(profile_name)
     model = load_model(model_path, profile_name)
-    lf, meta = schema.scan(trace_path)
-    if meta.kind == schema.KIND_STEPS:
-        raise TracekitError(f"{trace_path}: expected a trace or results file, got a steps file")
+    lf, meta, _ = schema.scan_trace(trace_path)  # the validation every command applies
     wf, loads = feats.compute_with_loads(lf, meta.context)
     n_fleet = int(wf["n_adapters"])
 

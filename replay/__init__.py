@@ -4,8 +4,9 @@
   concurrency cap, cut at a window, bounded drain on SIGINT/SIGTERM);
 - `replay.vllm_target`: streaming `/v1/completions` requests, adapter resolution and
   loading; `replay.targets`: the `vllm` and `twin` targets behind one interface;
-- `replay.report`, `replay.compare`, `replay.plots`: summaries, comparisons and PNGs,
-  all through `tracekit.metrics`;
+- `replay.report`, `replay.compare`: summaries and comparisons, through
+  `tracekit.metrics`, `tracekit.summary` (tables) and `tracekit.plots` (PNGs), which
+  `twin run` shares;
 - `replay.fast_server`: a streaming OpenAI-compatible server with no model, for tests
   and the fidelity benchmark.
 

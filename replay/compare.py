@@ -10,12 +10,14 @@ from typing import Any
 import click
 import numpy as np
 import polars as pl
+from rich import box
 from rich.table import Table
 
-from replay.report import _fmt, _json_safe, load_results
+from replay.report import _json_safe, load_results
 from tracekit.cliutil import console, user_errors
-from tracekit.metrics import per_adapter, summarize
+from tracekit.metrics import measured, per_adapter, summarize
 from tracekit.schema import TracekitError
+from tracekit.summary import TOP_ADAPTERS, fit, fmt
 
 COMPARED = (
     "completed", "unfinished", "errors", "throughput_tok_s", "output_tok_s", "req_s", "served_frac",
@@ -71,7 +73,7 @@ def compare_dict(a: pl.DataFrame, ctx_a: dict[str, Any], b: pl.DataFrame, ctx_b:
     joined = pa_a.join(pa_b, on="adapter", how="full", suffix="_b", coalesce=True)
     rows = []
     for r in joined.to_dicts():
-        row: dict[str, Any] = {"adapter": r["adapter"]}
+        row: dict[str, Any] = {"adapter": r["adapter"], "requests": r.get("requests") or r.get("requests_b") or 0}
         for k in PER_ADAPTER:
             row[f"{k}_a"], row[f"{k}_b"] = r.get(k), r.get(f"{k}_b")
             row[f"{k}_rel_err"] = rel_err(r.get(k), r.get(f"{k}_b"))
@@ -82,10 +84,39 @@ def compare_dict(a: pl.DataFrame, ctx_a: dict[str, Any], b: pl.DataFrame, ctx_b:
         "a": {"target": ctx_a.get("target"), "window_s": sa["window_s"]},
         "b": {"target": ctx_b.get("target"), "window_s": sb["window_s"]},
         "metrics": metrics,
-        "per_adapter": rows,
+        "per_adapter": sorted(rows, key=lambda r: (-int(r["requests"]), str(r["adapter"]))),
         "per_adapter_mean_abs_throughput_err": float(np.mean(errs)) if errs else None,
         "per_adapter_mean_abs_ttft_err": float(np.mean(ttft_errs)) if ttft_errs else None,
     }
+
+
+def _per_adapter_errors(rows: list[dict[str, Any]], show_all: bool, width: int) -> Table:
+    """B's relative error per adapter, busiest adapters first, the top 20 unless `show_all`."""
+    shown = rows if show_all else rows[:TOP_ADAPTERS]
+    heads = {"completed": "done", "throughput_tok_s": "tok/s", "mean_ttft_ms": "TTFT", "p99_ttft_ms": "p99 TTFT",
+             "mean_tpot_ms": "TPOT"}
+    cells = [(heads[k], [f"{(r[f'{k}_rel_err'] or 0) * 100:+.1f}%" for r in shown]) for k in PER_ADAPTER]
+    name_w = max([len("adapter"), *(len(str(r["adapter"])) for r in shown)])
+    keep = fit(name_w, [("req", [fmt(r["requests"]) for r in shown]), *cells], width)
+    cols = [k for i, k in enumerate(PER_ADAPTER) if i + 1 in keep]
+    title = "per adapter, by requests: B's relative error" + (
+        f" ({len(shown)} of {len(rows)})" if len(shown) < len(rows) else f" ({len(rows)})")
+    pt = Table(title=title, box=box.SIMPLE_HEAVY, pad_edge=False)
+    pt.add_column("adapter", no_wrap=True, min_width=name_w)
+    pt.add_column("req", justify="right", no_wrap=True)
+    for k in cols:
+        pt.add_column(heads[k], justify="right", no_wrap=True)
+    for r in shown:
+        pt.add_row(str(r["adapter"]), fmt(r["requests"]), *(_pct(r[f"{k}_rel_err"]) for k in cols))
+    notes = []
+    if len(shown) < len(rows):
+        notes.append(f"{len(rows) - len(shown)} more adapters: --all shows every row")
+    left = [heads[k] for k in PER_ADAPTER if k not in cols]
+    if left:
+        notes.append(f"left out to fit {width} columns: {', '.join(left)} (--json has them)")
+    if notes:
+        pt.caption = "; ".join(notes)
+    return pt
 
 
 def _pct(v: float | None) -> str:
@@ -101,8 +132,9 @@ def _pct(v: float | None) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 @click.option("--plots", "plots_dir", type=click.Path(path_type=Path), default=None,
               help="Write compare_throughput.png, compare_running.png, compare_latency.png into DIR.")
+@click.option("--all", "show_all", is_flag=True, help=f"Every adapter in the per-adapter table (default: the top {TOP_ADAPTERS}).")
 @user_errors
-def compare_cmd(a: Path, b: Path, as_json: bool, plots_dir: Path | None) -> None:
+def compare_cmd(a: Path, b: Path, as_json: bool, plots_dir: Path | None, show_all: bool) -> None:
     """Compare two results of the same trace (A is the reference, e.g. real vLLM; B e.g. the
     twin): each metric with B's relative error, per-adapter errors, overlaid timelines."""
     da, ca = load_results(a)
@@ -114,25 +146,24 @@ def compare_cmd(a: Path, b: Path, as_json: bool, plots_dir: Path | None) -> None
     if as_json:
         click.echo(json.dumps(_json_safe(d), default=str))
     else:
-        t = Table(title=f"{la} ({a.name}) vs {lb} ({b.name})")
+        t = Table(title=f"{la} ({a.name}) vs {lb} ({b.name})", box=box.SIMPLE_HEAVY)
         for c in ("metric", la, lb, "rel. error (B-A)/A"):
-            t.add_column(c, justify="left" if c == "metric" else "right")
+            t.add_column(c, justify="left" if c == "metric" else "right", no_wrap=True)
+        na, nb = measured(da, ca)[0].height, measured(db, cb)[0].height  # after any warm-up
+        t.add_row("requests (measured)", fmt(na), fmt(nb), "")
         for k, m in d["metrics"].items():
-            t.add_row(k, _fmt(m["a"]), _fmt(m["b"]), _pct(m["rel_err"]))
+            frac = k == "served_frac"
+            t.add_row(k, fmt(m["a"], frac=frac), fmt(m["b"], frac=frac), _pct(m["rel_err"]))
         console.print(t)
-        pt = Table(title="per adapter: B's relative error")
-        pt.add_column("adapter")
-        for k in PER_ADAPTER:
-            pt.add_column(k, justify="right")
-        for r in d["per_adapter"]:
-            pt.add_row(r["adapter"], *(_pct(r[f"{k}_rel_err"]) for k in PER_ADAPTER))
-        console.print(pt)
+        ka, kb = d["metrics"]["completed"]["a"], d["metrics"]["completed"]["b"]
+        console.print(f"latency rows count completed requests only: {la} {ka:,} of {na:,}, {lb} {kb:,} of {nb:,}")
+        console.print(_per_adapter_errors(d["per_adapter"], show_all, console.width))
         if d["per_adapter_mean_abs_throughput_err"] is not None:
             console.print(f"mean |per-adapter throughput error| {d['per_adapter_mean_abs_throughput_err'] * 100:.1f}%"
                           + (f", mean |per-adapter TTFT error| {d['per_adapter_mean_abs_ttft_err'] * 100:.1f}%"
                              if d["per_adapter_mean_abs_ttft_err"] is not None else ""))
     if plots_dir is not None:
-        from replay.plots import write_plots
+        from tracekit.plots import write_plots
 
         try:
             paths = write_plots([(la, da, ca), (lb, db, cb)], plots_dir, prefix="compare_")

@@ -15,8 +15,15 @@ from rich.table import Table
 from tracekit.cliutil import console, user_errors
 from tracekit.metrics import per_adapter, summarize
 from tracekit.schema import KIND_RESULTS, read
-
-LATENCIES = (("ttft", "TTFT"), ("tpot", "TPOT"), ("itl", "ITL"), ("e2e", "E2E"), ("dispatch_lag", "dispatch lag"))
+from tracekit.summary import (
+    TOP_ADAPTERS,
+    fmt,
+    per_adapter_table,
+    render_config,
+    render_head,
+    render_latency,
+    starving_reason,
+)
 
 
 def load_results(path: str | Path) -> tuple[pl.DataFrame, dict[str, Any]]:
@@ -30,63 +37,38 @@ def report_dict(results: pl.DataFrame, context: dict[str, Any]) -> dict[str, Any
     out["target"] = context.get("target") or (results["target"][0] if results.height else None)
     out["warmup_s"] = float(context.get("warmup_s") or 0.0)
     out["interrupted"] = bool(context.get("interrupted", False))
-    out["per_adapter"] = per_adapter(results, context).to_dicts()
+    out["per_adapter"] = per_adapter(results, context).sort(["requests", "adapter"], descending=[True, False]).to_dicts()
+    if context.get("configuration"):
+        out["configuration"] = context["configuration"]
+    reason = starving_reason(out, context.get("twin"), context.get("configuration"))
+    if reason:
+        out["starving_reason"] = reason
     return out
 
 
 def _fmt(v: Any, digits: int = 1) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, float):
-        return f"{v:,.{digits if abs(v) < 1000 else 0}f}"
-    return f"{v:,}" if isinstance(v, int) else str(v)
+    """Kept for callers of the old name: `tracekit.summary.fmt`."""
+    return fmt(v, frac=digits >= 3 and isinstance(v, float) and abs(v) <= 1.0)
 
 
-def render_summary(results: pl.DataFrame, context: dict[str, Any], out: Console, per_adapter_rows: int | None = None) -> dict[str, Any]:
+def render_summary(results: pl.DataFrame, context: dict[str, Any], out: Console, per_adapter_rows: int | None = None,
+                   show_all: bool = False) -> dict[str, Any]:
+    """The run's configuration (when the results say it), counts and verdict (with the
+    limit a starving twin hit), latency with its coverage, and the per-adapter table
+    (top `per_adapter_rows`, default 20, unless `show_all`)."""
     s = report_dict(results, context)
-    head = Table(title=f"replay results: target {s['target']}, window {s['window_s']:.1f} s"
-                 + (f" after {s['warmup_s']:g} s warm-up" if s["warmup_s"] else ""), show_header=False)
-    head.add_column("metric")
-    head.add_column("value", justify="right")
-    rows = [
-        ("requests (measured)", s["requests"]), ("completed", s["completed"]), ("unfinished", s["unfinished"]),
-        ("errors (incl. timeouts)", s["errors"]), ("timeouts", s["timeouts"]),
-        *((("cancelled (client hung up)", s["cancelled"]),) if s.get("cancelled") else ()),
-        ("throughput (in+out tok/s, paper)", s["throughput_tok_s"]), ("output tok/s", s["output_tok_s"]),
-        ("requests/s", s["req_s"]), ("offered (in+out tok/s)", s["offered_tok_s"]),
-        ("served fraction", s["served_frac"]),
-    ]
-    for k, v in rows:
-        head.add_row(k, _fmt(v, 3 if k in ("served fraction",) else 1))
-    verdict = "[red]STARVED[/] (served < 90% of offered)" if s["starved"] else "[green]not starved[/]"
-    head.add_row("starvation verdict", verdict)
-    out.print(head)
-
-    lat = Table(title="latency (ms)")
-    for c in ("metric", "mean", "p50", "p90", "p99"):
-        lat.add_column(c, justify="right" if c != "metric" else "left")
-    for key, label in LATENCIES:
-        lat.add_row(label, *(_fmt(s.get(f"{p}_{key}_ms"), 3 if key == "dispatch_lag" else 1) for p in ("mean", "p50", "p90", "p99")))
-    out.print(lat)
-
-    pa_rows = s["per_adapter"]
-    if pa_rows:
-        t = Table(title=f"per adapter ({len(pa_rows)})")
-        cols = ["adapter", "requests", "completed", "unfinished", "errors", "throughput_tok_s", "mean_ttft_ms", "p99_ttft_ms", "mean_tpot_ms"]
-        heads = ["adapter", "req", "done", "unfin.", "err", "tok/s", "TTFT ms", "p99 TTFT", "TPOT ms"]
-        for c, h in zip(cols, heads, strict=True):
-            if c == "adapter":
-                t.add_column(h, no_wrap=True, min_width=8)
-            else:
-                t.add_column(h, justify="right")
-        shown = pa_rows if per_adapter_rows is None else sorted(pa_rows, key=lambda r: -r["requests"])[:per_adapter_rows]
-        for r in shown:
-            t.add_row(*(_fmt(r[c]) for c in cols))
-        if len(shown) < len(pa_rows):
-            t.caption = f"{len(pa_rows) - len(shown)} more adapters: `replay report` shows all"
-        out.print(t)
+    cfg = context.get("configuration")
+    render_config(cfg, out)
+    if s["target"] == "vllm" and context.get("url"):
+        out.print(f"target vllm at {context['url']} (model {context.get('served_model') or '?'}): "
+                  "its configuration is the server's own")
+    title = f"replay results: target {s['target']}, window {s['window_s']:,.1f} s" + (
+        f" after {s['warmup_s']:g} s warm-up" if s["warmup_s"] else "")
+    render_head(s, title, out, twin=context.get("twin"), config=cfg)
+    render_latency(s, out)
+    if s["per_adapter"]:
+        out.print(per_adapter_table(s["per_adapter"], show_all=show_all, top=per_adapter_rows or TOP_ADAPTERS,
+                                    width=out.width))
     errs = results.filter(pl.col("status").is_in(["error", "timeout"]))
     if errs.height:
         top = errs.group_by("error").len().sort("len", descending=True).head(5)
@@ -94,7 +76,7 @@ def render_summary(results: pl.DataFrame, context: dict[str, Any], out: Console,
         et.add_column("count", justify="right")
         et.add_column("error")
         for r in top.iter_rows():
-            et.add_row(str(r[1]), str(r[0]))
+            et.add_row(fmt(int(r[1])), str(r[0]))
         out.print(et)
     return s
 
@@ -114,8 +96,9 @@ def _json_safe(v: Any) -> Any:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 @click.option("--plots", "plots_dir", type=click.Path(path_type=Path), default=None,
               help="Write throughput.png, running.png and latency.png into DIR.")
+@click.option("--all", "show_all", is_flag=True, help=f"Every adapter in the per-adapter table (default: the top {TOP_ADAPTERS}).")
 @user_errors
-def report_cmd(results: Path, as_json: bool, plots_dir: Path | None) -> None:
+def report_cmd(results: Path, as_json: bool, plots_dir: Path | None, show_all: bool) -> None:
     """Throughput, completion counts, TTFT/TPOT/ITL/E2E and dispatch-lag percentiles,
     starvation verdict and per-adapter table of a results file."""
     df, ctx = load_results(results)
@@ -123,9 +106,9 @@ def report_cmd(results: Path, as_json: bool, plots_dir: Path | None) -> None:
         s = report_dict(df, ctx)
         click.echo(json.dumps(_json_safe(s), default=str))
     else:
-        render_summary(df, ctx, console)
+        render_summary(df, ctx, console, show_all=show_all)
     if plots_dir is not None:
-        from replay.plots import write_plots
+        from tracekit.plots import write_plots
         from tracekit.schema import TracekitError
 
         try:

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import click
 import polars as pl
 
-from tracekit.cliutil import console, user_errors
+from tracekit.cliutil import console, renamed, user_errors
 from tracekit.schema import KIND_RESULTS, TracekitError, read_trace, write
-from twin.options import SERVING_FLAG_NAMES, config_from_options, serving_options
+from twin.options import SERVING_FLAG_NAMES, config_from_options, describe_config, serving_options
 
 TWIN_FLAGS = ("profile", *SERVING_FLAG_NAMES)
 VLLM_FLAGS = ("url", "lora_dir", "model", "max_concurrency", "request_timeout", "drain_timeout")
@@ -34,7 +35,7 @@ def prepare_trace(trace: pl.DataFrame, speed: float) -> pl.DataFrame:
 
 
 def cut_for(trace_context: dict[str, Any], duration: float | None, until_done: bool, speed: float) -> float | None:
-    """Where the run is cut: --duration, else the trace's own window (scaled), else none."""
+    """Where the run is cut: --window, else the trace's own window (scaled), else none."""
     if until_done:
         return None
     if duration is not None:
@@ -61,10 +62,11 @@ def _check_writable(out: Path) -> None:
 @click.option("--target", type=click.Choice(["vllm", "twin"]), required=True, help="Where to replay.")
 @click.option("--out", "out", type=click.Path(path_type=Path), required=True, help="Results Parquet file.")
 @click.option("--speed", type=float, default=1.0, show_default=True, help="Time scale: 2 sends twice as fast (results then hold the scaled arrival_s).")
-@click.option("--duration", type=float, default=None,
-              help="Stop sending at S seconds; requests still running become `unfinished` "
-                   "[default: the trace's window_s, else run until every request finishes].")
-@click.option("--until-done", is_flag=True, help="Never cut: wait for every request (bounded by --request-timeout).")
+@click.option("--window", "duration", type=float, default=None,
+              help="Cut the run at S seconds (stop sending; requests still running become `unfinished`) "
+                   "[default: the trace's window, else run until every request finishes].")
+@click.option("--drain", "until_done", is_flag=True,
+              help="Never cut: wait for every request to finish (bounded by --request-timeout).")
 @click.option("--warmup", type=float, default=0.0, show_default=True,
               help="Exclude requests arriving in the first S seconds from the metrics (context warmup_s).")
 @click.option("--url", default=None, help="vllm: base URL of the OpenAI-compatible server.")
@@ -79,17 +81,24 @@ def _check_writable(out: Path) -> None:
 @click.option("--token-id-range", default="1000:2000", show_default=True,
               help="vllm: LO:HI band of token ids drawn for prompts the trace did not capture.")
 @click.option("--no-progress", is_flag=True, help="No live progress line.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object instead of tables.")
+@click.option("--plots", "plots_dir", type=click.Path(path_type=Path), default=None,
+              help="Also write throughput.png, running.png and latency.png into DIR.")
+@click.option("--all", "show_all", is_flag=True, help="Every adapter in the per-adapter table (default: the top 20).")
 @click.option("--profile", default=None, help="twin: profile name or path.")
 @serving_options(help_prefix="twin: ")
+@renamed("--duration", "--window", "duration", type=float)
+@renamed("--until-done", "--drain", "until_done", is_flag=True)
 @user_errors
 def run_cmd(trace: Path, target: str, out: Path, speed: float, duration: float | None, until_done: bool,
-            warmup: float, no_progress: bool, seed: int, token_id_range: str, **flags: Any) -> None:
+            warmup: float, no_progress: bool, seed: int, token_id_range: str, as_json: bool,
+            plots_dir: Path | None, show_all: bool, **flags: Any) -> None:
     """Replay TRACE open-loop against a vLLM server (--target vllm --url URL) or the twin
     (--target twin --profile P ...), and write per-request results to --out."""
     if speed <= 0:
         raise TracekitError(f"--speed must be positive, got {speed}")
     if duration is not None and duration <= 0:
-        raise TracekitError(f"--duration must be positive, got {duration}")
+        raise TracekitError(f"--window must be positive, got {duration}")
     if warmup < 0:
         raise TracekitError(f"--warmup must be non-negative, got {warmup}")
     if flags["max_concurrency"] is not None and flags["max_concurrency"] < 1:
@@ -133,6 +142,9 @@ def run_cmd(trace: Path, target: str, out: Path, speed: float, duration: float |
         tgt = TwinTarget(profile=profile, config=config)
 
     replayed = tgt.replay(df, dict(meta.context), cut)
+    if target == "twin":
+        kv = (replayed.context.get("twin") or {}).get("kv_capacity_tokens")
+        replayed.context["configuration"] = describe_config(profile, config, flags, kv)
     context = {k: v for k, v in meta.context.items() if k not in ("window_s", "parts")}
     context.update(replayed.context)
     context.update({
@@ -142,20 +154,27 @@ def run_cmd(trace: Path, target: str, out: Path, speed: float, duration: float |
         "trace_window_s": meta.context.get("window_s"),
         "speed": speed,
         "warmup_s": warmup,
-        "replay_flags": {"duration": duration, "until_done": until_done, "seed": seed,
+        "replay_flags": {"window": duration, "drain": until_done, "seed": seed,
                          **{k: (str(v) if isinstance(v, Path) else v) for k, v in flags.items()
                             if v is not None and k in (VLLM_FLAGS if target == "vllm" else TWIN_FLAGS)}},
     })
     write(out, replayed.results, KIND_RESULTS, context)
 
-    from replay.report import load_results, render_summary
+    from replay.report import _json_safe, load_results, render_summary, report_dict
 
     res, ctx = load_results(out)
-    render_summary(res, ctx, console, per_adapter_rows=10)
-    twin_info = context.get("twin") or {}
-    if twin_info.get("oom"):
-        console.print(f"[bold red]OOM[/]: the server would not start under this configuration "
-                      f"({twin_info.get('oom_reason') or 'no room for the KV cache'})")
-    if context.get("interrupted"):
-        console.print("[yellow]interrupted: results so far were written[/]")
-    console.print(f"wrote {out} ({res.height} requests)")
+    if as_json:
+        click.echo(json.dumps(_json_safe(dict(report_dict(res, ctx), out=str(out))), default=str))
+    else:
+        render_summary(res, ctx, console, show_all=show_all)
+        if context.get("interrupted"):
+            console.print("[yellow]interrupted: results so far were written[/]")
+        console.print(f"wrote {out} ({res.height:,} requests)")
+    if plots_dir is not None:
+        from tracekit.plots import write_plots
+
+        try:
+            paths = write_plots([(target, res, ctx)], plots_dir)
+        except OSError as e:
+            raise TracekitError(f"--plots {plots_dir}: cannot write: {e}") from None
+        click.echo("plots: " + ", ".join(str(p) for p in paths), err=as_json)

@@ -38,6 +38,7 @@ class Recorder:
         self.first_token = np.full(n, np.nan)
         self.end = np.full(n, np.nan)
         self.generated = np.full(n, -1, dtype=np.int64)
+        self.cached = np.full(n, -1, dtype=np.int64)  # prompt tokens the server took from its prefix cache
         self.status = np.full(n, UNFINISHED, dtype=np.int8)
         self.itl: list[list[float] | None] = [None] * n
         self.error: list[str | None] = [None] * n

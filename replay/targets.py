@@ -86,6 +86,8 @@ def results_from_recorder(trace: pl.DataFrame, rec: Recorder, target: str) -> pa
     cols["tpot_s"] = col(tpot, ok)
     cols["error"] = pa.array(errors, type=pa.string())
     cols["itl_s"] = pa.array(rec.itl, type=pa.list_(pa.float32()))
+    if (rec.cached >= 0).any():
+        cols["cached_tokens"] = pa.array(rec.cached, type=pa.int32(), mask=rec.cached < 0)
     order = [f.name for f in full_schema(KIND_RESULTS) if f.name in cols]
     return conform(pa.table({k: cols[k] for k in order}), KIND_RESULTS, source="replay results")
 
@@ -184,8 +186,9 @@ class TwinTarget:
         out_ctx = {k: v for k, v in (sim.context or {}).items() if k not in trace_context}
         out_ctx["serving_config"] = self.config.to_dict()
         out_ctx["profile"] = getattr(self.profile, "name", str(self.profile))
-        twin_counters = {k: v for k, v in (sim.summary or {}).items()
-                         if k in ("steps", "preemptions", "adapter_loads", "kv_capacity_tokens", "rejected", "oom", "oom_reason")}
+        from twin.config import TWIN_COUNTERS
+
+        twin_counters = {k: v for k, v in (sim.summary or {}).items() if k in TWIN_COUNTERS}
         if twin_counters:
             out_ctx["twin"] = twin_counters
         if cut_s is not None:

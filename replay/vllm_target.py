@@ -288,6 +288,10 @@ class VllmSender:
                             usage = obj.get("usage")
                             if usage:
                                 usage_tokens = usage.get("completion_tokens")
+                                details = usage.get("prompt_tokens_details")
+                                # vLLM reports it with --enable-prompt-tokens-details.
+                                if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
+                                    rec.cached[i] = details["cached_tokens"]
                             if not obj.get("choices"):
                                 continue
                         chunks += 1
@@ -386,6 +390,10 @@ class _SseSink(ResponseSink):
                 usage = obj.get("usage")
                 if usage:
                     self.usage_tokens = usage.get("completion_tokens")
+                    details = usage.get("prompt_tokens_details")
+                    # vLLM reports it with --enable-prompt-tokens-details.
+                    if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
+                        self.rec.cached[self.i] = details["cached_tokens"]
                 if not obj.get("choices"):
                     continue
             self.chunks += 1

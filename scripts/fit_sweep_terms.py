@@ -34,6 +34,13 @@ slots x max_lora_rank x tokens, left saturated runs at 8.8% error on this linear
 a per-token term with a per-slot one brings that to about 4.3%, and a rank term adds
 little (the fit gives it a share of about 2%).
 
+Refitted after the twin learned vLLM's adapter order (issue 11: a new adapter can evict
+one of its own batch, loaded again in the same step) and to start with the paper's
+registered adapters loaded: two iterations of benchmark and fit (from
+benchmarks/results/twin_accuracy_iter1.json) moved the shares little (slot share
+0.82 -> 0.80, beta 0.137 -> 0.097). The adapter order itself has no parameter: it is
+vLLM's algorithm, and each load costs the paper's measured slot load.
+
 Folds: for each of the 9 workloads, the splits fitted on the other 8; the benchmark's
 `--cv` option simulates each workload with its own fold's terms, which is the held-out
 figure. `global` is the fit on all of them, which the shipped profiles use

@@ -27,7 +27,7 @@ def synth_trace(tmp_path: Path, duration: float = 20.0) -> Path:
 
     out = tmp_path / "trace.parquet"
     res = CliRunner().invoke(tk, ["synth", "--adapters", "6", "--rates", "0.8,0.4", "--ranks", "8,16",
-                                  "--duration", str(duration), "--lengths", "fixed:64,32", "--seed", "1",
+                                  "--window", str(duration), "--lengths", "fixed:64,32", "--seed", "1",
                                   "--out", str(out)])
     assert res.exit_code == 0, res.output
     return out

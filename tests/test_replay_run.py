@@ -146,11 +146,11 @@ def test_errors_timeouts_and_drops_are_recorded_per_request(tmp_path: Path, serv
     assert res.filter(pl.col("status") != "ok")["ttft_s"].null_count() == 16
 
 
-def test_duration_cuts_and_marks_unfinished(tmp_path: Path, server: BackgroundServer) -> None:
+def test_window_cuts_and_marks_unfinished(tmp_path: Path, server: BackgroundServer) -> None:
     make_trace(tmp_path / "t.parquet", n=40, rate=20.0, adapters=[None, "hang"])  # ~2 s of arrivals
     t0 = time.monotonic()
     code, out = run_cli("run", str(tmp_path / "t.parquet"), "--target", "vllm", "--url", server.url,
-                        "--duration", "1.0", "--out", str(tmp_path / "r.parquet"), "--no-progress")
+                        "--window", "1.0", "--out", str(tmp_path / "r.parquet"), "--no-progress")
     assert code == 0, out
     assert time.monotonic() - t0 < 15  # cut at 1 s, not waiting for `hang`
     res, meta = read(tmp_path / "r.parquet", "results")
@@ -162,7 +162,7 @@ def test_duration_cuts_and_marks_unfinished(tmp_path: Path, server: BackgroundSe
     assert (early_base["status"] == "ok").all()
 
 
-def test_trace_window_is_the_default_cut_and_until_done_overrides_it(tmp_path: Path, server: BackgroundServer) -> None:
+def test_trace_window_is_the_default_cut_and_drain_overrides_it(tmp_path: Path, server: BackgroundServer) -> None:
     make_trace(tmp_path / "t.parquet", n=40, rate=40.0, adapters=[None], window_s=0.5)
     code, _ = run_cli("run", str(tmp_path / "t.parquet"), "--target", "vllm", "--url", server.url,
                       "--out", str(tmp_path / "cut.parquet"), "--no-progress")
@@ -170,10 +170,15 @@ def test_trace_window_is_the_default_cut_and_until_done_overrides_it(tmp_path: P
     cut, _ = read(tmp_path / "cut.parquet", "results")
     assert (cut.filter(pl.col("arrival_s") > 0.5)["status"] == "unfinished").all()
     code, _ = run_cli("run", str(tmp_path / "t.parquet"), "--target", "vllm", "--url", server.url,
-                      "--until-done", "--out", str(tmp_path / "all.parquet"), "--no-progress")
+                      "--drain", "--out", str(tmp_path / "all.parquet"), "--no-progress")
     assert code == 0
     full, meta = read(tmp_path / "all.parquet", "results")
     assert (full["status"] == "ok").all() and "window_s" not in meta.context
+    # The old names still work for one version, with a note.
+    code, out = run_cli("run", str(tmp_path / "t.parquet"), "--target", "vllm", "--url", server.url,
+                        "--until-done", "--out", str(tmp_path / "old.parquet"), "--no-progress")
+    assert code == 0 and "note: --until-done is now --drain" in out
+    assert (read(tmp_path / "old.parquet", "results")[0]["status"] == "ok").all()
 
 
 def test_max_concurrency_caps_requests_in_flight(tmp_path: Path) -> None:

@@ -109,6 +109,8 @@ def test_bad_files_give_one_error_line_naming_file_and_line(tmp_path: Path, fmt,
     [
         (["--speed", "0"], "--speed must be a positive number"),
         (["--start", "10", "--end", "5"], "--end (5.0) must be after --start"),
+        (["--start", "10", "--window", "0"], "--window must be positive"),
+        (["--window", "10", "--end", "5"], "--end is the old way to give --window"),
         (["--start", "1000"], "no requests left in the selected window"),
         (["--popularity", "zipf:x"], "--popularity 'zipf:x'"),
     ],
@@ -188,7 +190,7 @@ def test_mooncake_token_ids_reproduce_prefix_sharing(tmp_path: Path) -> None:
     assert meta.context["generator"]["token_ids"] is True
     from tracekit.inspect import inspect_path
 
-    assert inspect_path(out)["trace"]["optional_columns"] == ["prompt_token_ids"]
+    assert inspect_path(out)["trace"]["optional_columns"] == ["prompt_token_ids", "prefix_hashes"]
     res, _ = run_import(tmp_path, "azure", str(DATA / "azure_2023_sample.csv"), "--adapters", "2", "--token-ids")
     assert res.exit_code == 2 and "only the mooncake format" in res.stderr
 
@@ -251,3 +253,27 @@ def test_azure_mixed_timestamp_layouts_fall_back_to_the_general_parser(tmp_path:
     g.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.6805900,3,4\n2023-13-16 18:15:46.6805900,3,4\n")
     with pytest.raises(TracekitError, match="line 3: TIMESTAMP is not a date-time: '2023-13-16"):
         import_trace("azure", g, adapters=1)
+
+
+def test_window_from_start_and_the_old_end(tmp_path: Path) -> None:
+    f = str(DATA / "burstgpt_sample.csv")
+    res, out = run_import(tmp_path, "burstgpt", f, "--adapters", "2", "--start", "100", "--window", "90")
+    assert res.exit_code == 0, res.output
+    new = schema.read(out)[0]
+    res, out = run_import(tmp_path, "burstgpt", f, "--adapters", "2", "--start", "100", "--end", "190")
+    assert res.exit_code == 0 and "note: --end is now --window" in res.stderr
+    assert schema.read(out)[0].equals(new)
+
+
+def test_mooncake_hash_ids_become_prefix_hashes(tmp_path: Path) -> None:
+    """Mooncake's hash_ids are the trace's prefix_hashes as they are, one per full
+    512-token block (the partial last block's id is left out), block size in the context."""
+    res, out = run_import(tmp_path, "mooncake", str(DATA / "mooncake_sample.jsonl"), "--adapters", "2")
+    assert res.exit_code == 0, res.output
+    df, meta = schema.read(out)
+    assert meta.context["prefix_block_tokens"] == 512
+    raw = [json.loads(line) for line in (DATA / "mooncake_sample.jsonl").read_text().splitlines() if line.strip()]
+    by_len = {r["input_length"]: r["hash_ids"] for r in raw}
+    for p, h in zip(df["prompt_tokens"].to_list(), df["prefix_hashes"].to_list(), strict=True):
+        assert h == by_len[p][: p // 512]
+    assert "prompt_token_ids" not in df.columns

@@ -76,7 +76,7 @@ def test_trace_stats_match_eager_computation(tmp_path: Path) -> None:
         assert tr[col]["mean"] == pytest.approx(v.mean())
         assert tr[col]["p50"] == pytest.approx(np.percentile(v, 50, method="nearest"), abs=1)
         assert tr[col]["max"] == v.max()
-    busiest = df.group_by("adapter").len().sort(["len", "adapter"], descending=[True, False]).head(5)
+    busiest = df.group_by("adapter").len().sort(["len", "adapter"], descending=[True, False]).head(20)
     assert [d["requests"] for d in tr["top_adapters"]] == busiest["len"].to_list()
     assert tr["top_adapters"][0]["rank"] == ctx["adapters"][tr["top_adapters"][0]["adapter"]]["rank"]
     by_rank = {r: {"adapters": 0, "requests": 0} for r in ("8", "16", "32")}

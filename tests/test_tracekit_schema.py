@@ -122,7 +122,7 @@ def test_write_casts_to_canonical_types_and_drops_unknown_columns(tmp_path: Path
 def test_directory_of_parts_reads_as_one_dataset(tmp_path: Path) -> None:
     w = schema.PartWriter(tmp_path / "cap", "trace", {"source": "test"})
     w.write_part(trace_table(3))
-    w.write_part(trace_table(5))
+    w.write_part(trace_table(5).set_column(0, "request_id", pa.array([f"s{i}" for i in range(5)])))
     (tmp_path / "cap" / "_SUCCESS").write_text("")  # ignored, like any Parquet reader does
     df, meta = schema.read(tmp_path / "cap")
     assert df.height == 8 and meta.context["parts"] == 2
@@ -267,3 +267,46 @@ def test_context_is_json_in_metadata(tmp_path: Path) -> None:
     assert md[b"tracekit.kind"] == b"trace"
     assert int(md[b"tracekit.schema"]) == schema.SCHEMA_VERSION
     assert json.loads(md[b"tracekit.context"]) == {"window_s": 3.0, "seed": 1}
+
+
+# --- the one trace validation (check_trace), shared by every command -------------------
+
+
+def test_repeated_request_id_names_both_rows(tmp_path: Path) -> None:
+    t = trace_table(5).set_column(0, "request_id", pa.array(["a", "b", "c", "b", "e"]))
+    p = raw_write(tmp_path / "t.parquet", t)
+    line = cli_error(p)
+    assert line == f"error: {p}: row 3: request_id 'b' repeats row 1 (request ids must be unique)"
+    # Ids out of sorted order take the hashing path; the line is the same.
+    t = t.set_column(0, "request_id", pa.array(["z", "b", "c", "b", "a"]))
+    assert "row 3: request_id 'b' repeats row 1" in cli_error(raw_write(tmp_path / "u.parquet", t))
+
+
+def test_repeat_across_parts_names_the_part_files(tmp_path: Path) -> None:
+    d = tmp_path / "cap"
+    d.mkdir()
+    raw_write(d / "part-0.parquet", trace_table(3))
+    second = trace_table(3).set_column(0, "request_id", pa.array(["x", "r2", "y"]))
+    raw_write(d / "part-1.parquet", second)
+    line = cli_error(d)
+    assert f"{d / 'part-1.parquet'}: row 1: request_id 'r2' repeats row 2 of {d / 'part-0.parquet'}" in line
+    # A bad value in the second part is named by that part and its own row.
+    bad = trace_table(3).set_column(0, "request_id", pa.array(["x", "y", "z"]))
+    bad = bad.set_column(3, "prompt_tokens", pa.array([4, 4, 0], pa.int32()))
+    raw_write(d / "part-1.parquet", bad)
+    assert f"{d / 'part-1.parquet'}: row 2: prompt_tokens must be at least 1, got 0" in cli_error(d)
+
+
+def test_unsorted_trace_is_sorted_on_read_with_one_note(tmp_path: Path) -> None:
+    t = trace_table(4).set_column(1, "arrival_s", pa.array([0.0, 2.0, 1.0, 3.0]))
+    p = raw_write(tmp_path / "t.parquet", t)
+    df, _ = schema.read_trace(p)
+    assert df["arrival_s"].to_list() == [0.0, 1.0, 2.0, 3.0]
+    assert df["request_id"].to_list() == ["r0", "r2", "r1", "r3"]
+    _, _, check = schema.scan_trace(p)
+    assert check.unsorted_row == 2 and check.rows == 4
+    res = CliRunner().invoke(main, ["inspect", str(p), "--json"])
+    assert res.exit_code == 0
+    assert res.stderr.splitlines() == [f"note: {p}: row 2: arrivals are not in order; sorted on read"]
+    assert json.loads(res.stdout)["trace"]["first_arrival_s"] == 0.0
+

@@ -3,6 +3,7 @@ gamma arrivals; the Python API others call and the CLI."""
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 from pathlib import Path
@@ -11,7 +12,7 @@ import numpy as np
 import polars as pl
 import pytest
 from click.testing import CliRunner
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from tracekit import schema
@@ -83,6 +84,7 @@ def test_seed_determines_trace() -> None:
 )
 @settings(max_examples=60, deadline=None)
 def test_invariants(adapters, rates, ranks, duration, seed, arrivals) -> None:
+    assume(any(r > 0 for r in rates[:adapters]))  # all-zero rates are refused (test_bad_parameters)
     df, ctx = synthesize(adapters, rates, ranks, duration, lengths="fixed:4,4", seed=seed, arrivals=arrivals)
     assert df["arrival_s"].is_sorted()
     if df.height:
@@ -149,10 +151,12 @@ def test_sharegpt_lengths_in_synth() -> None:
     "kwargs,msg",
     [
         ({"adapters": 0}, "--adapters"),
-        ({"duration_s": 0.0}, "--duration"),
+        ({"duration_s": 0.0}, "--window"),
         ({"rates": None}, "exactly one of --rates and --total-rate"),
         ({"total_rate": 3.0}, "exactly one of --rates and --total-rate"),
         ({"rates": [-1.0]}, "--rates must be non-negative"),
+        ({"rates": [0.0, 0.0]}, "--rates: every rate is 0, so the trace would hold no requests"),
+        ({"rates": None, "total_rate": 0.0}, "--total-rate: every rate is 0"),
         ({"ranks": [0]}, "--ranks must be positive"),
         ({"arrivals": "gamma:x"}, "--arrivals 'gamma:x'"),
         ({"arrivals": "weibull"}, "--arrivals 'weibull'"),
@@ -171,7 +175,7 @@ def test_cli_writes_a_valid_trace(tmp_path: Path) -> None:
     out = tmp_path / "trace.parquet"
     res = CliRunner().invoke(
         main,
-        ["synth", "--adapters", "6", "--rates", "1.6,0.8,0.4", "--ranks", "8,16", "--duration", "60",
+        ["synth", "--adapters", "6", "--rates", "1.6,0.8,0.4", "--ranks", "8,16", "--window", "60",
          "--lengths", "sharegpt", "--seed", "0", "--out", str(out)],
     )
     assert res.exit_code == 0, res.output
@@ -190,10 +194,12 @@ def test_cli_writes_a_valid_trace(tmp_path: Path) -> None:
         (["--rates", "1", "--lengths", "fixed:10"], "--lengths 'fixed:10'"),
         (["--rates", "1", "--lengths", "file:/no/such.parquet"], "no such file"),
         (["--total-rate", "5", "--popularity", "pareto"], "--popularity 'pareto'"),
+        (["--rates", "0"], "--rates: every rate is 0"),
+        (["--rates", "0.0001"], "no request arrived: 0.0003 req/s in all over 10 s"),
     ],
 )
 def test_cli_bad_flags_give_one_error_line(tmp_path: Path, args, msg) -> None:
-    res = CliRunner().invoke(main, ["synth", "--adapters", "3", "--duration", "10", *args, "--out", str(tmp_path / "t.parquet")])
+    res = CliRunner().invoke(main, ["synth", "--adapters", "3", "--window", "10", *args, "--out", str(tmp_path / "t.parquet")])
     assert res.exit_code == 2
     assert res.stderr.strip().count("\n") == 0 and msg in res.stderr, res.stderr
     assert not (tmp_path / "t.parquet").exists()
@@ -217,7 +223,7 @@ def test_console_scripts_end_to_end(tmp_path: Path) -> None:
     exe = Path(sys.executable).parent / "tracekit"
     out = tmp_path / "t.parquet"
     subprocess.run(
-        [str(exe), "synth", "--adapters", "5", "--rates", "2", "--duration", "30", "--out", str(out)],
+        [str(exe), "synth", "--adapters", "5", "--rates", "2", "--window", "30", "--out", str(out)],
         check=True, capture_output=True,
     )
     res = subprocess.run([str(exe), "inspect", str(out), "--json"], check=True, capture_output=True, text=True)
@@ -281,3 +287,28 @@ def test_prefix_hash_key_changes_every_hash_but_keeps_equality() -> None:
     salt = new_salt()
     salted = block_hashes(ids, "a", key=salt)
     assert set(salted).isdisjoint(plain) and salted == block_hashes(ids, "a", key=salt)
+
+
+def test_old_duration_flag_still_works_for_one_version(tmp_path: Path) -> None:
+    new, old = tmp_path / "new.parquet", tmp_path / "old.parquet"
+    args = ["synth", "--adapters", "3", "--rates", "1", "--lengths", "fixed:4,4"]
+    assert CliRunner().invoke(main, [*args, "--window", "20", "--out", str(new)]).exit_code == 0
+    res = CliRunner().invoke(main, [*args, "--duration", "20", "--out", str(old)])
+    assert res.exit_code == 0 and "note: --duration is now --window" in res.stderr
+    assert schema.read(new)[0].equals(schema.read(old)[0])
+    assert "--duration" not in CliRunner().invoke(main, ["synth", "--help"]).output  # hidden
+    res = CliRunner().invoke(main, [*args, "--duration", "20", "--window", "20", "--out", str(old)])
+    assert res.exit_code == 2 and "error: --duration is the old name of --window" in res.stderr
+
+
+def test_synth_and_import_print_json_summaries(tmp_path: Path) -> None:
+    res = CliRunner().invoke(main, ["synth", "--adapters", "3", "--rates", "1", "--window", "30", "--lengths",
+                                    "fixed:4,4", "--json", "--out", str(tmp_path / "t.parquet")])
+    assert res.exit_code == 0, res.output
+    s = json.loads(res.stdout)
+    assert s["requests"] == schema.read(tmp_path / "t.parquet")[0].height and s["adapters"] == 3 and s["window_s"] == 30
+    csv = Path(__file__).parent / "data" / "burstgpt_sample.csv"
+    res = CliRunner().invoke(main, ["import", "burstgpt", str(csv), "--adapters", "2", "--json",
+                                    "--out", str(tmp_path / "b.parquet")])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["requests"] == schema.read(tmp_path / "b.parquet")[0].height

@@ -166,7 +166,13 @@ def test_profiles_command_lists_shipped() -> None:
     assert res.exit_code == 0, res.output
     for name in ("h100-llama-3.1-8b", "h100-qwen-2.5-7b"):
         assert name in res.output
-    assert "aggregate benchmark runs" in res.output
+    assert "aggregate benchmark runs" in res.output and "0.8.5" in res.output
+    # In a terminal of 80 columns the table fits and the names a user types stay whole.
+    narrow = CliRunner().invoke(twin_cli, ["profiles"], env={"COLUMNS": "80"})
+    assert narrow.exit_code == 0, narrow.output
+    assert max(len(line) for line in narrow.output.splitlines()) <= 80
+    for name in ("h100-llama-3.1-8b", "h100-qwen-2.5-7b"):
+        assert name in narrow.output
 
 
 def test_features_cover_the_interface() -> None:
@@ -182,3 +188,48 @@ def test_features_cover_the_interface() -> None:
             assert float(t1) == float(t0) > 0, f
         else:
             assert float(t1) > float(t0), f
+
+
+def test_calibrate_writes_the_captured_servers_behaviour(tmp_path: Path) -> None:
+    """The profile's `server` section is what the captured vLLM ran with (the plugin's
+    context), so `twin run` with that profile mirrors it unless a flag says otherwise."""
+    from twin.options import config_from_options
+
+    data, _ = _steps(500, 1)
+    ctx = new_context(model="tiny-llama", source="test", adapters={k: {"rank": v, "path": None} for k, v in RANKS.items()},
+                      **CONFIG, vllm_version="0.32.0", enable_prefix_caching=True, async_scheduling=False)  # fmt: skip
+    steps = write(tmp_path / "s.parquet", data, KIND_STEPS, ctx)
+    out = tmp_path / "p.json"
+    res = CliRunner().invoke(twin_cli, ["calibrate", str(steps), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "enable_prefix_caching on" in res.output
+    server = json.loads(out.read_text())["server"]
+    assert server["vllm_version"] == "0.32.0" and server["enable_prefix_caching"] is True
+    assert server["async_scheduling"] is False and server["block_size"] == 16
+    assert server["max_num_seqs"] == 32 and server["max_num_batched_tokens"] == 512
+    # Not recorded by this capture: vLLM 0.32's default (True), said in a note.
+    assert server["scheduler_reserve_full_isl"] is True and "scheduler_reserve_full_isl" in server["note"]
+    prof = load_profile(out)
+    cfg = config_from_options(prof, None, {}, {})
+    assert cfg.enable_prefix_caching and cfg.scheduler_reserve_full_isl and not cfg.async_scheduling
+    assert cfg.max_num_seqs == 32 and cfg.max_num_batched_tokens == 512
+    assert not config_from_options(prof, None, {}, {"enable_prefix_caching": False}).enable_prefix_caching
+    # A capture that records the flag keeps it.
+    ctx["scheduler_reserve_full_isl"] = False
+    write(tmp_path / "s2.parquet", data, KIND_STEPS, ctx)
+    assert CliRunner().invoke(twin_cli, ["calibrate", str(tmp_path / "s2.parquet"), "--out", str(out)]).exit_code == 0
+    assert json.loads(out.read_text())["server"]["scheduler_reserve_full_isl"] is False
+
+
+def test_calibrate_without_kv_capacity_is_an_error_naming_the_flag(tmp_path: Path) -> None:
+    data, _ = _steps(300, 2)
+    ctx = _ctx()
+    del ctx["kv_capacity_tokens"]
+    steps = write(tmp_path / "s.parquet", data, KIND_STEPS, ctx)
+    out = tmp_path / "p.json"
+    res = CliRunner().invoke(twin_cli, ["calibrate", str(steps), "--out", str(out)])
+    assert res.exit_code == 2 and "--kv-capacity-tokens" in res.output and "Traceback" not in res.output
+    assert not out.exists()
+    res = CliRunner().invoke(twin_cli, ["calibrate", str(steps), "--out", str(out), "--kv-capacity-tokens", "12345"])
+    assert res.exit_code == 0, res.output
+    assert load_profile(out).kv_capacity_tokens(ServingConfig()) == 12345

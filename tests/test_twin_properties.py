@@ -95,19 +95,124 @@ def test_invariants(scenario: tuple[pl.DataFrame, Profile, ServingConfig, float 
         assert (s["kv_usage"] <= 1.0).all()
         assert (s["duration_s"] > 0).all()
         assert (s["t_s"].diff().drop_nulls() > 0).all()
-        if window is None:
-            assert s["kv_usage"][-1] == 0.0  # all blocks free at the end
+    if window is None:
+        assert res.summary["kv_blocks_in_use"] == 0  # all blocks free at the end
     # Tokens the batches decoded or sampled add up to what requests generated (a
     # request samples one token per decode and one per completed prefill).
     assert int(s["decode_tokens"].sum()) <= int(out["generated_tokens"].sum())
 
     # Deterministic, and neither fast-forward nor the vectorised running loop changes
     # anything: compare with the plain step loop, request by request.
-    saved = sched_mod.VECTORIZED_MIN_RUNNING
-    sched_mod.VECTORIZED_MIN_RUNNING = 10**9
+    saved = sched_mod.FAST_PREEMPT_MIN_RUNNING
+    sched_mod.FAST_PREEMPT_MIN_RUNNING = 10**9
     try:
         again = simulate(tr, profile, config, window_s=window, record_steps=True, fast_forward=False)
     finally:
-        sched_mod.VECTORIZED_MIN_RUNNING = saved
+        sched_mod.FAST_PREEMPT_MIN_RUNNING = saved
     assert res.results.equals(again.results)
     assert steps.equals(again.steps)
+
+
+@st.composite
+def shared_prefix_scenarios(draw: st.DrawFn) -> tuple[pl.DataFrame, Profile, ServingConfig, float | None]:
+    """Multi-turn chats over a few adapters and the base model, with shared system
+    prompts that different adapters use too (as token ids), under prefix caching and any
+    mix of full-prompt admission and async scheduling, in KV caches from tight to ample."""
+    n = draw(st.integers(1, 50))
+    adapters = draw(st.integers(1, 4))
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    bs = draw(st.sampled_from([1, 4, 16]))
+    systems = [rng.integers(1000, 1010 if draw(st.booleans()) else 2000, int(rng.integers(0, 80))).tolist() for _ in range(3)]
+    names = [f"a{i}" for i in range(adapters)] + [None]
+    history: dict[object, list[int]] = {}
+    rows = []
+    for _ in range(n):
+        a = names[int(rng.integers(0, adapters + 1))]
+        prev = history.get(a)
+        if prev is None or rng.random() < 0.3:
+            prev = list(systems[int(rng.integers(0, 3))])
+        ids = prev + rng.integers(1000, 1004, int(rng.integers(1, 60))).tolist()  # few ids: repeats happen
+        history[a] = ids + rng.integers(1000, 2000, int(rng.integers(0, 20))).tolist()
+        rows.append((a, ids))
+    tr = pl.DataFrame(
+        {
+            "request_id": [f"r{i}" for i in range(n)],
+            "arrival_s": np.sort(np.round(rng.uniform(0, draw(st.sampled_from([0.5, 5.0, 30.0])), n), 1)),
+            "adapter": [a for a, _ in rows],
+            "prompt_tokens": np.array([len(x) for _, x in rows], dtype=np.int32),
+            "output_tokens": rng.integers(1, draw(st.sampled_from([5, 40, 200])), n).astype(np.int32),
+            "prompt_token_ids": [x for _, x in rows],
+        },
+        schema_overrides={"prompt_token_ids": pl.List(pl.Int32)},
+    )
+    max_loras = draw(st.integers(1, 3))
+    config = ServingConfig(
+        max_loras=max_loras,
+        max_cpu_loras=max_loras + draw(st.integers(0, 2)),
+        max_lora_rank=16,
+        max_num_seqs=draw(st.sampled_from([1, 3, 12, 40])),
+        max_num_batched_tokens=draw(st.sampled_from([8, 32, 512])),
+        block_size=bs,
+        enable_prefix_caching=True,
+        scheduler_reserve_full_isl=draw(st.booleans()),
+        async_scheduling=draw(st.booleans()),
+    )
+    profile = Profile.from_dict(
+        {
+            "name": "prop",
+            "memory": {"kind": "fixed", "kv_tokens": draw(st.sampled_from([160, 400, 1024, 8192]))},
+            "step_time": {"kind": "linear", "intercept_s": 0.01, "coef": {"prefill_tokens": 1e-4, "decode_tokens": 1e-4}},
+            "adapter_load": {"base_ms": 1.0, "per_rank_ms": 0.0},
+            "request_intake": {"s_per_request": draw(st.sampled_from([0.0, 0.003]))},
+        }
+    )
+    return tr, profile, config, draw(st.sampled_from([None, 3.0]))
+
+
+def _lcp(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(shared_prefix_scenarios())
+def test_prefix_cache_invariants(scenario: tuple[pl.DataFrame, Profile, ServingConfig, float | None]) -> None:
+    """Under prefix caching, after every step (`check_invariants`): no block is both free
+    and held (free + held = all blocks), every cached block's reference count equals the
+    requests holding it, and no two adapters share a block. On the results: a hit never
+    exceeds the prompt minus one token, and is never longer than the (block-aligned)
+    prefix the prompt shares with another request of the same adapter -- so adapters
+    never share a cached prefix. Fast-forward changes nothing."""
+    tr, profile, config, window = scenario
+    res = simulate(tr, profile, config, window_s=window, record_steps=True, check_invariants=True)
+    out = pl.from_arrow(res.results)
+    assert isinstance(out, pl.DataFrame)
+    ids = tr["prompt_token_ids"].to_list()
+    adapters = tr["adapter"].to_list()
+    bs = config.block_size
+    for i, hit in enumerate(out["cached_tokens"].to_list()):
+        if hit is None:
+            continue
+        assert 0 <= hit <= len(ids[i]) - 1
+        assert hit % bs == 0
+        shared = max((_lcp(ids[i], ids[j]) for j in range(len(ids)) if j != i and adapters[j] == adapters[i]), default=0)
+        assert hit <= shared // bs * bs, f"request {i}: hit {hit} > prefix shared within its adapter ({shared})"
+    ok = out.filter(pl.col("status") == "ok")
+    assert (ok["generated_tokens"] == ok["output_tokens"]).all()
+    if window is None:
+        assert out.filter(pl.col("status") == "unfinished").height == 0
+        assert res.summary["kv_blocks_in_use"] == 0
+    s = pl.from_arrow(res.steps)
+    assert isinstance(s, pl.DataFrame)
+    if s.height:
+        assert (s["prefill_tokens"] + s["decode_tokens"] <= config.max_num_batched_tokens).all()
+        assert (s["kv_usage"] <= 1.0).all()
+    assert int(s["prefill_tokens"].sum()) == res.summary["prefill_tokens_computed"]
+    plain = simulate(tr, profile, config, window_s=window, record_steps=True, fast_forward=False)
+    assert res.results.equals(plain.results) and res.steps.equals(plain.steps)
+    assert res.summary["admission_blocked"] == plain.summary["admission_blocked"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -10,7 +11,7 @@ from typing import Any, TypeVar
 import click
 from rich.console import Console
 
-from tracekit.schema import TracekitError
+from tracekit.schema import TracekitError, notes
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -18,16 +19,41 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+class _NoteHandler(logging.Handler):
+    """Prints each distinct note once, as `note: ...` on stderr."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.seen: set[str] = set()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        if msg not in self.seen:
+            self.seen.add(msg)
+            click.echo(f"note: {msg}", err=True)
+
+
+def fail(message: str) -> None:
+    """The one way a command stops on bad input: `error: ...` on stderr, exit code 2."""
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
 def user_errors(fn: F) -> F:
-    """Turn TracekitError (and unreadable files) into `error: ...` and exit code 2."""
+    """Turn TracekitError (and unreadable files) into `error: ...` and exit code 2;
+    print tracekit.schema's notes (input taken as meant, e.g. sorted) as `note: ...`."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        handler = _NoteHandler()
+        notes.addHandler(handler)
+        notes.setLevel(logging.INFO)
         try:
             return fn(*args, **kwargs)
         except TracekitError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
+            fail(str(e))
+        finally:
+            notes.removeHandler(handler)
 
     return wrapper  # type: ignore[return-value]
 
@@ -72,3 +98,28 @@ class LazyGroup(click.Group):
             module, attr = self.lazy[cmd_name].split(":")
             return getattr(importlib.import_module(module), attr)
         return super().get_command(ctx, cmd_name)
+
+
+def renamed(old: str, new: str, param: str | None = None, **option: Any) -> Callable[[F], F]:
+    """Keep an option's old name `old` working, hidden, for one version: its value goes
+    to the option now called `new` (parameter `param`, default from the name; both
+    given: an error), with a note naming the new name. Place it under the command's
+    click options and over `user_errors`."""
+    dest = "renamed_" + old.lstrip("-").replace("-", "_")
+    target = param or new.lstrip("-").replace("-", "_")
+
+    def deco(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            value = kwargs.pop(dest, None)
+            if value is not None and value is not False:
+                if kwargs.get(target) not in (None, False):
+                    fail(f"{old} is the old name of {new}: give {new} only")
+                click.echo(f"note: {old} is now {new} (the old name goes in the next version)", err=True)
+                kwargs[target] = value
+            return fn(*args, **kwargs)
+
+        kw = {"default": None, **option}
+        return click.option(old, dest, hidden=True, **kw)(wrapper)  # type: ignore[return-value]
+
+    return deco

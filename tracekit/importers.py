@@ -1,7 +1,8 @@
-"""`tracekit import`: public LLM inference traces -> tracekit traces.
+"""`tracekit import`: traces from elsewhere -> tracekit traces.
 
-Formats (none of them names adapters, so each request is given one, drawn from a
-popularity law over `--adapters N`, seeded):
+`tracekit import table FILE` takes your own CSV, Parquet or JSONL (tracekit.import_table).
+The public formats below name no adapters, so each request is given one, drawn from a
+popularity law over `--adapters N`, seeded:
 
 - ``azure``: Azure LLM inference traces 2023/2024, CSV ``TIMESTAMP,ContextTokens,
   GeneratedTokens`` (TIMESTAMP a date-time such as ``2023-11-16 18:15:46.6805900``, an
@@ -10,7 +11,11 @@ popularity law over `--adapters N`, seeded):
   tokens,Log Type`` (Timestamp in seconds); failed requests (zero response tokens) are
   skipped and counted.
 - ``mooncake``: Mooncake / Bailian JSONL, one object per line with ``timestamp`` (ms),
-  ``input_length``, ``output_length`` and ``hash_ids`` (prefix-block hashes).
+  ``input_length``, ``output_length`` and ``hash_ids`` (chained prefix-block hashes of
+  ``--block-tokens`` tokens, 512 in Mooncake's traces). They become the trace's
+  ``prefix_hashes`` as they are, one per full prompt block (Mooncake lists the partial
+  last block too; the schema's column, and a prefix cache, count full blocks only), with
+  ``prefix_block_tokens`` in the context.
 
 Time: 0 is the first request of the file; ``--start/--end`` select a window in those
 seconds, then ``--speed`` divides time (2 = twice the rate).
@@ -18,6 +23,7 @@ seconds, then ``--speed`` divides time (2 = twice the rate).
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from pathlib import Path
@@ -29,7 +35,7 @@ import polars as pl
 import pyarrow as pa
 
 from tracekit import schema
-from tracekit.cliutil import console, err_console, parse_csv_ints, user_errors
+from tracekit.cliutil import LazyGroup, console, err_console, parse_csv_ints, user_errors
 from tracekit.prefix import tokens_from_block_hashes
 from tracekit.schema import TracekitError
 from tracekit.synth import adapter_names, assign_round_robin, popularity_weights
@@ -37,8 +43,34 @@ from tracekit.synth import adapter_names, assign_round_robin, popularity_weights
 FORMATS = ("azure", "burstgpt", "mooncake")
 
 
+def check_text(path: Path, fmt: str) -> None:
+    """Refuse a binary file (a Parquet file, say) before it is parsed as text, whose
+    "column names" would be kilobytes of bytes."""
+    try:
+        head = path.open("rb").read(4096)
+    except OSError as e:
+        raise TracekitError(f"{path}: cannot read: {e.strerror or e}") from None
+    if head.startswith(b"PAR1"):
+        raise TracekitError(f"{path}: a Parquet file, not {fmt} text; for a table of your own, "
+                            + schema.import_hint(path))
+    if b"\x00" in head:
+        raise TracekitError(f"{path}: a binary file, not {fmt} text")
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 4:  # not just a character cut at the end of the sample
+            raise TracekitError(f"{path}: not UTF-8 text (byte {e.start}): not a {fmt} file") from None
+
+
+def found_columns(names: list[str], limit: int = 12) -> str:
+    """The columns a file has, shortened for one error line."""
+    shown = [n if len(n) <= 40 else n[:37] + "..." for n in names[:limit]]
+    return ", ".join(shown) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
 def _scan_csv(path: Path, columns: list[str]) -> pl.LazyFrame:
     """A lazy CSV scan, every column a string (we parse and report values ourselves)."""
+    check_text(path, "CSV")
     try:
         lf = pl.scan_csv(path, infer_schema=False)
         names = lf.collect_schema().names()
@@ -48,7 +80,7 @@ def _scan_csv(path: Path, columns: list[str]) -> pl.LazyFrame:
     names = [c.strip() for c in names]
     for c in columns:
         if c not in names:
-            raise TracekitError(f"{path}: missing column {c!r} (found: {', '.join(names)})")
+            raise TracekitError(f"{path}: missing column {c!r} (found: {found_columns(names)})")
     return lf
 
 
@@ -171,10 +203,10 @@ def read_mooncake(path: Path) -> tuple[pl.DataFrame, dict[str, int]]:
     rows_in: list[int] = []
     rows_out: list[int] = []
     rows_hash: list[list[int]] = []
-    import json
 
+    check_text(path, "JSONL")
     try:
-        fh = path.open("r", encoding="utf-8")
+        fh = path.open("r", encoding="utf-8", errors="replace")
     except OSError as e:
         raise TracekitError(f"{path}: cannot read: {e.strerror or e}") from None
     # A line-by-line loop here: JSONL traces are ~10^4-10^6 lines, and it lets a bad
@@ -215,6 +247,23 @@ def _skipped_text(skipped: dict[str, int]) -> str:
     return ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in skipped.items() if v)
 
 
+def assign_adapters(
+    n: int, adapters: int, popularity: str, ranks: list[int], seed: int
+) -> tuple[pl.Series, dict[str, dict[str, Any]]]:
+    """Adapters for n requests of a trace that names none: each request draws one of
+    `adapters` by the popularity law (0 = all to the base model), ranks round-robin then
+    shuffled. Returns the adapter column and the context's `adapters` entry."""
+    weights = popularity_weights(max(adapters, 1), popularity)
+    rng = np.random.default_rng(seed)
+    if not adapters:
+        return pl.Series("adapter", [None] * n, dtype=pl.String), {}
+    names = adapter_names(adapters)
+    idx = rng.choice(adapters, size=n, p=weights)
+    col = pl.Series("adapter", names, dtype=pl.String).gather(pl.Series(idx))
+    rank_of = assign_round_robin(list(ranks), adapters, rng)
+    return col, {name: {"rank": int(rank_of[i]), "path": None} for i, name in enumerate(names)}
+
+
 READERS = {"azure": read_azure, "burstgpt": read_burstgpt, "mooncake": read_mooncake}
 
 
@@ -240,6 +289,8 @@ def import_trace(
         raise TracekitError(f"unknown format {fmt!r} (expected one of {', '.join(FORMATS)})")
     if token_ids and fmt != "mooncake":
         raise TracekitError("--token-ids needs prefix-block hashes, which only the mooncake format has")
+    if fmt == "mooncake" and block_tokens < 1:
+        raise TracekitError("--block-tokens must be at least 1")
     if token_ids and (block_tokens < 1 or vocab_size < 2):
         raise TracekitError("--block-tokens must be at least 1 and --vocab-size at least 2")
     p = Path(path)
@@ -254,7 +305,7 @@ def import_trace(
     ranks = ranks or [8]
     if any(r < 1 for r in ranks):
         raise TracekitError(f"--ranks must be positive integers, got {ranks}")
-    weights = popularity_weights(max(adapters, 1), popularity)
+    popularity_weights(max(adapters, 1), popularity)  # a bad law fails before the file is read
 
     raw, skipped = READERS[fmt](p)
     raw = raw.with_row_index("row")
@@ -280,16 +331,8 @@ def import_trace(
         raise TracekitError(f"{p}: no requests left in the selected window{why}")
     raw = raw.sort("arrival_s", maintain_order=True)
 
-    rng = np.random.default_rng(seed)
-    names = adapter_names(adapters) if adapters else []
     n = raw.height
-    if adapters:
-        idx = rng.choice(adapters, size=n, p=weights)
-        adapter_col = pl.Series("adapter", names, dtype=pl.String).gather(pl.Series(idx))
-        rank_of = assign_round_robin(list(ranks), adapters, rng)
-    else:
-        adapter_col = pl.Series("adapter", [None] * n, dtype=pl.String)
-        rank_of = np.empty(0, np.int64)
+    adapter_col, ctx_adapters = assign_adapters(n, adapters, popularity, ranks, seed)
     df = pl.DataFrame(
         {
             "request_id": f"{fmt}-" + raw["row"].cast(pl.String).str.zfill(8),
@@ -299,6 +342,11 @@ def import_trace(
             "output_tokens": raw["output_tokens"].cast(pl.Int32),
         }
     )
+    extra_ctx: dict[str, Any] = {}
+    if fmt == "mooncake" and raw["hash_ids"].list.len().sum() > 0:
+        full = raw.select(pl.col("hash_ids").list.head(pl.col("prompt_tokens").cast(pl.Int64) // block_tokens))
+        df = df.with_columns(prefix_hashes=full["hash_ids"])
+        extra_ctx[schema.CTX_PREFIX_BLOCK_TOKENS] = int(block_tokens)
     if token_ids:
         hashes = raw["hash_ids"]
         hash_offsets = np.zeros(n + 1, np.int64)
@@ -333,64 +381,109 @@ def import_trace(
         generator.update(token_ids=True, block_tokens=block_tokens, vocab_size=vocab_size)
     context = schema.new_context(
         source=fmt,
-        adapters={name: {"rank": int(rank_of[i]), "path": None} for i, name in enumerate(names)},
+        adapters=ctx_adapters,
         window_s=window,
         generator=generator,
         seed=int(seed),
+        **extra_ctx,
     )
     return df, context, skipped
 
 
-@click.command("import")
-@click.argument("fmt", metavar="FORMAT", type=click.Choice(FORMATS))
-@click.argument("file", type=click.Path(path_type=Path))
-@click.option("--adapters", type=int, required=True, help="Adapters to spread requests over (0 = base model only).")
-@click.option("--popularity", default="uniform", show_default=True, help="uniform | zipf:ALPHA")
-@click.option("--ranks", default="8", show_default=True, help="LoRA ranks, e.g. 8,16 (round-robin, then shuffled).")
-@click.option("--start", type=float, default=None, help="Window start, seconds after the first request.")
-@click.option("--end", type=float, default=None, help="Window end, seconds after the first request.")
-@click.option("--speed", type=float, default=1.0, show_default=True, help="Time is divided by this (2 = twice the rate).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--token-ids", is_flag=True, help="mooncake: add prompt_token_ids that reproduce the trace's prefix sharing (hash_ids).")
-@click.option("--block-tokens", type=int, default=512, show_default=True, help="Tokens per hash_ids block (mooncake).")
-@click.option("--vocab-size", type=int, default=32000, show_default=True, help="Token ids stay below this (the model's vocabulary).")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
-@user_errors
-def import_cmd(
-    fmt: str,
-    file: Path,
-    adapters: int,
-    popularity: str,
-    ranks: str,
-    start: float | None,
-    end: float | None,
-    speed: float,
-    seed: int,
-    token_ids: bool,
-    block_tokens: int,
-    vocab_size: int,
-    out: Path,
-) -> None:
-    """Import a public trace (Azure, BurstGPT, Mooncake) as a tracekit trace."""
+def _public_cmd(fmt: str, what: str, short: str) -> click.Command:
+    """`tracekit import FORMAT FILE`: one public format, adapters assigned by a law."""
+
+    @click.command(fmt, help=f"Import {what} as a tracekit trace (adapters drawn by --popularity).", short_help=short)
+    @click.argument("file", type=click.Path(path_type=Path))
+    @click.option("--adapters", type=int, required=True, help="Adapters to spread requests over (0 = base model only).")
+    @click.option("--popularity", default="uniform", show_default=True, help="uniform | zipf:ALPHA")
+    @click.option("--ranks", default="8", show_default=True, help="LoRA ranks, e.g. 8,16 (round-robin, then shuffled).")
+    @click.option("--start", type=float, default=None, help="Where the trace starts, seconds after the file's first request.")
+    @click.option("--window", type=float, default=None,
+                  help="The trace's window: seconds from --start [default: to the file's last request].")
+    @click.option("--end", type=float, default=None, hidden=True, help="Old: window end after the first request.")
+    @click.option("--speed", type=float, default=1.0, show_default=True, help="Time is divided by this (2 = twice the rate).")
+    @click.option("--seed", type=int, default=0, show_default=True)
+    @click.option("--token-ids", is_flag=True, help="mooncake: add prompt_token_ids that reproduce the trace's prefix sharing (hash_ids).")
+    @click.option("--block-tokens", type=int, default=512, show_default=True, help="Tokens per hash_ids block (mooncake): the trace's prefix_block_tokens.")
+    @click.option("--vocab-size", type=int, default=32000, show_default=True, help="Token ids stay below this (the model's vocabulary).")
+    @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
+    @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+    @user_errors
+    def cmd(
+        file: Path,
+        adapters: int,
+        popularity: str,
+        ranks: str,
+        start: float | None,
+        window: float | None,
+        end: float | None,
+        speed: float,
+        seed: int,
+        token_ids: bool,
+        block_tokens: int,
+        vocab_size: int,
+        out: Path,
+        as_json: bool,
+    ) -> None:
+        t0 = time.perf_counter()
+        if end is not None:  # the old name, kept for one version
+            if window is not None:
+                raise TracekitError("--end is the old way to give --window: give --window only")
+            click.echo("note: --end is now --window (seconds from --start; the old name goes in the next version)",
+                       err=True)
+        elif window is not None:
+            if not window > 0:
+                raise TracekitError(f"--window must be positive, got {window}")
+            end = (start or 0.0) + window
+        with err_console.status(f"importing {file}..."):
+            df, context, skipped = import_trace(
+                fmt, file, adapters, popularity, parse_csv_ints(ranks, "--ranks"), start, end, speed, seed,
+                token_ids=token_ids, block_tokens=block_tokens, vocab_size=vocab_size,
+            )
+            schema.write(out, df, schema.KIND_TRACE, context)
+        if as_json:
+            w = context["window_s"]
+            click.echo(json.dumps({"out": str(out), "requests": df.height, "window_s": w,
+                                   "mean_rate_req_s": df.height / w if w > 0 else None, "adapters": adapters,
+                                   "popularity": popularity, "skipped": skipped, "took_s": time.perf_counter() - t0}))
+            return
+        rows = [("out", str(out)), ("requests", f"{df.height:,}"), ("window", f"{context['window_s']:,.1f} s")]
+        if context["window_s"] > 0:
+            rows.append(("mean rate", f"{df.height / context['window_s']:,.3f} req/s"))
+        rows.append(("adapters", f"{adapters:,} ({popularity})"))
+        rows += [(f"skipped ({why.replace('_', ' ')})", f"{count:,}") for why, count in skipped.items()]
+        rows.append(("took", f"{time.perf_counter() - t0:.2f} s"))
+        print_facts(f"tracekit import {fmt}", rows)
+
+    return cmd
+
+
+def print_facts(title: str, rows: list[tuple[str, str]]) -> None:
+    """A two-column table of facts (name, value)."""
     from rich.table import Table
 
-    t0 = time.perf_counter()
-    with err_console.status(f"importing {file}..."):
-        df, context, skipped = import_trace(
-            fmt, file, adapters, popularity, parse_csv_ints(ranks, "--ranks"), start, end, speed, seed,
-            token_ids=token_ids, block_tokens=block_tokens, vocab_size=vocab_size,
-        )
-        schema.write(out, df, schema.KIND_TRACE, context)
-    t = Table(title=f"tracekit import {fmt}", show_header=False)
+    t = Table(title=title, show_header=False)
     t.add_column("", style="bold")
     t.add_column("")
-    t.add_row("out", str(out))
-    t.add_row("requests", f"{df.height:,}")
-    t.add_row("window", f"{context['window_s']:,.1f} s")
-    if context["window_s"] > 0:
-        t.add_row("mean rate", f"{df.height / context['window_s']:,.3f} req/s")
-    t.add_row("adapters", f"{adapters:,} ({popularity})")
-    for why, count in skipped.items():
-        t.add_row(f"skipped ({why.replace('_', ' ')})", f"{count:,}")
-    t.add_row("took", f"{time.perf_counter() - t0:.2f} s")
+    for name, value in rows:
+        t.add_row(name, value)
     console.print(t)
+
+
+@click.group(
+    "import",
+    cls=LazyGroup,
+    lazy={"table": "tracekit.import_table:table_cmd"},
+)
+def import_cmd() -> None:
+    """Bring a trace in: your own table (CSV, Parquet, JSONL) or a public trace."""
+
+
+for _fmt, _what, _short in (
+    ("azure", "an Azure LLM inference trace (CSV TIMESTAMP,ContextTokens,GeneratedTokens)", "Azure LLM inference trace (CSV)."),
+    ("burstgpt", "a BurstGPT trace (CSV Timestamp,Request tokens,Response tokens)", "BurstGPT trace (CSV)."),
+    ("mooncake", "a Mooncake / Bailian trace (JSONL timestamp ms, input_length, output_length, hash_ids)",
+     "Mooncake / Bailian trace (JSONL)."),
+):
+    import_cmd.add_command(_public_cmd(_fmt, _what, _short))

@@ -19,12 +19,12 @@ import numpy as np
 import polars as pl
 
 from tracekit import schema
-from tracekit.cliutil import console, err_console, user_errors
+from tracekit.cliutil import console, err_console, renamed, user_errors
 from tracekit.schema import TracekitError
 
 LENGTH_QUANTILES = (0.5, 0.9, 0.99)
 TOP_SHARE = 0.10  # popularity skew: share of requests going to the top 10% of adapters
-TOP_ADAPTERS = 5  # busiest adapters listed by name
+TOP_ADAPTERS = 20  # busiest adapters listed by name (as every per-adapter table: tracekit.summary)
 
 
 def gini(counts: np.ndarray) -> float:
@@ -86,17 +86,12 @@ def int_quantiles(values: np.ndarray, qs: tuple[float, ...] = LENGTH_QUANTILES) 
     return [float(v) for v in np.sort(values)[ranks]]
 
 
-def trace_stats(lf: pl.LazyFrame, context: dict[str, Any]) -> dict[str, Any]:
-    """Summary of the trace columns of a lazy frame (a trace or results file)."""
-    a = pl.col("arrival_s")
+def trace_stats(lf: pl.LazyFrame, context: dict[str, Any], top: int | None = TOP_ADAPTERS) -> dict[str, Any]:
+    """Summary of the trace columns of a lazy frame (a trace or results file) whose
+    values `schema.check_trace` has validated."""
     scalars = lf.select(
         pl.len().alias("requests"),
         pl.col("adapter").null_count().alias("base_requests"),
-        # Value checks ride along in the same pass: first offending row, if any.
-        (a.is_null() | ~a.is_finite() | (a < 0)).arg_true().first().alias("bad_arrival_row"),
-        (pl.col("prompt_tokens").fill_null(0) < 1).arg_true().first().alias("bad_prompt_row"),
-        (pl.col("output_tokens").fill_null(0) < 1).arg_true().first().alias("bad_output_row"),
-        pl.col("request_id").null_count().alias("null_request_ids"),
         *_length_exprs("prompt_tokens"),
         *_length_exprs("output_tokens"),
     )
@@ -109,22 +104,8 @@ def trace_stats(lf: pl.LazyFrame, context: dict[str, Any]) -> dict[str, Any]:
         raise TracekitError(f"cannot read trace columns: {str(e).splitlines()[0]}") from None
     row = s.row(0, named=True)
     n = int(row["requests"])
-    checks = (
-        ("bad_arrival_row", "arrival_s", "must be a non-negative number"),
-        ("bad_prompt_row", "prompt_tokens", "must be at least 1"),
-        ("bad_output_row", "output_tokens", "must be at least 1"),
-    )
-    for key, col, why in checks:
-        bad = row.pop(key)
-        if bad is not None:
-            value = lf.select(pl.col(col)).slice(int(bad), 1).collect().item()
-            raise TracekitError(f"row {bad}: {col} {why}, got {value}")
-    if row.pop("null_request_ids"):
-        raise TracekitError("request_id has null values")
     arrivals = arr["arrival_s"].to_numpy()
     del arr
-    if arrivals.size and np.any(np.isnan(arrivals)):
-        raise TracekitError("arrival_s holds NaN values")
     if arrivals.size > 1 and np.any(arrivals[1:] < arrivals[:-1]):
         arrivals = np.sort(arrivals)  # parts of a directory need not be in global order
     first = float(arrivals[0]) if n else 0.0
@@ -161,19 +142,21 @@ def trace_stats(lf: pl.LazyFrame, context: dict[str, Any]) -> dict[str, Any]:
         d = by_rank.setdefault(key, {"adapters": 0, "requests": 0})
         d["adapters"] += 1
         d["requests"] += int(c)
-    top = np.argsort(-per, kind="stable")[:TOP_ADAPTERS]
+    busiest = np.argsort(-per, kind="stable")[:top]
     out["top_adapters"] = [
         {"adapter": all_names[i], "rank": ranks.get(all_names[i]), "requests": int(per[i]),
          "share": float(per[i] / max(per.sum(), 1))}
-        for i in top
+        for i in busiest
     ]
     out["ranks"] = dict(sorted(by_rank.items(), key=lambda kv: (kv[0] == "unknown", int(kv[0]) if kv[0].isdigit() else 0)))
     for col in ("prompt_tokens", "output_tokens"):
+        # Token counts are integers: min, max and the percentiles stay integers.
         out[col] = {
-            k.removeprefix(col + "_"): (None if v is None else float(v)) for k, v in row.items() if k.startswith(col)
+            k.removeprefix(col + "_"): (None if v is None else float(v) if k.endswith("_mean") else int(v))
+            for k, v in row.items() if k.startswith(col)
         }
         qv = int_quantiles(lengths[col].to_numpy())
-        out[col].update({f"p{round(q * 100)}": v for q, v in zip(LENGTH_QUANTILES, qv, strict=True)})
+        out[col].update({f"p{round(q * 100)}": None if v is None else int(v) for q, v in zip(LENGTH_QUANTILES, qv, strict=True)})
     return out
 
 
@@ -225,9 +208,11 @@ def results_stats(lf: pl.LazyFrame, context: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def inspect_path(path: str | Path) -> dict[str, Any]:
+def inspect_path(path: str | Path, top: int | None = TOP_ADAPTERS) -> dict[str, Any]:
     """Everything `tracekit inspect --json` prints, as a dict."""
     lf, meta = schema.scan(path)
+    if meta.kind != schema.KIND_STEPS:
+        lf, meta, _ = schema.scan_trace(path)  # the values every command checks
     out: dict[str, Any] = {"path": str(path), "kind": meta.kind, "schema": meta.schema}
     ctx = meta.context
     out["context"] = {k: v for k, v in ctx.items() if k != "adapters"}
@@ -235,7 +220,7 @@ def inspect_path(path: str | Path) -> dict[str, Any]:
         if meta.kind == schema.KIND_STEPS:
             out["steps"] = steps_stats(lf)
         else:
-            out["trace"] = trace_stats(lf, ctx)
+            out["trace"] = trace_stats(lf, ctx, top)
             if meta.kind == schema.KIND_RESULTS:
                 out["results"] = results_stats(lf, ctx)
     except TracekitError as e:
@@ -244,6 +229,7 @@ def inspect_path(path: str | Path) -> dict[str, Any]:
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
+    """Integers as integers; other numbers with `digits` decimals (rates, shares: 3)."""
     if v is None:
         return "-"
     if isinstance(v, bool):
@@ -294,13 +280,18 @@ def _print_report(info: dict[str, Any]) -> None:
             lt.add_row(col, *[_fmt(d.get(c), 1) for c in ("mean", "min", "p50", "p90", "p99", "max")])
         console.print(lt)
         if tr["top_adapters"]:
-            at = Table(title=f"busiest {len(tr['top_adapters'])} adapters")
-            at.add_column("adapter")
-            at.add_column("rank", justify="right")
-            at.add_column("requests", justify="right")
-            at.add_column("share", justify="right")
+            shown, total = len(tr["top_adapters"]), tr["adapters"]
+            named = tr["requests"] - tr["base_model_requests"]
+            at = Table(title=f"adapters by requests ({shown} of {total})" if shown < total else f"adapters by requests ({total})",
+                       show_footer=True)
+            at.add_column("adapter", f"all {total:,}", no_wrap=True)
+            at.add_column("rank", justify="right", no_wrap=True)
+            at.add_column("requests", f"{named:,}", justify="right", no_wrap=True)
+            at.add_column("share", "100.0%" if named else "-", justify="right", no_wrap=True)
             for d in tr["top_adapters"]:
                 at.add_row(d["adapter"], _fmt(d["rank"]), _fmt(d["requests"]), f"{100 * d['share']:.1f}%")
+            if shown < total:
+                at.caption = f"{total - shown:,} more adapters: --all shows every row"
             console.print(at)
         if tr["ranks"]:
             rt = Table(title="adapters by LoRA rank")
@@ -376,13 +367,20 @@ def plot(path: str | Path, out: str | Path) -> Path:
 @click.command("inspect")
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Also write a PNG: rate over time, adapter popularity, length histograms.")
+@click.option("--plots", "plots_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also write DIR/<name>.png: rate over time, adapter popularity, length histograms "
+                   "(steps: duration and batch over time).")
+@click.option("--all", "show_all", is_flag=True, help=f"List every adapter (default: the busiest {TOP_ADAPTERS}).")
+@renamed("--plot", "--plots", "plots_dir", type=click.Path(dir_okay=False, path_type=Path))
 @user_errors
-def inspect_cmd(path: Path, as_json: bool, plot_path: Path | None) -> None:
+def inspect_cmd(path: Path, as_json: bool, plots_dir: Path | None, show_all: bool) -> None:
     """Summarise a trace, steps or results file (or a directory of Parquet parts)."""
+    # The old --plot took the PNG's own name; --plots takes the folder.
+    plot_path = None
+    if plots_dir is not None:
+        plot_path = plots_dir if plots_dir.suffix.lower() == ".png" else plots_dir / f"{path.name.split('.')[0] or 'plot'}.png"
     with err_console.status(f"reading {path}..."):
-        info = inspect_path(path)
+        info = inspect_path(path, None if show_all else TOP_ADAPTERS)
         if plot_path is not None:
             info["plot"] = str(plot(path, plot_path))
     if as_json:

@@ -17,6 +17,7 @@ parameter) and `seed`. Request ids are `req-00000000`, ... in arrival order.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,14 @@ import numpy as np
 import polars as pl
 
 from tracekit import schema
-from tracekit.cliutil import console, err_console, parse_csv_floats, parse_csv_ints, user_errors
+from tracekit.cliutil import (
+    console,
+    err_console,
+    parse_csv_floats,
+    parse_csv_ints,
+    renamed,
+    user_errors,
+)
 from tracekit.lengths import SPEC_HELP, sample_pairs, source_pairs
 from tracekit.schema import TracekitError
 
@@ -178,7 +186,7 @@ def synthesize(
     if adapters < 1:
         raise TracekitError("--adapters must be at least 1")
     if not (duration_s > 0 and np.isfinite(duration_s)):
-        raise TracekitError(f"--duration must be a positive number of seconds, got {duration_s}")
+        raise TracekitError(f"--window must be a positive number of seconds, got {duration_s}")
     if (rates is None) == (total_rate is None):
         raise TracekitError("give exactly one of --rates and --total-rate")
     if not ranks or any(int(r) < 1 for r in ranks):
@@ -210,6 +218,9 @@ def synthesize(
         if not np.isfinite(total_rate) or total_rate < 0:
             raise TracekitError(f"--total-rate must be a non-negative number, got {total_rate}")
         per_adapter = float(total_rate) * popularity_weights(adapters, popularity)
+    if not per_adapter.sum() > 0:
+        flag = "--rates" if rates is not None else "--total-rate"
+        raise TracekitError(f"{flag}: every rate is 0, so the trace would hold no requests")
     per_rank = assign_round_robin([int(r) for r in ranks], adapters, rng).astype(np.int64)
 
     peak = per_adapter * (1.0 + (mod[1] if mod else 0.0))
@@ -337,6 +348,18 @@ def _conversations(
     return out
 
 
+def summary(df: pl.DataFrame, context: dict[str, Any], out: Path, elapsed: float) -> dict[str, Any]:
+    """What `synth` prints, as one dict (`--json`)."""
+    window = float(context.get("window_s") or 0.0)
+    return {
+        "out": str(out), "requests": df.height, "adapters": len(context["adapters"]), "window_s": window,
+        "mean_rate_req_s": df.height / window if window > 0 else None,
+        "mean_prompt_tokens": float(df["prompt_tokens"].mean()) if df.height else None,  # type: ignore[arg-type]
+        "mean_output_tokens": float(df["output_tokens"].mean()) if df.height else None,  # type: ignore[arg-type]
+        "took_s": elapsed,
+    }
+
+
 def print_summary(df: pl.DataFrame, context: dict[str, Any], out: Path, elapsed: float) -> None:
     from rich.table import Table
 
@@ -358,6 +381,11 @@ def print_summary(df: pl.DataFrame, context: dict[str, Any], out: Path, elapsed:
 
 def _synth_and_write(out: Path, **kwargs: Any) -> tuple[pl.DataFrame, dict[str, Any]]:
     df, context = synthesize(**kwargs)
+    if df.height == 0:
+        total = sum(a["rate"] for a in context["adapters"].values())
+        raise TracekitError(
+            f"no request arrived: {total:g} req/s in all over {kwargs['duration_s']:g} s; raise the rates or the window"
+        )
     schema.write(out, df, schema.KIND_TRACE, context)
     return df, context
 
@@ -370,7 +398,7 @@ def _synth_and_write(out: Path, **kwargs: Any) -> tuple[pl.DataFrame, dict[str, 
 @click.option("--arrivals", default="poisson", show_default=True, help="poisson | gamma:CV (bursty when CV > 1).")
 @click.option("--modulation", default="none", show_default=True, help="none | sine:PERIOD_S,AMPLITUDE: rates vary over time (e.g. diurnal).")
 @click.option("--ranks", default="8", show_default=True, help="LoRA ranks, e.g. 8,16,32 (round-robin, then shuffled).")
-@click.option("--duration", type=float, default=3600.0, show_default=True, help="Trace window in seconds.")
+@click.option("--window", type=float, default=None, help="The trace's window in seconds [default: 3600].")
 @click.option("--lengths", default="sharegpt", show_default=True, help=SPEC_HELP)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--turns", type=int, default=1, show_default=True,
@@ -381,6 +409,8 @@ def _synth_and_write(out: Path, **kwargs: Any) -> tuple[pl.DataFrame, dict[str, 
               show_default=True, help="Write prompts as prompt_token_ids, as prefix_hashes (large traces), or "
               "not at all (auto: ids when --turns or --system-prompts share prefixes).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Output trace Parquet file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+@renamed("--duration", "--window", type=float)
 @user_errors
 def synth_cmd(
     adapters: int,
@@ -390,13 +420,14 @@ def synth_cmd(
     arrivals: str,
     modulation: str,
     ranks: str,
-    duration: float,
+    window: float | None,
     lengths: str,
     seed: int,
     turns: int,
     system_prompts: str,
     token_ids: str,
     out: Path,
+    as_json: bool,
 ) -> None:
     """Synthesise a multi-adapter trace (the paper's generator and more)."""
     t0 = time.perf_counter()
@@ -405,7 +436,7 @@ def synth_cmd(
             adapters=adapters,
             rates=parse_csv_floats(rates, "--rates") if rates is not None else None,
             ranks=parse_csv_ints(ranks, "--ranks"),
-            duration_s=duration,
+            duration_s=3600.0 if window is None else window,
             lengths=lengths,
             seed=seed,
             total_rate=total_rate,
@@ -417,4 +448,7 @@ def synth_cmd(
             token_ids=token_ids,
             out=out,
         )
-    print_summary(df, context, out, time.perf_counter() - t0)
+    if as_json:
+        click.echo(json.dumps(summary(df, context, out, time.perf_counter() - t0)))
+    else:
+        print_summary(df, context, out, time.perf_counter() - t0)

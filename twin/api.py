@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import polars as pl
+import pyarrow as pa
 
 from twin.config import ServingConfig, SimResult, server_defaults
 
@@ -17,7 +18,7 @@ __all__ = ["ServingConfig", "SimResult", "server_defaults", "simulate"]
 
 
 def simulate(
-    trace: pl.DataFrame,
+    trace: pl.DataFrame | pa.Table,
     profile: Any,
     config: ServingConfig,
     *,
@@ -25,7 +26,8 @@ def simulate(
     window_s: float | None = None,
     record_steps: bool = False,
 ) -> SimResult:
-    """Simulate vLLM serving `trace` under `config` with the timing of `profile`.
+    """Simulate vLLM serving `trace` (a polars frame or an Arrow table, the trace
+    schema) under `config` with the timing of `profile`.
 
     `profile` is a `twin.profile.Profile` or a name/path accepted by `load_profile`.
     `window_s`: requests still unfinished at the end are `unfinished` (None = the trace

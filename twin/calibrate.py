@@ -330,27 +330,79 @@ def fit_from_steps(
     return section, adapter_load
 
 
+# vLLM versions from which `scheduler_reserve_full_isl` exists and defaults to True (for a
+# capture whose context does not record the flag).
+FULL_ISL_DEFAULT_FROM = (0, 32)
+
+
+def _version(v: Any) -> tuple[int, ...]:
+    parts = re.findall(r"\d+", str(v or ""))[:2]
+    return tuple(int(x) for x in parts)
+
+
+def server_from_context(ctx: Mapping[str, Any]) -> dict[str, Any]:
+    """The profile's `server` section: what the captured vLLM ran with, from the step
+    plugin's context (vLLM's names; see twin.config.SERVER_DEFAULTS), so that the twin's
+    serving defaults are that server's."""
+    from twin.config import SERVER_FIELDS
+
+    server: dict[str, Any] = {"vllm_version": str(ctx.get("vllm_version") or "unknown")}
+    for k in SERVER_FIELDS:
+        v = ctx.get(k)
+        if v is not None:
+            server[k] = bool(v) if isinstance(v, bool) else v
+    notes = []
+    if "scheduler_reserve_full_isl" not in server:
+        v = _version(ctx.get("vllm_version"))
+        server["scheduler_reserve_full_isl"] = bool(v) and v >= FULL_ISL_DEFAULT_FROM
+        notes.append(
+            f"scheduler_reserve_full_isl not recorded by the capture: vLLM {server['vllm_version']}'s default assumed"
+        )
+    for k in ("enable_prefix_caching", "async_scheduling"):
+        if k not in server:
+            notes.append(f"{k} not recorded by the capture: off assumed")
+            server[k] = False
+    if notes:
+        server["note"] = "; ".join(notes)
+    return server
+
+
 def profile_from_steps(
-    paths: Sequence[str], *, name: str | None = None, holdout: float = 0.2, seed: int = 0
+    paths: Sequence[str],
+    *,
+    name: str | None = None,
+    holdout: float = 0.2,
+    seed: int = 0,
+    kv_capacity_tokens: int | None = None,
 ) -> dict[str, Any]:
-    """A complete profile dict from captured steps files/directories."""
+    """A complete profile dict from captured steps files/directories.
+
+    The KV capacity comes from the capture (`kv_capacity_tokens` in its context) or from
+    `kv_capacity_tokens`; without either, no profile (the twin could not use it)."""
     steps, ctx = load_steps(paths)
+    kv = kv_capacity_tokens or ctx.get("kv_capacity_tokens")
+    if not kv or int(kv) <= 0:
+        raise TracekitError(
+            f"{paths[0]}: the capture did not record the KV capacity (kv_capacity_tokens); "
+            "pass --kv-capacity-tokens N (vLLM's log: 'GPU KV cache size: N tokens')"
+        )
     st, al = fit_from_steps(steps, ctx, holdout=holdout, seed=seed)
     model = str(ctx.get("model") or "unknown-model")
-    kv = ctx.get("kv_capacity_tokens")
-    memory: dict[str, Any] = {"kind": "fixed", "kv_tokens": int(kv)} if kv else {"kind": "fixed", "kv_tokens": 0}
-    if not kv:
-        memory["note"] = "the capture did not record kv_capacity_tokens: pass --kv-capacity-tokens to the twin"
+    memory: dict[str, Any] = {"kind": "fixed", "kv_tokens": int(kv)}
+    if kv_capacity_tokens:
+        memory["note"] = "kv_tokens given to twin calibrate (--kv-capacity-tokens)"
     if ctx.get("max_model_len"):
         memory["max_model_len"] = int(ctx["max_model_len"])
-    server = {k: ctx.get(k) for k in ("max_loras", "max_cpu_loras", "max_lora_rank", "max_num_seqs",
-                                      "max_num_batched_tokens", "block_size", "kv_capacity_tokens") if ctx.get(k) is not None}
+    captured = {k: ctx.get(k) for k in ("max_loras", "max_cpu_loras", "max_lora_rank", "max_num_seqs",
+                                        "max_num_batched_tokens", "block_size", "kv_capacity_tokens") if ctx.get(k) is not None}
+    server = server_from_context(ctx)
     return {
         "name": name or f"calibrated-{Path(str(model)).name}",
-        "description": f"{model}, fitted from {len(steps)} captured steps",
+        "description": f"{model}, fitted from {len(steps)} captured steps (vLLM {server['vllm_version']})",
         "hardware": {"device": ctx.get("device", "as captured")},
         "model": {"name": model},
-        "captured_server_config": server,
+        "server": server,
+        "captured_server_config": captured,
         "memory": memory,
         "step_time": st,
         "adapter_load": al,
@@ -374,7 +426,11 @@ def profile_from_steps(
 @click.option("--holdout", default=0.2, show_default=True, type=click.FloatRange(0, 0.9),
               help="Fraction of steps held out to measure the fit error.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the held-out split.")
-def _calibrate(steps: tuple[str, ...], out: str, name: str | None, holdout: float, seed: int) -> None:
+@click.option("--kv-capacity-tokens", type=click.IntRange(min=1), default=None,
+              help="The server's KV capacity in tokens, when the capture did not record it.")
+def _calibrate(
+    steps: tuple[str, ...], out: str, name: str | None, holdout: float, seed: int, kv_capacity_tokens: int | None
+) -> None:
     """Fit a twin profile (step time, adapter load, KV capacity) from captured steps.
 
     STEPS: steps Parquet files or capture directories (tracekit steps schema)."""
@@ -384,7 +440,7 @@ def _calibrate(steps: tuple[str, ...], out: str, name: str | None, holdout: floa
     from twin.profile import Profile
 
     with console.status("fitting step time..."):
-        data = profile_from_steps(list(steps), name=name, holdout=holdout, seed=seed)
+        data = profile_from_steps(list(steps), name=name, holdout=holdout, seed=seed, kv_capacity_tokens=kv_capacity_tokens)
     path = Profile.from_dict(data).save(out)
     st = data["step_time"]
     t = Table(title=f"profile {data['name']} <- {data['fitted_from']['steps']} steps")
@@ -399,6 +455,10 @@ def _calibrate(steps: tuple[str, ...], out: str, name: str | None, holdout: floa
         if k in e:
             console.print(f"{k}: MAPE {e[k]['mape_pct']:.2f}%  R^2 {e[k]['r2']:.4f}  (n={e[k]['n']})")
     console.print(f"adapter load: {data['adapter_load']['base_ms']} ms; KV tokens: {data['memory'].get('kv_tokens')}")
+    sv = data["server"]
+    flags = ", ".join(f"{k} {'on' if sv.get(k) else 'off'}" for k in ("enable_prefix_caching", "scheduler_reserve_full_isl",
+                                                                      "async_scheduling"))
+    console.print(f"server (the twin's defaults for this profile): vLLM {sv['vllm_version']}, {flags}")
     console.print(f"wrote {path}")
 
 

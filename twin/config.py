@@ -18,8 +18,8 @@ import pyarrow as pa
 from tracekit.schema import TracekitError
 
 # What a profile without a `server` section stands for: the paper's patched vLLM 0.8.5
-# (synchronous scheduling, prefix caching off, admission on the first chunk only) with
-# vLLM's engine defaults below a 70 GiB GPU.
+# (synchronous scheduling, prefix caching off, admission on the first chunk only); its
+# batch limits then are vLLM's own for the profile's GPU (`server_defaults`).
 SERVER_DEFAULTS: dict[str, Any] = {
     "vllm_version": "0.8.5",
     "max_num_seqs": 256,
@@ -101,14 +101,58 @@ class ServingConfig:
         return cls(**kw)
 
 
+# The vLLM whose defaults a profile gets where its server section does not say.
+DEFAULTS_VLLM_VERSION = "0.32.0"
+
+
+def vllm_batch_defaults(gpu_memory_gib: float | None, gpu_name: str | None) -> tuple[int, int]:
+    """(max_num_seqs, max_num_batched_tokens) that vLLM 0.32's OpenAI API server picks
+    when neither is given (`EngineArgs.get_batch_defaults`): 1024 and 16384 on GPUs of
+    160 GiB or more, 1024 and 8192 from 70 GiB (but not an A100, where large batches
+    cost throughput), else 256 and 2048, which is also its answer when it cannot query
+    the device (memory unknown here)."""
+    mem = float(gpu_memory_gib or 0.0)
+    name = (gpu_name or "").lower()
+    if mem >= 160:
+        return 1024, 16384
+    if mem >= 70 and "a100" not in name:
+        return 1024, 8192
+    return 256, 2048
+
+
 def server_defaults(profile_data: Mapping[str, Any]) -> dict[str, Any]:
     """The serving defaults a profile's server ran with: its `server` section over
-    `SERVER_DEFAULTS` (a profile without one mirrors the paper's servers)."""
+    `SERVER_DEFAULTS`. Where the section does not record `max_num_seqs` or
+    `max_num_batched_tokens`, they are vLLM 0.32's own for the profile's GPU
+    (`vllm_batch_defaults` of `hardware.gpu_memory_gib` and `hardware.gpu`).
+    `defaults_from` says, in words, where those two came from."""
     out = dict(SERVER_DEFAULTS)
     section = profile_data.get("server") or {}
-    if isinstance(section, Mapping):
-        out.update({k: v for k, v in section.items() if k in SERVER_DEFAULTS and v is not None})
+    section = section if isinstance(section, Mapping) else {}
+    out.update({k: v for k, v in section.items() if k in SERVER_DEFAULTS and v is not None})
+    missing = [k for k in ("max_num_seqs", "max_num_batched_tokens") if section.get(k) is None]
+    if not missing:
+        out["defaults_from"] = f"the profile's server (vLLM {out['vllm_version']})"
+        return out
+    hw = profile_data.get("hardware") or {}
+    hw = hw if isinstance(hw, Mapping) else {}
+    mem = hw.get("gpu_memory_gib")
+    mem = float(mem) if isinstance(mem, (int, float)) and not isinstance(mem, bool) else None
+    gpu = str(hw.get("gpu") or hw.get("device") or "")
+    seqs, tokens = vllm_batch_defaults(mem, gpu)
+    out.update({k: v for k, v in (("max_num_seqs", seqs), ("max_num_batched_tokens", tokens)) if k in missing})
+    where = f"{gpu or 'a GPU'} with {mem:g} GiB" if mem else f"{gpu or 'a GPU'} of unknown memory"
+    out["defaults_from"] = f"vLLM {DEFAULTS_VLLM_VERSION}'s API-server defaults for {where}"
+    if len(missing) == 1:
+        out["defaults_from"] += f" ({missing[0]}; the rest from the profile's server)"
     return out
+
+
+# The twin's counters a results context carries (`twin`), for reports made later: steps,
+# preemptions, adapter loads, KV capacity, rejections, whether the server would start,
+# and which limit held waiting requests back (`admission_blocked`, where counted).
+TWIN_COUNTERS = ("steps", "preemptions", "adapter_loads", "kv_capacity_tokens", "num_blocks", "rejected",
+                 "oom", "oom_reason", "admission_blocked", "prefill_tokens_computed", "cached_prompt_tokens")
 
 
 @dataclass

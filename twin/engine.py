@@ -4,27 +4,35 @@ One engine step = schedule (vLLM's `Scheduler.schedule`), execute (duration from
 profile's step-time model plus adapter loads), update (`update_from_output`: tokens
 sampled, requests finished and freed). Requests whose arrival time is at or before a
 step's start are in `waiting` for that step; an idle engine jumps to the next arrival.
+The steps record what vLLM's step plugin reads right after `schedule()`: `num_running`,
+`num_waiting` and `kv_usage` as the scheduler left them, prefill tokens computed (a
+prefix-cache hit is not computed).
 
-Fast-forward: a stretch of steps where only decoding happens (no request in prefill,
-no admission possible, no finish, enough free KV blocks) is advanced in one numpy
+Fast-forward: a stretch of steps where only decoding happens is advanced in one numpy
 computation: step times vectorised over the stretch, start times by a cumulative sum.
-The stretch ends before the next finish, before the step whose KV blocks would not fit,
-before the first step that starts after an arrival that could be admitted, and at the
-window's end. Turning it off (`fast_forward=False`) gives the plain step loop, which
-must produce bit-identical results (tests check it).
+The scheduler decides whether a stretch may start and how far its KV blocks allow it
+(`Scheduler.decode_stretch`, `stretch_blocks`, with the same admission rule as a normal
+step); the loop ends it before the next finish, before the first step whose scheduling
+sees an arrival that could be admitted, and at the window's end. Turning it off
+(`fast_forward=False`) gives the plain step loop, which must produce bit-identical
+results (tests check it).
 
 Request intake: a profile's `request_intake.s_per_request` (the engine core's work to
-take in a new request, admitted or not) is added to the first step that starts after
+take in a new request, admitted or not) is charged to the first step that starts after
 each arrival; inside a stretch, where step starts and arrivals depend on each other, it
 is solved by fixed-point iteration (`_Loop._with_intake`).
+
+Async scheduling (`async_scheduling`): vLLM schedules step N+1 while step N executes and
+takes in new requests meanwhile. So step N+1's scheduling sees the arrivals up to the
+start of step N (after an idle engine, up to now), a step's intake runs alongside its
+execution (the step lasts the longer of the two; after idle it comes first), and
+finished requests give back their blocks and seats one step late (the scheduler's part).
 """
 
 from __future__ import annotations
 
-import heapq
 import math
 import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -34,66 +42,45 @@ import pyarrow as pa
 from tracekit.metrics import summarize
 from tracekit.schema import TracekitError, adapter_ranks, conform
 from twin.config import ServingConfig, SimResult
+from twin.kv_cache import prefix_keys
 from twin.profile import Profile, load_profile
-from twin.scheduler import BASE, DEFAULT_CPU_MISS_FACTOR, Scheduler, cdiv
+from twin.scheduler import BASE, DEFAULT_CPU_MISS_FACTOR, Scheduler, Stretch
 
 MAX_STRETCH = 8192  # steps per fast-forward computation (bounds the arrays' size)
 MIN_STRETCH = 12  # below this the plain steps (~10 us each) beat numpy's fixed cost
-
-
-def _step_time_scalar(profile: Profile, config: ServingConfig) -> Callable[..., float]:
-    """A per-step scalar step-time function, bit-identical to `profile.step_time`.
-
-    The profile's vectorised function costs ~20 us per call on length-1 arrays; a step
-    loop needs ~1 us. The profile's own scalar form is used after *verifying* it gives
-    the same bits as the vectorised one on random batches (the fast-forward uses the
-    vectorised one, and both paths must agree bit for bit); else the vectorised one is
-    called step by step."""
-    kw = {"max_lora_rank": config.max_lora_rank, "max_loras": config.max_loras}
-
-    def generic(p: float, d: float, x: float, a: float, r: float, n: float = 0.0) -> float:
-        args = (np.array([p]), np.array([d]), np.array([x]), np.array([a]), np.array([r]))
-        if n:  # prefill_reqs: optional, so a profile class without it still works
-            return float(profile.step_time(*args, prefill_reqs=np.array([n]), **kw)[0])
-        return float(profile.step_time(*args, **kw)[0])
-
-    make = getattr(profile, "step_time_scalar", None)
-    if make is None:
-        return generic
-    scalar = make(**kw)
-    rng = np.random.default_rng(0)
-    cols = [rng.integers(0, hi, 64).astype(np.float64) for hi in (4096, 2048, 400_000, 64, 2048)]
-    cols[0][:8] = 0.0
-    cols[3][8:16] = 0.0
-    ref = profile.step_time(*cols, **kw)
-    mine = np.array([scalar(*(float(col[i]) for col in cols)) for i in range(64)])
-    try:  # with prefill_reqs too (profiles whose step model takes it)
-        nreq = rng.integers(0, 64, 64).astype(np.float64)
-        ref_n = profile.step_time(*cols, prefill_reqs=nreq, **kw)
-        mine_n = np.array([scalar(*(float(col[i]) for col in cols), float(nreq[i])) for i in range(64)])
-        ref, mine = np.concatenate([ref, ref_n]), np.concatenate([mine, mine_n])
-    except TypeError:  # a step model without prefill_reqs: accept and ignore it
-        five = scalar
-
-        def scalar(p: float, d: float, x: float, a: float, r: float, n: float = 0.0) -> float:
-            return five(p, d, x, a, r)
-
-        def generic(p: float, d: float, x: float, a: float, r: float, n: float = 0.0) -> float:
-            return float(profile.step_time(np.array([p]), np.array([d]), np.array([x]), np.array([a]), np.array([r]), **kw)[0])
-    return scalar if np.array_equal(ref, mine) else generic
+# Stretches up to this many steps go step by step in plain floats (a microsecond a step,
+# no numpy set-up); longer ones in numpy.
+SCALAR_STRETCH = 128
 
 
 def _resolve_adapters(
-    trace: pl.DataFrame, context: dict[str, Any], config: ServingConfig
+    col: pa.ChunkedArray, context: dict[str, Any], config: ServingConfig
 ) -> tuple[np.ndarray, list[str], list[int]]:
     """Adapter index per request (BASE for the base model), names, ranks (sorted names:
-    the index does not depend on the trace's row order)."""
-    col = trace.get_column("adapter")
+    the index does not depend on the trace's row order), from the column's dictionary
+    codes (a million names cost nothing more)."""
+    n = len(col)
     if not config.enable_lora:
-        return np.full(trace.height, BASE, dtype=np.int64), [], []
-    names = col.drop_nulls().unique().sort().to_list()
-    # An Enum over the sorted names: codes follow that order (fast on millions of rows).
-    idx = col.cast(pl.Enum(names)).to_physical().cast(pl.Int64).fill_null(BASE).to_numpy()
+        return np.full(n, BASE, dtype=np.int64), [], []
+    if not pa.types.is_dictionary(col.type):
+        import pyarrow.compute as pc
+
+        col = pc.dictionary_encode(col)
+    d = col.unify_dictionaries().combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    ind = d.indices
+    # The codes from their buffer (a null's slot holds some code; masked below).
+    codes = np.frombuffer(ind.buffers()[1], dtype=ind.type.to_pandas_dtype())[ind.offset : ind.offset + n].astype(np.int64)
+    null = np.asarray(d.is_null()) if d.null_count else None
+    if null is not None:
+        codes[null] = 0
+    dictionary = d.dictionary.to_pylist()
+    used = np.flatnonzero(np.bincount(codes[~null] if null is not None else codes, minlength=len(dictionary)))
+    names = sorted(dictionary[i] for i in used)
+    where = {name: i for i, name in enumerate(names)}
+    remap = np.array([where.get(v, BASE) for v in dictionary] or [BASE], dtype=np.int64)
+    idx = remap[codes]
+    if null is not None:
+        idx[null] = BASE
     ranks_ctx = adapter_ranks(context)
     ranks = []
     for name in names:
@@ -105,6 +92,27 @@ def _resolve_adapters(
             )
         ranks.append(int(rank))
     return idx, names, ranks
+
+
+def _registered_adapters(context: dict[str, Any], names: list[str]) -> list[int]:
+    """Adapters the replay registered on the server before sending (`/v1/load_lora_adapter`,
+    the context's `adapters_loaded`, in that order), as adapter indices; one the trace never
+    uses gets an index past the trace's adapters (it still takes a slot). vLLM read each
+    into the CPU cache and activated it in a GPU slot, so the run starts with them there."""
+    registered = context.get("adapters_loaded")
+    if not registered or not names:
+        return []
+    if not isinstance(registered, (dict, list)):
+        raise TracekitError(
+            f"trace context adapters_loaded: expected adapter names, got {type(registered).__name__}"
+        )
+    index = {name: i for i, name in enumerate(names)}
+    out: list[int] = []
+    for name in registered:
+        if str(name) not in index:
+            index[str(name)] = len(index)
+        out.append(index[str(name)])
+    return out
 
 
 class _Steps:
@@ -172,7 +180,7 @@ class _Steps:
 
 
 def simulate(
-    trace: pl.DataFrame,
+    trace: pl.DataFrame | pa.Table,
     profile: Any,
     config: ServingConfig,
     *,
@@ -196,11 +204,19 @@ def simulate(
         raise TracekitError(f"--window must be positive, got {window_s}")
     window = math.inf if window_s is None else float(window_s)
 
-    trace = trace.sort("arrival_s", maintain_order=True)
+    # The results keep the trace's own columns; an Arrow table stays Arrow (a million
+    # request ids converted to polars and back cost more than the simulation's set-up).
+    table = trace if isinstance(trace, pa.Table) else trace.to_arrow()
+    if not _sorted(table.column("arrival_s")):
+        table = table.take(pa.array(np.argsort(table.column("arrival_s").to_numpy(), kind="stable")))
+    strings = {"request_id", "adapter", "tenant", "session_id", "prompt_token_ids"}
+    if config.enable_prefix_caching:
+        strings.discard("prompt_token_ids")
+    trace = pl.from_arrow(table.select([c for c in table.column_names if c not in strings]))  # type: ignore[assignment]
     arrival = trace.get_column("arrival_s").cast(pl.Float64).to_numpy()
     prompt_np = trace.get_column("prompt_tokens").cast(pl.Int64).to_numpy()
     output_np = trace.get_column("output_tokens").cast(pl.Int64).to_numpy()
-    adapter_idx, names, ranks = _resolve_adapters(trace, ctx_in, config)
+    adapter_idx, names, ranks = _resolve_adapters(table.column("adapter"), ctx_in, config)
 
     kv_tokens = int(prof.kv_capacity_tokens(config))
     oom_reason = ""
@@ -216,10 +232,18 @@ def simulate(
     too_long = (prompt_np + output_np) > max_len
     valid = ~too_long & ~oom
 
+    prefix = None
+    if config.enable_prefix_caching:
+        # vLLM's block hash carries the LoRA name only when LoRA is on (the names are
+        # needed only to hash token ids, not for a trace's own prefix_hashes).
+        col = table.column("adapter")
+        prefix = prefix_keys(trace, ctx_in, config.block_size,
+                             lambda: col.to_pylist() if config.enable_lora else [None] * len(col))  # fmt: skip
     cpu_factor = float(prof.data.get("adapter_load", {}).get("cpu_miss_factor", DEFAULT_CPU_MISS_FACTOR))
     sched = Scheduler(
-        prompt=prompt_np.tolist(),
-        output=output_np.tolist(),
+        prompt=prompt_np,
+        output=output_np,
+        arrival=arrival,
         adapter_idx=adapter_idx,
         valid=valid,
         adapter_rank=ranks,
@@ -231,14 +255,19 @@ def simulate(
         max_num_batched_tokens=config.max_num_batched_tokens,
         block_size=config.block_size,
         num_blocks=max(num_blocks, 0),
+        enable_prefix_caching=config.enable_prefix_caching,
+        scheduler_reserve_full_isl=config.scheduler_reserve_full_isl,
+        async_scheduling=config.async_scheduling,
+        prefix=prefix,
     )
+    sched.slots.preload(_registered_adapters(ctx_in, names))
     loop = _Loop(sched, prof, config, arrival, valid, window, record_steps, check_invariants)
     loop_started = time.perf_counter()
     if not oom:
         loop.run(fast_forward)
     loop_s = time.perf_counter() - loop_started
 
-    results = _results(trace, sched, loop, valid, too_long, oom, window, max_len)
+    results, status = _results(table, arrival, sched, loop, valid, too_long, oom, window, max_len)
     ctx = dict(ctx_in)
     ctx.update(
         target="twin",
@@ -246,9 +275,12 @@ def simulate(
         serving_config=config.to_dict(),
         window_s=None if window_s is None else float(window_s),
     )
-    # The metrics read no identifiers: leave the largest string columns out of the copy.
-    skip = {"request_id", "target", "error", "prompt_token_ids", "tenant", "session_id"}
-    results_df: pl.DataFrame = pl.from_arrow(results.select([c for c in results.column_names if c not in skip]))  # type: ignore[assignment]
+    # The metrics read no identifiers: leave the string columns out of the copy, and give
+    # them the status by its codes (a dictionary: no million strings to compare).
+    skip = {"request_id", "adapter", "target", "status", "error", "prompt_token_ids", "prefix_hashes", "tenant", "session_id"}
+    metrics_in = results.select([c for c in results.column_names if c not in skip]).append_column(
+        "status", pa.DictionaryArray.from_arrays(pa.array(status), pa.array(STATUS_LABELS)))
+    results_df: pl.DataFrame = pl.from_arrow(metrics_in)  # type: ignore[assignment]
     summary = summarize(results_df, ctx)
     summary.update(
         steps=loop.step,
@@ -262,7 +294,10 @@ def simulate(
         rejected=int(too_long.sum()) if not oom else 0,
         fast_forward_steps=loop.ff_steps,
         simulated_s=loop.t_end,
+        prefill_tokens_computed=loop.prefill_tokens,
+        kv_blocks_in_use=sched.used_blocks,  # when the simulation stopped
         engine_loop_s=loop_s,  # wall time of the step loop alone (speed benchmarks)
+        **sched.summary(),
     )
     steps = loop.steps.table(names) if record_steps else None
     return SimResult(results=results, steps=steps, summary=summary, context=ctx)
@@ -293,18 +328,20 @@ class _Loop:
         self.window = window
         self.record = record_steps
         self.check = check_invariants
-        self.step_time = _step_time_scalar(profile, config)
+        self.kw = {"max_lora_rank": config.max_lora_rank, "max_loras": config.max_loras}
+        self.step_time = profile.step_time_scalar(**self.kw)
         # Engine time per arriving request, charged to the first step that starts after
         # its arrival; `ingested`: arrivals charged so far.
         self.intake = profile.request_intake_s
         self.ingested = 0
-        self.kw = {"max_lora_rank": config.max_lora_rank, "max_loras": config.max_loras}
+        self.async_scheduling = config.async_scheduling
         self.step = 0
         self.t = 0.0
         self.t_end = 0.0
         self.step_end: list[float] = []
         self.steps = _Steps()
         self.ff_steps = 0
+        self.prefill_tokens = 0
         # A failed fast-forward attempt says when the next one could succeed.
         self._ff_retry_step = 0
         self._ff_retry_t = -math.inf
@@ -320,42 +357,67 @@ class _Loop:
         n = self.num_requests
         window = self.window
         t = float(arrivals[0]) if n else 0.0
+        # Async scheduling: the time up to which the next step's scheduling sees
+        # arrivals (the start of the step in flight; None: no step in flight).
+        async_ = self.async_scheduling
+        in_flight: float | None = None
         step = 0
         record = self.record
         cols = self.steps.cols
         step_end = self.step_end
         intake = self.intake
+        prefill_total = 0
+        arrived = 0  # arrivals up to t (t only grows: search near the last count, in cache)
         while t < window:
-            num_arrived = int(arrivals.searchsorted(t, "right"))
+            k = int(arrivals[arrived : arrived + 256].searchsorted(t, "right"))
+            arrived = arrived + k if k < 256 else int(arrivals.searchsorted(t, "right"))
+            num_arrived = arrived
+            seen = num_arrived if in_flight is None else int(arrivals.searchsorted(in_flight, "right"))
             if not sched.running:
-                if sched.waiting.peek(num_arrived, False) is None:
-                    # Idle: jump to the next arrival (none left: done).
-                    if num_arrived >= n:
-                        break
-                    t = float(arrivals[num_arrived])
-                    continue
+                if sched.waiting.peek(seen, False) is None:
+                    # Nothing to run until the step in flight is done (async): then
+                    # vLLM frees what it finished and takes in what arrived meanwhile.
+                    sched.release_pending()
+                    in_flight = None
+                    seen = num_arrived
+                    if sched.waiting.peek(num_arrived, False) is None:
+                        # Idle: jump to the next arrival (none left: done).
+                        if num_arrived >= n:
+                            break
+                        t = float(arrivals[num_arrived])
+                        continue
             elif fast_forward and not sched.prefilling and step >= self._ff_retry_step and t >= self._ff_retry_t:
-                k = self._fast_forward(step, t, num_arrived)
+                k = self._fast_forward(step, t, seen, in_flight)
                 if k:
                     step += k
                     t = step_end[-1]
+                    if async_:
+                        in_flight = self.t  # the start of the stretch's last step
                     continue
-            plan = sched.schedule(step, num_arrived)
-            dur = (
-                self.step_time(
-                    plan.prefill_tokens, plan.num_decodes, plan.context_tokens, plan.num_adapters, plan.rank_sum,
-                    len(plan.prefills),
-                )
-                + intake * (num_arrived - self.ingested)
-            ) + plan.adapter_load_s
+            plan = sched.schedule(step, seen)
+            busy = self.step_time(
+                plan.prefill_tokens, plan.num_decodes, plan.context_tokens, plan.num_adapters, plan.rank_sum,
+                len(plan.prefills),
+            )
+            work = intake * (num_arrived - self.ingested)
+            if in_flight is None:
+                dur = (busy + work) + plan.adapter_load_s
+            else:  # async: the intake runs while the step executes
+                busy += plan.adapter_load_s
+                dur = busy if busy >= work else work
             self.ingested = num_arrived
             t_next = t + dur
+            prefill_total += plan.prefill_tokens
             if record:
-                # The batch's adapters: before `update` lets finished requests go.
+                # What vLLM's step plugin reads right after schedule(), and the batch's
+                # adapters, before `update` lets finished requests go.
                 if plan.batch_adapters is not None:
                     cols["adapters_id"].append(self.steps.one_off_set(plan.batch_adapters))
                 else:
                     cols["adapters_id"].append(self.steps.adapters_id(sched.adapters_version, sched.running_adapters))
+                cols["num_running"].append(sched.num_seats)
+                cols["num_waiting"].append(sched.num_waiting(self._num_arrived_valid(seen)))
+                cols["kv_usage"].append(sched.used_blocks / sched.num_blocks)
             sched.update(step, plan)
             step_end.append(t_next)
             if self.check:
@@ -363,13 +425,10 @@ class _Loop:
             if record:
                 cols["t_s"].append(t)
                 cols["duration_s"].append(dur)
-                cols["num_running"].append(len(sched.running))
-                cols["num_waiting"].append(sched.num_waiting(self._num_arrived_valid(num_arrived)))
                 cols["prefill_reqs"].append(len(plan.prefills))
                 cols["prefill_tokens"].append(plan.prefill_tokens)
                 cols["decode_reqs"].append(plan.num_decodes)
                 cols["decode_tokens"].append(plan.num_decodes)
-                cols["kv_usage"].append(sched.used_blocks / sched.num_blocks)
                 cols["num_preempted"].append(plan.num_preempted)
                 cols["adapter_loads"].append(plan.adapter_loads)
                 cols["context_tokens"].append(plan.context_tokens)
@@ -379,78 +438,49 @@ class _Loop:
             if plan.num_scheduled == 0:
                 # Nothing could run (cannot happen with valid requests): avoid a spin.
                 raise AssertionError(f"twin: step {step} scheduled nothing with {len(sched.running)} running")
+            if async_:
+                in_flight = t
             step += 1
             t = t_next
         self.step = step
         self.t_end = t
+        self.prefill_tokens = prefill_total
 
-    def _admission_blocked_until(self, step: int, num_arrived: int) -> float | None:
-        """If no waiting request can be admitted at `step` nor at any later step of a
-        decode-only stretch that starts now, the earliest arrival time that could change
-        that (inf: none); None when a request is admissible now."""
-        sched = self.sched
-        if len(sched.running) >= sched.max_num_seqs:
-            return math.inf  # only a finish can free a seat
-        waiting = sched.waiting
-        running_adapters = sched.running_adapters
-        budget = sched.max_num_batched_tokens - sched.num_decoding
-        if budget <= 0:
-            return math.inf  # the decodes take the whole token budget
-        free = sched.num_blocks - sched.used_blocks - sched.block_phase[(-step) % sched.block_size]
-        loras_full = len(running_adapters) >= sched.max_loras
-        head = waiting.peek(num_arrived, loras_full)
-        if head is not None:
-            r = head[1]
-            need = cdiv(min(sched.prompt[r] + sched.gen[r], budget), sched.block_size)
-            # Free blocks only shrink during the stretch: blocked now, blocked then.
-            return math.inf if need > free else None
-        # Nothing admissible has arrived: the next arrival that would be admissible.
-        head = waiting.peek(self.num_requests + 1, loras_full)
-        return math.inf if head is None else float(self.arrival[head[1]])
-
-    def _fast_forward(self, step: int, t: float, num_arrived: int) -> int:
+    def _fast_forward(self, step: int, t: float, seen: int, in_flight: float | None) -> int:
         """Advance a decode-only stretch starting at `step` in one computation; returns
         the number of steps advanced (0: take a normal step)."""
         sched = self.sched
-        n_dec = sched.num_decoding
-        if n_dec != len(sched.running) or n_dec > sched.max_num_batched_tokens:
+        finish = sched.next_finish(step)
+        if finish is None or finish - step < 2:
+            # Nothing to gain before that finish (a cheap check: a saturated server
+            # finishes a request nearly every step).
+            self._ff_retry_step = step + 1 if finish is None else finish + 1
             return 0
-        # Next finish (skip stale heap entries).
-        heap = sched.finish_heap
-        while heap:
-            f, r = heap[0]
-            if r in sched.running and sched.in_decode[r] and sched.dbase[r] + sched.output[r] - 1 == f:
-                break
-            heapq.heappop(heap)
-        if not heap:
+        if not sched.decode_blocks_fit(step):
+            self._ff_retry_step = finish + 1  # full KV: only a finish frees blocks
             return 0
-        k = min(heap[0][0] - step, MAX_STRETCH)
-        if k < MIN_STRETCH:
-            self._ff_retry_step = heap[0][0] + 1  # nothing to gain before that finish
+        st = sched.decode_stretch(step, seen)
+        if st is None:
             return 0
-        until = self._admission_blocked_until(step, num_arrived)
-        if until is None:
-            return 0
+        k = min(st.next_finish - step, MAX_STRETCH)
+        if k <= SCALAR_STRETCH:
+            return self._stretch_scalar(st, step, t, k, in_flight)
+        n_dec, na, rs = st.num_decodes, st.num_adapters, st.rank_sum
         # Steps only get longer during a stretch (the context grows), so the first one
-        # bounds how many fit before `until` -- checked before any numpy work.
-        na, rs = len(sched.running_adapters), sched.running_rank_sum
-        limit = min(self.window, until)
-        d0 = self.step_time(0, n_dec, sched.decode_ctx_base + n_dec * step, na, rs)
-        if d0 > 0 and (limit - t) / d0 + 1 < MIN_STRETCH:
+        # bounds how many fit before the window or an admissible arrival -- checked
+        # before any numpy work. With async scheduling a step sees arrivals up to the
+        # previous step's start: one step more.
+        lag = 1 if self.async_scheduling else 0
+        limit = min(self.window, st.until_s)
+        d0 = self.step_time(0, n_dec, st.ctx_base + n_dec * step, na, rs)
+        if d0 > 0 and (limit - t) / d0 + 1 + lag < MIN_STRETCH:
             self._ff_retry_t = limit
             return 0
-        # KV blocks: decodes crossing a block boundary at each step of the stretch.
-        bs = sched.block_size
-        steps_idx = step + np.arange(k, dtype=np.int64)
-        phases = np.asarray(sched.block_phase, dtype=np.int64)
-        need = np.cumsum(phases[(-steps_idx) % bs])
-        free = sched.num_blocks - sched.used_blocks
-        k = min(k, int(np.searchsorted(need, free, side="right")))
+        k, need = sched.stretch_blocks(step, k)
         if k < MIN_STRETCH:
             return 0
-        steps_idx = steps_idx[:k]
-        need = need[:k]
-        ctx = sched.decode_ctx_base + n_dec * steps_idx
+        steps_idx = step + np.arange(k, dtype=np.int64)
+        ctx = st.ctx_base + n_dec * steps_idx
         dur = self.profile.step_time(
             np.zeros(k), np.full(k, float(n_dec)), ctx.astype(np.float64), np.full(k, float(na)), np.full(k, float(rs)), **self.kw
         )
@@ -460,20 +490,94 @@ class _Loop:
             k, dur, starts, ends = self._with_intake(dur, starts, ends)
             if k < MIN_STRETCH:
                 return 0
-            steps_idx, need, ctx = steps_idx[:k], need[:k], ctx[:k]
-        # Stop at the first step that starts at/after the window or an admissible arrival.
-        k = min(k, int(np.searchsorted(starts, limit, side="left")))
+            need, ctx = need[:k], ctx[:k]
+        # The time up to which each step's scheduling sees arrivals.
+        if self.async_scheduling:
+            prev = t if in_flight is None else in_flight
+            seen_s = np.concatenate([[prev], starts[:-1]])
+        else:
+            seen_s = starts
+        # Stop at the first step that starts at/after the window or sees an admissible arrival.
+        k = min(k, int(np.searchsorted(starts, self.window, side="left")), int(np.searchsorted(seen_s, st.until_s, side="left")))
         if k < MIN_STRETCH:
             return 0
-        sched.used_blocks += int(need[k - 1])
-        if self.intake:
-            self.ingested = int(self.arrival.searchsorted(starts[k - 1], "right"))
-        self.step_end.extend(ends[:k].tolist())
-        self.ff_steps += k
+        starts, dur, ends, need, ctx, seen_s = starts[:k], dur[:k], ends[:k], need[:k], ctx[:k], seen_s[:k]
         if self.record:
-            self._record_stretch(starts[:k], dur[:k], ctx[:k], need[:k], n_dec)
+            self._record_stretch(starts, dur, ctx, need, n_dec, seen_s)
+        sched.advance(st, need, seen_s)
+        if self.intake:
+            self.ingested = int(self.arrival.searchsorted(starts[-1], "right"))
+        self.step_end.extend(ends.tolist())
+        self.t = float(starts[-1])
+        self.ff_steps += k
         if self.check:
             # The scheduler's state after the stretch equals k plain decode steps.
+            sched.check_invariants(step + k - 1, _decode_plan(n_dec, na))
+        return k
+
+    def _stretch_scalar(self, st: Stretch, step: int, t: float, k: int, in_flight: float | None) -> int:
+        """A short decode-only stretch step by step in plain floats: no schedule/update
+        (the scheduler's `advance` commits it), no numpy set-up. Same operations in the
+        same order as the plain loop, so the same bits."""
+        sched = self.sched
+        bs, phase = sched.block_size, sched.block_phase
+        free = sched.num_blocks - sched.used_blocks
+        n_dec, na, rs, base = st.num_decodes, st.num_adapters, st.rank_sum, st.ctx_base
+        window, until = self.window, st.until_s
+        step_time, c, arrivals = self.step_time, self.intake, self.arrival
+        async_ = self.async_scheduling
+        overlap = in_flight is not None  # async: a step in flight to overlap the intake with
+        seen_t = t if in_flight is None else in_flight
+        ingested = self.ingested
+        starts: list[float] = []
+        durs: list[float] = []
+        needs: list[int] = []  # blocks allocated by the end of each step, cumulative
+        seens: list[float] = []
+        ctxs: list[int] = []
+        used = 0
+        t_cur = t
+        for s in range(step, step + k):
+            seen_at = seen_t if async_ else t_cur
+            if t_cur >= window or seen_at >= until:
+                break
+            nb = phase[(-s) % bs]
+            if used + nb > free:
+                break
+            ctx = base + n_dec * s
+            busy = step_time(0, n_dec, ctx, na, rs)
+            if c:
+                arrived = int(arrivals.searchsorted(t_cur, "right"))
+                work = c * (arrived - ingested)
+                ingested = arrived
+                if async_ and overlap:
+                    dur = busy if busy >= work else work
+                else:
+                    dur = busy + work
+            else:
+                dur = busy
+            used += nb
+            starts.append(t_cur)
+            durs.append(dur)
+            needs.append(used)
+            seens.append(seen_at)
+            ctxs.append(ctx)
+            seen_t = t_cur
+            overlap = True
+            t_cur = t_cur + dur
+        k = len(starts)
+        if k == 0:
+            return 0
+        if self.record:
+            self._record_stretch(np.asarray(starts), np.asarray(durs), np.asarray(ctxs), np.asarray(needs), n_dec,
+                                 np.asarray(seens))  # fmt: skip
+        sched.advance(st, needs, seens)
+        if c:
+            self.ingested = ingested
+        self.step_end.extend(starts[1:])
+        self.step_end.append(t_cur)
+        self.t = starts[-1]
+        self.ff_steps += k
+        if self.check:
             sched.check_invariants(step + k - 1, _decode_plan(n_dec, na))
         return k
 
@@ -481,9 +585,10 @@ class _Loop:
         self, base: np.ndarray, starts: np.ndarray, ends: np.ndarray
     ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
         """Step durations of a stretch with request intake: each step pays for the
-        arrivals since the previous step started, which depend on when the steps start.
-        Solved by fixed-point iteration from the intake-free schedule; arrival counts only
-        grow between iterations, and the steps are exact up to the first step whose count
+        arrivals since the previous step started, which depend on when the steps start
+        (added to the step, or overlapped with it under async scheduling). Solved by
+        fixed-point iteration from the intake-free schedule; arrival counts only grow
+        between iterations, and the steps are exact up to the first step whose count
         changed in the last iteration. Same float operations as the plain loop, so the
         result is bit-identical to it. Returns (exact steps, durations, starts, ends)."""
         arrival, c = self.arrival, self.intake
@@ -494,7 +599,7 @@ class _Loop:
             if prev is not None and (arrived == prev).all():
                 return len(base), dur, starts, ends
             taken = np.diff(arrived, prepend=self.ingested)
-            dur = base + c * taken
+            dur = np.maximum(base, c * taken) if self.async_scheduling else base + c * taken
             ends = np.cumsum(np.concatenate([[starts[0]], dur]))[1:]
             starts = np.concatenate([starts[:1], ends[:-1]])
             prev = arrived
@@ -504,14 +609,16 @@ class _Loop:
         k = len(base) if same.all() else int(np.argmin(same))
         return k, dur, starts, ends
 
-    def _record_stretch(self, starts: np.ndarray, dur: np.ndarray, ctx: np.ndarray, need: np.ndarray, n_dec: int) -> None:
+    def _record_stretch(
+        self, starts: np.ndarray, dur: np.ndarray, ctx: np.ndarray, need: np.ndarray, n_dec: int, seen_s: np.ndarray
+    ) -> None:
         sched = self.sched
         k = len(starts)
         cols = self.steps.cols
-        arrived = np.searchsorted(self.arrival, starts, side="right")
+        arrived = np.searchsorted(self.arrival, seen_s, side="right")
         arrived_valid = arrived if self.valid_prefix is None else self.valid_prefix[arrived]
         waiting = arrived_valid - sched.waiting.num_taken + sched.waiting.num_front
-        used_before = sched.used_blocks - int(need[-1])
+        used_before = sched.used_blocks
         cols["t_s"].extend(starts.tolist())
         cols["duration_s"].extend(dur.tolist())
         cols["num_running"].extend([n_dec] * k)
@@ -542,21 +649,23 @@ STATUS_LABELS = ["ok", "unfinished", "error"]
 
 
 def _strings(codes: np.ndarray, labels: list[str]) -> pa.Array:
-    """A string column from label codes, built from buffers (a million rows in ~20 ms;
-    through Python objects or a dictionary cast it takes 10x longer)."""
-    raw = [lab.encode() for lab in labels]
-    width = max(len(b) for b in raw)
-    table = np.zeros((len(raw), width), dtype=np.uint8)
-    for i, b in enumerate(raw):
-        table[i, : len(b)] = np.frombuffer(b, dtype=np.uint8)
-    lens = np.array([len(b) for b in raw], dtype=np.int64)[codes]
-    offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
-    data = table[codes][np.arange(width) < lens[:, None]]
-    return pa.StringArray.from_buffers(len(codes), pa.py_buffer(offsets), pa.py_buffer(data.tobytes()))
+    """A string column from label codes (a million rows in ~10 ms; one label: its buffers
+    directly, ten times less)."""
+    raw = labels[0].encode()
+    if len(labels) == 1 and len(codes) * len(raw) < 2**31:
+        offsets = np.arange(len(codes) + 1, dtype=np.int32) * len(raw)
+        return pa.StringArray.from_buffers(len(codes), pa.py_buffer(offsets), pa.py_buffer(raw * len(codes)))
+    return pa.array(labels, type=pa.string()).take(pa.array(codes.astype(np.int8)))
+
+
+def _sorted(col: pa.ChunkedArray) -> bool:
+    a = col.to_numpy()
+    return bool(a.size < 2 or (a[1:] >= a[:-1]).all())
 
 
 def _results(
-    trace: pl.DataFrame,
+    table: pa.Table,
+    arrival: np.ndarray,
     sched: Scheduler,
     loop: _Loop,
     valid: np.ndarray,
@@ -564,16 +673,17 @@ def _results(
     oom: bool,
     window: float,
     max_len: int,
-) -> pa.Table:
-    """The results table, built as numpy columns."""
-    n = trace.height
-    arrival = trace.get_column("arrival_s").cast(pl.Float64).to_numpy()
+) -> tuple[pa.Table, np.ndarray]:
+    """The results table (the trace's columns and the outcomes, built as numpy columns
+    with the results schema's types) and each request's status code (STATUS_LABELS)."""
+    n = table.num_rows
     step_end = np.asarray(loop.step_end + [np.nan], dtype=np.float64)  # index -1 -> nan
-    first_step = np.asarray(sched.first_token_step, dtype=np.int64)
-    end_step = np.asarray(sched.end_step, dtype=np.int64)
+    out = sched.columns()
+    first_step = out["first_token_step"].astype(np.int64)
+    end_step = out["end_step"].astype(np.int64)
     first = step_end[first_step]
     end = step_end[end_step]
-    gen = np.asarray(sched.gen, dtype=np.int64)
+    gen = out["gen"].copy()
     # Requests still decoding when the loop stopped: tokens generated by then.
     last = loop.step
     for r in sched.running:
@@ -597,9 +707,12 @@ def _results(
         tpot = np.where(ok & (gen > 1), (end - first) / (gen - 1), np.nan)
 
     def f64(x: np.ndarray) -> pa.Array:
-        return pa.array(x, type=pa.float64(), from_pandas=True)  # NaN -> null
+        # NaN -> null, with the validity bitmap packed by numpy (8x cheaper than a mask).
+        x = np.ascontiguousarray(x, dtype=np.float64)
+        valid = ~np.isnan(x)
+        bits = pa.py_buffer(np.packbits(valid, bitorder="little"))
+        return pa.Array.from_buffers(pa.float64(), len(x), [bits, pa.py_buffer(x)], null_count=len(x) - int(valid.sum()))
 
-    table = trace.to_arrow()
     extra = {
         "target": _strings(np.zeros(n, dtype=np.int64), ["twin"]),
         "status": _strings(status, STATUS_LABELS),
@@ -611,9 +724,13 @@ def _results(
         "e2e_s": f64(e2e),
         "tpot_s": f64(tpot),
         "error": error,
+        # vLLM's num_cached_tokens: the prefix-cache hit when first admitted (null: never admitted).
+        "cached_tokens": pa.array(out["cached_tokens"], mask=out["cached_tokens"] < 0),
     }
+    table = table.drop_columns([c for c in extra if c in table.column_names])
+    if pa.types.is_dictionary(table.schema.field("adapter").type):
+        i = table.schema.get_field_index("adapter")
+        table = table.set_column(i, "adapter", table.column("adapter").cast(pa.string()))
     for name, col in extra.items():
-        if name in table.column_names:
-            table = table.drop_columns([name])
         table = table.append_column(name, col)
-    return conform(table, "results", source="twin")
+    return conform(table, "results", source="twin"), status.astype(np.int8)

@@ -9,17 +9,16 @@ summaries are *linear* in the step-time coefficients:
     mean TTFT  = sum over steps of t(step) x (requests whose first token comes at or after it) / N
     mean ITL   = sum over steps of t(step) x (requests between first and last token) / gaps
 
-`schedule_closed_batch` replays vLLM V1's scheduler for such a batch (running requests
-first, then waiting ones FCFS; token budget with chunked prefill; `max_num_seqs`; KV
-blocks with preemption of the running queue's tail; at most `max_loras` distinct
-adapters per batch) and returns those three weighted feature sums, so that
-`twin.timing.fit_linear` can fit the coefficients to what the benchmark measured.
-Decode-only stretches are advanced in one computation.
+`schedule_closed_batch` replays such a batch through the twin's own scheduler
+(`twin.scheduler.Scheduler`, the one serving uses: the same KV blocks with vLLM's null
+block, preemption, `max_loras` rule and decode-only stretches) and returns those three
+weighted feature sums, so that `twin.timing.fit_linear` can fit the coefficients to what
+the benchmark measured. The paper's benchmark servers ran vLLM 0.8.5: no prefix caching
+(its prompts were random anyway), synchronous scheduling, admission on the first chunk.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,143 +75,53 @@ class Schedule:
 
 
 def schedule_closed_batch(mb: Microbench) -> Schedule:
-    """Replay vLLM V1's scheduling of `mb` (all requests arrive at t=0)."""
+    """Replay vLLM V1's scheduling of `mb` (all requests arrive at t=0) through the
+    twin's scheduler."""
+    from twin.scheduler import BASE, Scheduler
+
     n_req = mb.num_requests
-    bs = mb.block_size
-    prompt = np.full(n_req, mb.prompt_tokens, dtype=np.int64)
-    out_len = np.full(n_req, max(mb.output_tokens, 1), dtype=np.int64)
     if mb.num_adapters > 0:
         # The paper's client draws each request's adapter at random.
-        adapter = np.random.default_rng(mb.seed).integers(0, mb.num_adapters, n_req)
+        adapter = np.random.default_rng(mb.seed).integers(0, mb.num_adapters, n_req).astype(np.int64)
     else:
-        adapter = np.full(n_req, -1)
-    computed = np.zeros(n_req, dtype=np.int64)
-    generated = np.zeros(n_req, dtype=np.int64)
-    held = np.zeros(n_req, dtype=np.int64)
-    first = np.full(n_req, -1, dtype=np.int64)
-    last = np.full(n_req, -1, dtype=np.int64)
-    free_blocks = mb.kv_tokens // bs
-    running: list[int] = []
-    waiting: deque[int] = deque(range(n_req))
+        adapter = np.full(n_req, BASE, dtype=np.int64)
+    n_ad = max(mb.num_adapters, 0)
+    sched = Scheduler(
+        prompt=[mb.prompt_tokens] * n_req,
+        output=[max(mb.output_tokens, 1)] * n_req,
+        adapter_idx=adapter,
+        valid=np.ones(n_req, dtype=bool),
+        adapter_rank=[mb.adapter_rank] * n_ad,
+        adapter_load_s=[0.0] * n_ad,  # the fit sees loads through the features only
+        cpu_miss_factor=0.0,
+        max_loras=mb.max_loras,
+        max_cpu_loras=max(mb.max_loras, n_ad, 1),
+        max_num_seqs=mb.max_num_seqs,
+        max_num_batched_tokens=mb.max_num_batched_tokens,
+        block_size=mb.block_size,
+        num_blocks=mb.kv_tokens // mb.block_size - 1,  # vLLM's null block, as the engine
+    )
     # Segments of identical-shape steps:
     # (count, prefill, decode, ctx0, ctx_step, n_adapters, rank_sum, prefill_reqs)
     segs: list[tuple[int, int, int, int, int, int, int, int]] = []
     step = 0
-    preempted_total = 0
-    rank = mb.adapter_rank
-
-    def blocks_for(tokens: int) -> int:
-        return -(-tokens // bs)
-
-    while running or waiting:
-        # --- fast path: a decode-only stretch where nothing can join or finish ---------
-        if running and (not waiting or len(running) >= mb.max_num_seqs) and len(running) <= mb.max_num_batched_tokens:
-            ids = np.asarray(running)
-            todo = prompt[ids] + generated[ids] - computed[ids]
-            if np.all(todo == 1) and np.all(generated[ids] >= 1):
-                k = int(np.min(out_len[ids] - generated[ids])) - 1  # steps before the first finish
-                if k > 0:
-                    c0 = computed[ids]
-
-                    def need(j: int, c0: np.ndarray = c0, ids: np.ndarray = ids) -> int:
-                        return int(np.sum(-(-(c0 + j) // bs) - held[ids]))
-
-                    if need(k) > free_blocks:  # largest j that fits, by bisection
-                        lo, hi = 0, k
-                        while lo < hi:
-                            mid = (lo + hi + 1) // 2
-                            lo, hi = (mid, hi) if need(mid) <= free_blocks else (lo, mid - 1)
-                        k = lo
-                    if k > 0:
-                        new_held = -(-(c0 + k) // bs)
-                        free_blocks -= int(np.sum(new_held - held[ids]))
-                        held[ids] = new_held
-                        r = len(ids)
-                        ads = {int(a) for a in adapter[ids] if a >= 0}
-                        segs.append((k, 0, r, int(c0.sum()) + r, r, len(ads), rank * len(ads), 0))
-                        computed[ids] += k
-                        generated[ids] += k
-                        step += k
-                        continue
-        # --- one ordinary step ---------------------------------------------------------
-        budget = mb.max_num_batched_tokens
-        sched: list[tuple[int, int]] = []
-        sched_adapters: set[int] = set()
-        preempted = False
-        i = 0
-        while i < len(running) and budget > 0:
-            r = running[i]
-            n = int(min(prompt[r] + generated[r] - computed[r], budget))
-            extra = blocks_for(int(computed[r]) + n) - int(held[r])
-            victim = -1
-            while extra > free_blocks:
-                # Preempt by recompute from the tail of the running queue.
-                victim = running.pop()
-                free_blocks += int(held[victim])
-                held[victim] = 0
-                computed[victim] = 0
-                waiting.appendleft(victim)
-                preempted = True
-                preempted_total += 1
-                if victim == r:
-                    break
-            if victim == r:
-                break
-            free_blocks -= extra
-            held[r] += extra
-            sched.append((r, n))
-            if adapter[r] >= 0:
-                sched_adapters.add(int(adapter[r]))
-            budget -= n
-            i += 1
-        if not preempted:
-            skipped: list[int] = []
-            while waiting and budget > 0 and len(running) < mb.max_num_seqs:
-                r = waiting[0]
-                a = int(adapter[r])
-                if a >= 0 and a not in sched_adapters and len(sched_adapters) >= mb.max_loras:
-                    skipped.append(waiting.popleft())  # would exceed max_loras: skip it
-                    continue
-                n = int(min(prompt[r] + generated[r] - computed[r], budget))
-                extra = blocks_for(int(computed[r]) + n) - int(held[r])
-                if extra > free_blocks:
-                    break
-                waiting.popleft()
-                free_blocks -= extra
-                held[r] += extra
-                running.append(r)
-                sched.append((r, n))
-                if a >= 0:
-                    sched_adapters.add(a)
-                budget -= n
-            waiting.extendleft(reversed(skipped))
-        if not sched:
+    while sched.running or sched.waiting.peek(n_req, False) is not None:
+        st = sched.decode_stretch(step, n_req)
+        if st is not None and st.next_finish > step:
+            k, need = sched.stretch_blocks(step, st.next_finish - step)
+            if k > 0:
+                seen = np.zeros(k)
+                sched.advance(st, need, seen)
+                segs.append((k, 0, st.num_decodes, st.ctx_base + st.num_decodes * step, st.num_decodes,
+                             st.num_adapters, st.rank_sum, 0))
+                step += k
+                continue
+        plan = sched.schedule(step, n_req)
+        if plan.num_scheduled == 0:
             raise RuntimeError(f"{mb.name}: nothing schedulable (KV cache too small for one request?)")
-        p_tok = d_tok = ctx = n_pre = 0
-        finished: list[int] = []
-        for r, n in sched:
-            is_decode = generated[r] >= 1 and n == 1 and computed[r] >= prompt[r]
-            if is_decode:
-                d_tok += 1
-            else:
-                p_tok += n
-                n_pre += 1
-            computed[r] += n
-            ctx += int(computed[r])
-            if computed[r] == prompt[r] + generated[r]:
-                generated[r] += 1
-                if first[r] < 0:
-                    first[r] = step
-                if generated[r] >= out_len[r]:
-                    last[r] = step
-                    finished.append(r)
-        for r in finished:
-            free_blocks += int(held[r])
-            held[r] = 0
-        if finished:
-            done = set(finished)
-            running = [r for r in running if r not in done]
-        segs.append((1, p_tok, d_tok, ctx, 0, len(sched_adapters), rank * len(sched_adapters), n_pre))
+        segs.append((1, plan.prefill_tokens, plan.num_decodes, plan.context_tokens, 0,
+                     plan.num_adapters, plan.rank_sum, len(plan.prefills)))
+        sched.update(step, plan)
         step += 1
 
     seg = np.array(segs, dtype=np.int64)
@@ -231,7 +140,11 @@ def schedule_closed_batch(mb: Microbench) -> Schedule:
         prefill_reqs=seg[rep, 7],
     )
     assert x.shape[1] == len(FEATURES)
-    return Schedule(x=x, first_step=first, last_step=last, output_tokens=out_len, num_preempted=preempted_total)
+    return Schedule(
+        x=x, first_step=sched.columns()["first_token_step"].astype(np.int64),
+        last_step=sched.columns()["end_step"].astype(np.int64),
+        output_tokens=np.full(n_req, max(mb.output_tokens, 1), dtype=np.int64), num_preempted=sched.total_preemptions,
+    )  # fmt: skip
 
 
 def predict_metrics(mb: Microbench, coef: dict[str, float], sched: Schedule | None = None) -> dict[str, Any]:

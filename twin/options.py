@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import click
 import polars as pl
+import pyarrow as pa
 
 from tracekit.schema import TracekitError, adapter_ranks
 from twin.config import ServingConfig
@@ -52,17 +53,18 @@ def serving_options(help_prefix: str = "") -> Callable[[F], F]:
     return deco
 
 
-def trace_max_rank(trace: pl.DataFrame, context: Mapping[str, Any], default: int = 16) -> int:
+def trace_max_rank(trace: pl.DataFrame | pa.Table, context: Mapping[str, Any], default: int = 16) -> int:
     """The largest rank among the adapters the trace uses (vLLM's `--max-lora-rank` must
     be at least that), from the trace context's adapters; `default` when none is known."""
     ranks = adapter_ranks(context)
-    used = set(trace.get_column("adapter").drop_nulls().unique().to_list())
+    col = trace.get_column("adapter") if isinstance(trace, pl.DataFrame) else pl.from_arrow(trace.select(["adapter"]))["adapter"]  # type: ignore[index]
+    used = set(col.drop_nulls().unique().to_list())
     known = [r for name, r in ranks.items() if name in used]
     return max(known) if known else default
 
 
 def config_from_options(
-    profile: Any, trace: pl.DataFrame | None, context: Mapping[str, Any], options: Mapping[str, Any]
+    profile: Any, trace: pl.DataFrame | pa.Table | None, context: Mapping[str, Any], options: Mapping[str, Any]
 ) -> ServingConfig:
     """The ServingConfig for these flag values: unset ones from the profile's server,
     `max_lora_rank` from the trace. Bad values are one TracekitError line."""
@@ -74,3 +76,44 @@ def config_from_options(
     except (TypeError, ValueError) as e:
         raise TracekitError(f"bad serving configuration: {e}") from None
     return config.check()
+
+
+def describe_config(profile: Any, config: ServingConfig, options: Mapping[str, Any],
+                    kv_capacity_tokens: int | None) -> dict[str, Any]:
+    """The configuration a run used, every value resolved (defaults included), and where
+    each came from: what `twin run` and `replay run --target twin` print and write to
+    their results' context (`configuration`)."""
+    from twin.config import server_defaults
+
+    data = getattr(profile, "data", profile)
+    server = server_defaults(data if isinstance(data, Mapping) else {})
+    given = {k for k in SERVING_FLAG_NAMES if options.get(k) is not None}
+
+    def source(name: str) -> str:
+        if name in given:
+            return "flag"
+        if name == "max_loras":
+            return "vLLM's default"
+        if name == "max_cpu_loras":
+            return "= max_loras, vLLM's default"
+        if name == "max_lora_rank":
+            return "the trace's largest rank (16 if none known)"
+        if name == "kv_capacity_tokens":
+            return "the profile's memory model"
+        if name in ("max_num_seqs", "max_num_batched_tokens"):
+            return str(server.get("defaults_from") or "the profile's server")
+        return f"the profile's server (vLLM {server.get('vllm_version')})"
+
+    out: dict[str, Any] = {
+        "profile": getattr(profile, "name", str(profile)),
+        "max_loras": config.max_loras,
+        "max_cpu_loras": config.cpu_loras,
+        "max_lora_rank": config.max_lora_rank,
+        "max_num_seqs": config.max_num_seqs,
+        "max_num_batched_tokens": config.max_num_batched_tokens,
+        "kv_capacity_tokens": None if kv_capacity_tokens is None else int(kv_capacity_tokens),
+        "block_size": config.block_size,
+        "enable_prefix_caching": config.enable_prefix_caching,
+    }
+    out["from"] = {k: source(k) for k in out if k != "profile"}
+    return out

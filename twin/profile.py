@@ -193,58 +193,10 @@ def load_profile(name_or_path: str | os.PathLike[str] | Profile) -> Profile:
         raise TracekitError(f"{path}: not a valid profile JSON: {e}") from None
     if not isinstance(data, dict):
         raise TracekitError(f"{path}: not a valid profile JSON: expected an object at the top level")
-    return Profile.from_dict(data)
-
-
-def summary_line(prof: Profile) -> dict[str, str]:
-    """One-line facts about a profile, for `twin profiles`."""
-    d = prof.data
-    st = d.get("step_time", {})
-    err = st.get("fit_error", {})
-    fit = []
-    for key, label in (("mean_itl_s", "ITL"), ("duration_s", "duration"), ("held_out", "step")):
-        if isinstance(err.get(key), dict) and "mape_pct" in err[key]:
-            fit.append(f"{label} {err[key]['mape_pct']:.1f}%")
-    mem = d.get("memory", {})
-    kv = ""
     try:
-        kv = str(prof.kv_capacity_tokens(ServingConfig(max_loras=8, max_lora_rank=16, max_num_seqs=2048)))
-    except (KeyError, TypeError, ValueError):
-        kv = "?"
-    if mem.get("kind") == "fixed":
-        kv = f"{mem.get('kv_tokens')} (fixed)"
-    return {
-        "name": prof.name,
-        "model": str(d.get("model", {}).get("name", "?")),
-        "hardware": str(d.get("hardware", {}).get("gpu") or d.get("hardware", {}).get("device") or "?"),
-        "kv": kv,
-        "fit": ", ".join(fit) or "-",
-        "from": str(d.get("fitted_from", {}).get("kind", "?")),
-    }
-
-
-def _profiles() -> None:
-    """List the shipped profiles, one line each (KV tokens at max_loras=8, rank 16,
-    max_num_seqs 2048; fit error = leave-one-run-out or held-out-step MAPE)."""
-    from rich.table import Table
-
-    from tracekit.cliutil import console
-
-    t = Table(title=f"shipped profiles ({PROFILES_DIR})")
-    for col in ("name", "model", "hardware", "KV tokens", "fit error (MAPE)", "fitted from"):
-        t.add_column(col)
-    for name in shipped_profiles():
-        row = summary_line(load_profile(name))
-        t.add_row(row["name"], row["model"], row["hardware"], row["kv"], row["fit"], row["from"])
-    console.print(t)
-
-
-def _make_profiles_cmd():  # type: ignore[no-untyped-def]
-    import click
-
-    from tracekit.cliutil import user_errors
-
-    return click.command("profiles")(user_errors(_profiles))
-
-
-profiles_cmd = _make_profiles_cmd()
+        return Profile.from_dict(data)
+    except TracekitError as e:  # name the file: a user may hold several profiles
+        msg = str(e)
+        raise TracekitError(msg if msg.startswith(str(path)) else f"{path}: {msg.removeprefix('profile: ')}") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise TracekitError(f"{path}: not a valid profile: a section has the wrong shape ({type(e).__name__}: {e})") from None

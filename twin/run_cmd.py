@@ -3,73 +3,56 @@
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
 
 import click
-from rich.table import Table
+import polars as pl
 
 from tracekit.cliutil import console, user_errors
+from tracekit.metrics import per_adapter
 from tracekit.schema import (
     KIND_RESULTS,
     KIND_STEPS,
     TracekitError,
-    read_trace,
+    read,
+    read_trace_arrow,
     write,
 )
-from twin.options import config_from_options, serving_options
+from tracekit.summary import (
+    facts_table,
+    fmt,
+    per_adapter_table,
+    render_config,
+    render_head,
+    render_latency,
+    starving_reason,
+)
+from twin.config import TWIN_COUNTERS
+from twin.options import config_from_options, describe_config, serving_options
 
 
-def _fmt(v: Any, digits: int = 1) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "-"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, float):
-        return f"{v:,.{digits}f}"
-    if isinstance(v, int):
-        return f"{v:,}"
-    return str(v)
-
-
-def render(summary: dict[str, Any], title: str) -> None:
-    """The summary as `vllm bench serve` users read it, plus the twin's counters."""
-    if summary.get("oom"):
-        console.print(
-            f"[bold red]OOM[/]: the server would not start under this configuration "
-            f"({summary.get('oom_reason') or 'no room for the KV cache'}); "
-            f"all {summary['requests']:,} requests are unfinished"
-        )
-    t = Table(title=title, show_header=False)
-    t.add_column("metric")
-    t.add_column("value", justify="right")
-    rows = [
-        ("window (s)", _fmt(summary["window_s"])),
-        ("requests", _fmt(summary["requests"])),
-        ("completed", _fmt(summary["completed"])),
-        ("unfinished", _fmt(summary["unfinished"])),
-        ("rejected (too long)", _fmt(summary.get("rejected", 0))),
-        ("throughput (tok/s, in+out of completed)", _fmt(summary["throughput_tok_s"])),
-        ("offered (tok/s)", _fmt(summary["offered_tok_s"])),
-        ("served fraction", _fmt(summary["served_frac"], 3)),
-        ("starving (served < 90% of offered)", "[red]yes[/]" if summary["starved"] else "[green]no[/]"),
-        ("request throughput (req/s)", _fmt(summary["req_s"], 2)),
-        ("engine steps", _fmt(summary["steps"])),
-        ("preemptions", _fmt(summary["preemptions"])),
-        ("adapter loads", _fmt(summary["adapter_loads"])),
-        ("KV cache capacity (tokens)", _fmt(summary["kv_capacity_tokens"])),
-    ]
-    for name, value in rows:
-        t.add_row(name, value)
+def render(summary: dict[str, Any], title: str, context: dict[str, Any] | None = None,
+           per_adapter: list[dict[str, Any]] | None = None, show_all: bool = False) -> None:
+    """The summary as `vllm bench serve` users read it: the configuration it ran, counts
+    and verdict (with the limit a starving run hit), latency with its coverage, the twin's
+    counters and the busiest adapters."""
+    ctx = context or {}
+    cfg = ctx.get("configuration")
+    render_config(cfg, console)
+    render_head(summary, title, console, twin=summary, config=cfg)
+    render_latency(summary, console)
+    t = facts_table("the twin's engine")
+    for name, key in (("engine steps", "steps"), ("preemptions", "preemptions"), ("adapter loads", "adapter_loads"),
+                      ("KV cache capacity (tokens)", "kv_capacity_tokens"),
+                      ("prefill tokens computed", "prefill_tokens_computed")):
+        t.add_row(name, fmt(summary.get(key)))
+    if summary.get("cached_prompt_tokens") is not None:
+        t.add_row("prompt tokens from the prefix cache", fmt(summary["cached_prompt_tokens"]))
     console.print(t)
-    lat = Table(title="latency (ms)")
-    for c in ("metric", "mean", "p50", "p90", "p99"):
-        lat.add_column(c, justify="right" if c != "metric" else "left")
-    for key, label in (("ttft", "TTFT"), ("tpot", "TPOT"), ("itl", "ITL"), ("e2e", "E2E latency")):
-        lat.add_row(label, *(_fmt(summary.get(f"{p}_{key}_ms")) for p in ("mean", "p50", "p90", "p99")))
-    console.print(lat)
+    if per_adapter:
+        console.print(per_adapter_table(per_adapter, show_all=show_all, width=console.width))
 
 
 @click.command("run")
@@ -77,20 +60,28 @@ def render(summary: dict[str, Any], title: str) -> None:
 @click.option("--profile", "profile_name", required=True, help="Shipped profile name or profile JSON path.")
 @serving_options()
 @click.option("--window", "window", type=float, default=None,
-              help="Seconds simulated; unfinished requests then are `unfinished` [default: the trace's window_s, else until all finish].")
+              help="Cut the run at S seconds; requests still running then are `unfinished` "
+                   "[default: the trace's window, else run until every request finishes].")
+@click.option("--drain", is_flag=True, help="Never cut: simulate until every request finishes.")
 @click.option("--out", "out", type=click.Path(path_type=Path), required=True, help="Results Parquet file.")
 @click.option("--steps-out", type=click.Path(path_type=Path), default=None, help="Also write every engine step (steps Parquet).")
 @click.option("--no-fast-forward", is_flag=True, help="Plain step-by-step loop (same results, slower; for checks).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON instead of tables.")
+@click.option("--plots", "plots_dir", type=click.Path(path_type=Path), default=None,
+              help="Also write throughput.png, running.png and latency.png into DIR.")
+@click.option("--all", "show_all", is_flag=True, help="Every adapter in the per-adapter table (default: the top 20).")
 @user_errors
 def run_cmd(
     trace: Path,
     profile_name: str,
     window: float | None,
+    drain: bool,
     out: Path,
     steps_out: Path | None,
     no_fast_forward: bool,
     as_json: bool,
+    plots_dir: Path | None,
+    show_all: bool,
     **serving: Any,
 ) -> None:
     """Simulate vLLM serving TRACE with LoRA adapters; write per-request results."""
@@ -99,13 +90,17 @@ def run_cmd(
 
     started = time.perf_counter()
     profile = load_profile(profile_name)
-    df, meta = read_trace(trace)
-    if df.height == 0:
+    df, meta = read_trace_arrow(trace, dictionary=["adapter"])
+    if df.num_rows == 0:
         raise TracekitError(f"{trace}: the trace has no requests")
     if window is not None and not window > 0:
         raise TracekitError(f"--window must be positive, got {window}")
+    if drain and window is not None:
+        raise TracekitError("--drain never cuts the run: give --window or --drain, not both")
     config = config_from_options(profile, df, meta.context, serving)
     context = {k: v for k, v in meta.context.items() if k != "parts"}
+    if drain:  # the engine cuts at the trace's window unless it has none
+        context["trace_window_s"] = context.pop("window_s", None)
     res = simulate(
         df,
         profile,
@@ -116,15 +111,34 @@ def run_cmd(
         fast_forward=not no_fast_forward,
     )
     res.context["trace_path"] = str(trace)
+    # What ran, defaults included, and the twin's counters: a later `replay report` of
+    # these results says the same as this summary.
+    res.context["configuration"] = describe_config(profile, config, serving, res.summary.get("kv_capacity_tokens"))
+    res.context["twin"] = {k: v for k, v in res.summary.items() if k in TWIN_COUNTERS}
     write(out, res.results, KIND_RESULTS, res.context)
     if steps_out is not None and res.steps is not None:
         write(steps_out, res.steps, KIND_STEPS, res.context)
     res.summary["wall_s"] = time.perf_counter() - started
+    reason = starving_reason(res.summary, res.summary, res.context["configuration"])
+    if reason:
+        res.summary["starving_reason"] = reason
     if as_json:
-        click.echo(json.dumps(res.summary, indent=2, default=str))
-        return
-    render(res.summary, f"twin: {profile.name}, max_loras {config.max_loras}, max_cpu_loras {config.cpu_loras}, "
-                        f"max_lora_rank {config.max_lora_rank}")
-    console.print(f"wrote {out} ({res.results.num_rows:,} requests)"
-                  + (f" and {steps_out} ({res.steps.num_rows:,} steps)" if steps_out and res.steps is not None else "")
-                  + f" in {res.summary['wall_s']:.2f} s")
+        click.echo(json.dumps(dict(res.summary, configuration=res.context["configuration"]), indent=2, default=str))
+    else:
+        results_df: pl.DataFrame = pl.from_arrow(res.results.drop_columns(  # type: ignore[assignment]
+            [c for c in ("prompt_token_ids", "prefix_hashes", "itl_s") if c in res.results.column_names]))
+        rows = per_adapter(results_df, res.context).to_dicts()
+        render(res.summary, f"twin run: {profile.name}, window {res.summary['window_s']:,.1f} s", res.context,
+               rows, show_all)
+        console.print(f"wrote {out} ({res.results.num_rows:,} requests)"
+                      + (f" and {steps_out} ({res.steps.num_rows:,} steps)" if steps_out and res.steps is not None else "")
+                      + f" in {res.summary['wall_s']:.2f} s")
+    if plots_dir is not None:
+        from tracekit.plots import write_plots
+
+        df_all, _ = read(out, KIND_RESULTS)
+        try:
+            paths = write_plots([("twin", df_all, res.context)], plots_dir)
+        except OSError as e:
+            raise TracekitError(f"--plots {plots_dir}: cannot write: {e}") from None
+        click.echo("plots: " + ", ".join(str(p) for p in paths), err=as_json)

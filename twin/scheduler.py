@@ -1,6 +1,10 @@
 """The twin's scheduler: vLLM V1's `Scheduler.schedule()` decisions, with LoRA.
 
-Read it next to `vllm/v1/core/sched/scheduler.py`; the order of decisions is the same:
+One scheduler for everything that needs vLLM's decisions: serving (`twin.engine`), its
+fast-forward over decode-only stretches (`decode_stretch` / `advance`, which decide with
+the same admission rule as a normal step) and the step-time fitting from benchmark runs
+(`twin.microbench`). Read it next to `vllm/v1/core/sched/scheduler.py`; the order of
+decisions is the same:
 
 1. RUNNING requests first, in running order: each gets `min(tokens it still needs,
    token_budget)` (1 for a decode, a chunk for a prefill), while `token_budget > 0`.
@@ -11,10 +15,24 @@ Read it next to `vllm/v1/core/sched/scheduler.py`; the order of decisions is the
 2. Then, only if nothing was preempted this step, WAITING requests FCFS while
    `token_budget > 0` and `len(running) < max_num_seqs`: a request whose adapter would
    make more than `max_loras` distinct adapters is skipped (stays waiting, the scan
-   goes on); the first request whose blocks do not fit stops the scan.
+   goes on); the first request whose blocks do not fit stops the scan (`_admission`).
+   With prefix caching (`enable_prefix_caching`) a request first takes the longest
+   cached prefix of its prompt (`twin.kv_cache`); with `scheduler_reserve_full_isl` it
+   is admitted only if blocks for its whole prompt are free, not just its first chunk.
+   Which limit ended the scan while requests were left waiting is counted per step
+   (`admission_blocked`).
 3. Adapters of the batch must sit in GPU slots (`max_loras`, LRU); an adapter missing
    there is loaded from the CPU cache (`max_cpu_loras`, LRU), or from disk first when it
-   is not cached there either. Each load adds its time to the step.
+   is not cached there either. Each load adds its time to the step. The worker does this
+   in set order over the batch, so a new adapter can evict one of the same batch, which
+   is then loaded again (`AdapterSlots`).
+4. `update` is vLLM's `update_from_output`: tokens sampled, finished requests freed. With
+   `async_scheduling`, vLLM schedules step N+1 before step N's output is processed, so a
+   request finishing at step N keeps its blocks and its `max_num_seqs` seat through the
+   scheduling of step N+1 (`pending`, freed at the start of `update(N+1)`); a step that
+   could schedule nothing but for those is scheduled again once they are freed (vLLM
+   runs no batch for an empty schedule). The engine loop models the rest of async
+   scheduling (arrivals seen one step later, intake overlapped with execution).
 
 What is different, and why (speed: one simulated hour of a saturated server in seconds):
 
@@ -26,19 +44,21 @@ What is different, and why (speed: one simulated hour of a saturated server in s
   passed (a pointer into the arrival-sorted trace), so an arrival costs nothing.
 - A decoding request's progress is implicit: generated tokens = step - `dbase`. The
   number of decodes that cross a block boundary this step is a histogram lookup, the
-  context they hold a running sum, finishes a heap. Only requests that change phase
+  context they hold a running sum, finishes lists by step. Only requests that change phase
   (admitted, prefill done, finished, preempted) cost Python work. When the fast check
   (everything running fits the token budget and the free blocks) fails, vLLM's running
-  loop runs exactly: vectorised in numpy when only KV blocks bind (preemption from
-  the tail has a closed form, see `_schedule_running_vectorized`), else request by
-  request.
+  loop runs exactly: when only KV blocks bind and no block is shared, the preemptions
+  from the tail have a closed form found by walking back from the tail over the few
+  victims (`_preempt_for_blocks`); else request by request.
 - The `max_loras` check counts the adapters of every running request (vLLM counts those
-  scheduled this step; they differ only when the token budget cuts the running list).
-  This keeps vLLM's own assertion (never more than `max_loras` adapters in a batch) true.
+  scheduled this step). They differ only when the token budget cuts the running list,
+  and then the budget is spent, so no waiting request is looked at: the same admissions.
+- With async scheduling a request finished in the previous step is never chosen for
+  preemption (vLLM may pick it as the tail of `running` and free its blocks a step early).
 
-Not modelled (the paper's servers ran without them): prefix caching, speculative
-decoding, async scheduling, priority scheduling, long_prefill_token_threshold. KV
-capacity is the profile's, less vLLM's null block.
+Not modelled: speculative decoding, priority scheduling, long_prefill_token_threshold,
+the KV watermark (0 by default), KV connectors. KV capacity is the profile's, less vLLM's
+null block.
 
 Adapter-load cost (our choice, documented): `profile.adapter_load_s(rank, max_lora_rank)`
 is the CPU->GPU slot load the paper measured. An adapter also missing from the CPU cache
@@ -48,20 +68,39 @@ the slot load on top, so a full miss costs 3x a GPU-slot miss.
 
 from __future__ import annotations
 
+import bisect
 import heapq
+from array import array
 from collections import deque
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
+from twin.kv_cache import BlockPool, PrefixKeys
+
 BASE = -1  # adapter index of base-model requests (no LoRA)
 DEFAULT_CPU_MISS_FACTOR = 2.0
-# Below this many running requests the per-request loop is cheaper than numpy. Tests set
-# it very high to check that both ways give the same schedule.
-VECTORIZED_MIN_RUNNING = 8
+# From this many running requests up, a step where only KV blocks bind finds its
+# preemptions from the tail in closed form (`_preempt_for_blocks`) rather than by vLLM's
+# loop. Tests set it very high to check that both ways give the same schedule.
+FAST_PREEMPT_MIN_RUNNING = 8
+# The limits that can end the waiting scan with requests left waiting, in the order vLLM
+# checks them (the keys of summary["admission_blocked"]).
+BLOCK_REASONS = ("max_num_batched_tokens", "max_num_seqs", "kv_blocks", "max_loras")
+TOKENS, SEQS, KV, LORAS = range(4)
 
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def int_array(values: Sequence[int] | np.ndarray) -> array:
+    """Per-request integers as an `array.array`: built from numpy in one copy (a list of
+    a million ints costs ten times more), and read back as plain ints in the loop."""
+    if isinstance(values, np.ndarray):
+        return array("q", values.astype(np.int64, copy=False).tobytes())
+    return array("q", values)
 
 
 class WaitingQueue:
@@ -90,8 +129,8 @@ class WaitingQueue:
         order = idx[np.argsort(keys, kind="stable")]
         counts = np.bincount(queue_of[idx], minlength=self.num_queues)
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        # Request ids grouped by queue, in arrival order (numpy: no Python int per request).
-        self._reqs: np.ndarray = order
+        # Request ids grouped by queue, in arrival order (an array: no Python int per request).
+        self._reqs = int_array(order)
         self._head: list[int] = starts.tolist()
         self._end: list[int] = (starts + counts).tolist()
         self._front: list[deque[tuple[int, int]]] = [deque() for _ in range(self.num_queues)]
@@ -100,7 +139,7 @@ class WaitingQueue:
         self._heaps: tuple[list[tuple[int, int]], list[tuple[int, int]]] = ([], [])
         for q in range(self.num_queues):
             if counts[q] > 0:
-                self._heaps[self._admissible[q]].append((int(self._reqs[self._head[q]]), q))
+                self._heaps[self._admissible[q]].append((self._reqs[self._head[q]], q))
         for h in self._heaps:
             heapq.heapify(h)
         self._prepend_key = 0
@@ -113,7 +152,7 @@ class WaitingQueue:
         if front:
             return front[0][0]
         h = self._head[q]
-        return int(self._reqs[h]) if h < self._end[q] else None
+        return self._reqs[h] if h < self._end[q] else None
 
     def _top(self, which: bool) -> tuple[int, int] | None:
         heap = self._heaps[which]
@@ -126,7 +165,7 @@ class WaitingQueue:
                 head_key = front[0][0]
             else:
                 h = heads[q]
-                head_key = int(reqs[h]) if h < ends[q] else None
+                head_key = reqs[h] if h < ends[q] else None
             if admissible[q] is not which or key != head_key:
                 heapq.heappop(heap)  # stale entry
                 continue
@@ -167,9 +206,14 @@ class WaitingQueue:
         else:
             self._head[q] += 1
             self.num_taken += 1
-        key = self._head_key(q)
-        if key is not None:
-            heapq.heappush(self._heaps[self._admissible[q]], (key, q))
+        if front:
+            key = front[0][0]
+        else:
+            h = self._head[q]
+            if h >= self._end[q]:
+                return
+            key = self._reqs[h]
+        heapq.heappush(self._heaps[self._admissible[q]], (key, q))
 
     def prepend(self, q: int, req: int) -> None:
         """A preempted request goes back to the front of `waiting`."""
@@ -182,47 +226,177 @@ class WaitingQueue:
     def next_key(self, q: int) -> int | None:
         return self._head_key(q)
 
+    def first_key(self) -> int | None:
+        """Key of the first request in FCFS order, admissible or not, arrived or not
+        (negative: a preempted one); None when no request is left to wait."""
+        keys = [top[0] for top in (self._top(True), self._top(False)) if top is not None]
+        return min(keys) if keys else None
+
+
+def set_order_key(a: int) -> int:
+    """A fixed pseudo-random 64-bit key per adapter index (splitmix64): the twin's stand-in
+    for the order in which Python iterates vLLM's set of `LoRARequest`s, which hash by
+    adapter name (randomised per process), so one more than another at random and the
+    same way from one step to the next."""
+    z = (a + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return z ^ (z >> 31)
+
+
+_NEVER = -(1 << 62)  # last use of an adapter never used nor registered
+
 
 class AdapterSlots:
     """GPU adapter slots (`max_loras`) and the CPU adapter cache (`max_cpu_loras`), both
-    LRU as in vLLM's `LRUCacheLoRAModelManager`.
+    LRU, driven as vLLM's worker drives them (`LRUCacheWorkerLoRAManager._apply_adapters`,
+    the same in the paper's vLLM 0.8.5 and in 0.32).
 
-    An adapter with running requests is touched every step, so it is never the least
-    recently used; its last use is recorded when its last running request leaves.
-    Ties (adapters last used in the same step) go to the lower adapter index, so the
-    result does not depend on set iteration order."""
+    Every step the worker walks the batch's adapters in the iteration order of a Python
+    set (`set_order_key`) and, for each: reads it from disk into the CPU cache if missing
+    there (evicting the CPU cache's least recently used adapter, which also leaves its GPU
+    slot), then activates it in a GPU slot if missing there (evicting the least recently
+    used *active* adapter), and touches it in both caches. An adapter of this batch that
+    comes later in that order has not been touched yet this step, so it can be the least
+    recently used one: it is evicted, and loaded again when the walk reaches it. With the
+    batch holding all `max_loras` adapters, one new adapter costs on average about
+    1 + max_loras / 6 slot loads, not one (checked against a real vLLM server in
+    tests/test_twin_adapter_order_vllm.py).
 
-    def __init__(self, max_loras: int, max_cpu_loras: int):
+    The LRU order is kept implicitly: an adapter in the batch was touched at the previous
+    step and is touched again at this one, in set order; `last_used[a]` is the last step
+    an adapter *not* in the batch was in one (the scheduler writes it when the adapter's
+    last running request leaves). So the order is (step of last use, set order key), and
+    the walk costs nothing in a step where no adapter joins the batch.
+
+    `order`: a key per adapter index in place of `set_order_key` (tests: a real server's
+    set order)."""
+
+    def __init__(self, max_loras: int, max_cpu_loras: int, order: Sequence[int] | None = None):
         self.max_loras = max_loras
         self.max_cpu_loras = max_cpu_loras
         self.gpu: dict[int, None] = {}
         self.cpu: dict[int, None] = {}
         self.last_used: dict[int, int] = {}
+        self._order = order
+        self._keys: dict[int, int] = {}
 
-    def _evict(self, cache: dict[int, None], in_use: dict[int, int]) -> int:
-        victim = min(
-            (a for a in cache if a not in in_use), key=lambda a: (self.last_used.get(a, -1), a)
-        )
-        del cache[victim]
-        return victim
+    def key(self, a: int) -> int:
+        if self._order is not None:
+            return int(self._order[a])
+        k = self._keys.get(a)
+        if k is None:
+            k = self._keys[a] = set_order_key(a)
+        return k
 
-    def activate(self, a: int, in_use: dict[int, int]) -> int:
-        """Make adapter `a` resident in a GPU slot. Returns 0 (hit), 1 (GPU-slot miss,
-        CPU hit) or 2 (miss in both). `in_use`: adapters with running requests."""
-        if a in self.gpu:
-            return 0
-        miss = 1
-        if a not in self.cpu:
-            miss = 2
-            if len(self.cpu) >= self.max_cpu_loras:
-                gone = self._evict(self.cpu, in_use)
-                # vLLM's remove_adapter also deactivates it from its GPU slot.
-                self.gpu.pop(gone, None)
-            self.cpu[a] = None
-        if len(self.gpu) >= self.max_loras:
-            self._evict(self.gpu, in_use)
-        self.gpu[a] = None
-        return miss
+    def preload(self, adapters: Sequence[int]) -> None:
+        """Adapters registered while no step runs, in this order (`/v1/load_lora_adapter`,
+        `--lora-modules` at start-up): vLLM's `add_adapter` reads each into the CPU cache
+        and activates it in a GPU slot, each evicting the least recently used one, so the
+        last `max_cpu_loras` / `max_loras` of them stay, the first registered oldest."""
+        n = len(adapters)
+        for i, a in enumerate(adapters):
+            for cache, size in ((self.cpu, self.max_cpu_loras), (self.gpu, self.max_loras)):
+                if a not in cache:
+                    if len(cache) >= size:
+                        victim = min(cache, key=lambda x: (self.last_used.get(x, _NEVER), self.key(x), x))
+                        del cache[victim]
+                        if cache is self.cpu:
+                            self.gpu.pop(victim, None)
+                    cache[a] = None
+            self.last_used[a] = i - n - 1  # before step 0, in registration order
+
+    def activate(self, batch: Collection[int], joined: Sequence[int], step: int) -> list[tuple[int, int]]:
+        """vLLM's worker for the batch of `step`: every adapter of `batch` ends up in a GPU
+        slot. `joined`: the adapters of `batch` that were not in the batch of `step - 1`
+        (the others were, and sit in GPU slots). Returns the loads in the order the worker
+        does them: (adapter, 1) for a CPU -> GPU slot load, (adapter, 2) when it was read
+        from disk first. An adapter may appear after a new one: evicted by it and loaded
+        again in the same step."""
+        gpu, cpu, key = self.gpu, self.cpu, self.key
+        pending = [(key(a), a) for a in joined if a not in gpu]
+        if not pending:
+            return []  # hits only: the walk just touches them (implicit)
+        heapq.heapify(pending)
+        # The eviction order, built at the first eviction: adapters of the previous batch
+        # (touched at step - 1) by set order; every other one by (last use, set order).
+        ev: _Evictions | None = None
+        loads: list[tuple[int, int]] = []
+        while pending:
+            here = heapq.heappop(pending)
+            a = here[1]
+            if a in gpu:
+                continue  # pushed twice (a joined adapter also evicted): loaded already
+            miss = 1
+            if a not in cpu:
+                miss = 2
+                if len(cpu) >= self.max_cpu_loras:
+                    if ev is None:
+                        ev = _Evictions(self, batch, joined, step)
+                    victim = ev.pop(cpu, here)
+                    del cpu[victim]
+                    gpu.pop(victim, None)  # vLLM's remove_adapter deactivates it too
+                    if victim in batch:
+                        heapq.heappush(pending, (key(victim), victim))
+                cpu[a] = None
+            if len(gpu) >= self.max_loras:
+                if ev is None:
+                    ev = _Evictions(self, batch, joined, step)
+                victim = ev.pop(gpu, here)
+                del gpu[victim]
+                if victim in batch:
+                    heapq.heappush(pending, (key(victim), victim))
+            gpu[a] = None
+            loads.append((a, miss))
+        return loads
+
+
+class _Evictions:
+    """The least recently used adapter of a cache while `AdapterSlots.activate` walks a
+    batch, in O(log n) per eviction: the walk is at set order position `here`; adapters
+    of the batch before it are touched (most recent: never evicted), the previous batch's
+    adapters after it were last touched at step - 1, in set order, and every other one at
+    `last_used`. Each list is built at its cache's first eviction and consumed from the
+    front, since `here` only grows (adapters added to a cache meanwhile are touched ones)."""
+
+    def __init__(self, slots: AdapterSlots, batch: Collection[int], joined: Sequence[int], step: int):
+        self.slots = slots
+        self.batch = batch
+        joined_set = set(joined)
+        self.before_set = {a for a in batch if a not in joined_set}
+        key = slots.key
+        self.before = sorted((key(a), a) for a in self.before_set)
+        self.prev = step - 1
+        # Per cache (keyed by id): [the others by (last use, key), position in them,
+        # position in `before`].
+        self.state: dict[int, list] = {}  # type: ignore[type-arg]
+
+    def pop(self, cache: dict[int, None], here: tuple[int, int]) -> int:
+        """The adapter to evict from `cache` (the caller deletes it)."""
+        st = self.state.get(id(cache))
+        if st is None:
+            key, last, before = self.slots.key, self.slots.last_used, self.before_set
+            others = sorted((last.get(a, _NEVER), key(a), a) for a in cache if a not in before)
+            st = self.state[id(cache)] = [others, 0, 0]
+        others, i, j = st
+        batch = self.batch
+        # Skip what left the cache, and adapters of this batch the walk already touched.
+        while i < len(others) and (
+            others[i][2] not in cache or (others[i][2] in batch and (others[i][1], others[i][2]) <= here)
+        ):
+            i += 1
+        before = self.before
+        j = max(j, bisect.bisect_right(before, here))
+        while j < len(before) and before[j][1] not in cache:
+            j += 1
+        cand_other = others[i] if i < len(others) else None
+        cand_before = before[j] if j < len(before) else None
+        if cand_before is not None and (cand_other is None or (self.prev, *cand_before) < cand_other):
+            st[1], st[2] = i, j + 1
+            return cand_before[1]
+        assert cand_other is not None, "no adapter to evict (more adapters in the batch than slots)"
+        st[1], st[2] = i + 1, j
+        return cand_other[2]
 
 
 class StepPlan:
@@ -240,14 +414,16 @@ class StepPlan:
         "adapter_loads",
         "adapter_load_s",
         "loaded",
+        "joined",
         "batch_adapters",
+        "blocked",
     )
 
     def __init__(self) -> None:
-        self.prefills: list[tuple[int, int]] = []  # (request, tokens scheduled)
+        self.prefills: list[tuple[int, int]] = []  # (request, tokens computed this step)
         self.num_decodes = 0
         self.unscheduled_decodes = 0
-        self.prefill_tokens = 0
+        self.prefill_tokens = 0  # prompt tokens computed (a prefix-cache hit is not)
         self.context_tokens = 0
         self.num_adapters = 0
         self.rank_sum = 0
@@ -255,12 +431,29 @@ class StepPlan:
         self.adapter_loads = 0
         self.adapter_load_s = 0.0
         self.loaded: list[int] = []
+        self.joined: list[int] = []  # adapters whose first running request came in this step
         # Distinct adapters of the batch when it is not all of `running` (slow path).
         self.batch_adapters: tuple[int, ...] | None = None
+        self.blocked: int | None = None  # the limit that ended the waiting scan (BLOCK_REASONS)
 
     @property
     def num_scheduled(self) -> int:
         return len(self.prefills) + self.num_decodes
+
+
+@dataclass
+class Stretch:
+    """A decode-only stretch that may start at `step` (`Scheduler.decode_stretch`):
+    every running request decodes, none finishes before `next_finish`, and no waiting
+    request can be admitted while no arrival reaches `until_s`."""
+
+    next_finish: int  # the step at which the first running request finishes
+    until_s: float  # the earliest arrival that could let a waiting request in (inf: none)
+    num_decodes: int
+    ctx_base: int  # context tokens of step s: ctx_base + num_decodes * s
+    num_adapters: int
+    rank_sum: int
+    blocked: int | None  # the limit that keeps waiting requests out (BLOCK_REASONS)
 
 
 class Scheduler:
@@ -269,13 +462,16 @@ class Scheduler:
     Request state (lists indexed by request, arrival order): `gen` tokens generated so
     far (for requests in prefill; decoding ones derive it from `dbase`), `computed`
     (num_computed_tokens of a request in prefill), `dbase` (a decoding request has
-    generated `step - dbase` tokens at the start of `step`)."""
+    generated `step - dbase` tokens at the start of `step`).
+
+    `schedule(step, num_arrived)`: `num_arrived` is how many requests (arrival order)
+    this step's scheduling sees; `arrival` their times (for `decode_stretch`)."""
 
     def __init__(
         self,
         *,
-        prompt: list[int],
-        output: list[int],
+        prompt: Sequence[int] | np.ndarray,
+        output: Sequence[int] | np.ndarray,
         adapter_idx: np.ndarray,
         valid: np.ndarray,
         adapter_rank: list[int],
@@ -287,11 +483,17 @@ class Scheduler:
         max_num_batched_tokens: int,
         block_size: int,
         num_blocks: int,
+        arrival: np.ndarray | None = None,
+        enable_prefix_caching: bool = False,
+        scheduler_reserve_full_isl: bool = False,
+        async_scheduling: bool = False,
+        prefix: PrefixKeys | None = None,
     ):
         n = len(prompt)
-        self.prompt = prompt
-        self.output = output
-        self.adapter: list[int] = adapter_idx.tolist()
+        self.prompt = int_array(prompt)
+        self.output = int_array(output)
+        self.arrival = np.zeros(n) if arrival is None else arrival
+        self.adapter = int_array(adapter_idx)
         self.num_adapters = len(adapter_rank)
         self.adapter_rank = adapter_rank
         self.adapter_load_cost = adapter_load_s
@@ -301,21 +503,26 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.used_blocks = 0
+        self.used_blocks = 0  # blocks some request holds (vLLM: not in the free queue)
+        self.reserve_full_isl = scheduler_reserve_full_isl
+        self.async_scheduling = async_scheduling
 
-        self.gen = [0] * n
-        self.computed = [0] * n
-        self.dbase = [0] * n
-        self.in_decode = [False] * n
-        # numpy copies of in_decode and prompt - dbase, for the vectorised running loop.
-        self._dec_np = np.zeros(n, dtype=bool)
-        self._pmd_np = np.zeros(n, dtype=np.int64)
-        # Step whose end produced the first token / the last one (-1: not yet); numpy,
-        # written once per request, read as whole columns for the results.
-        self.first_token_step = np.full(n, -1, dtype=np.int64)
-        self.end_step = np.full(n, -1, dtype=np.int64)
+        zeros = bytes(8 * n)
+        self.gen = array("q", zeros)
+        self.computed = array("q", zeros)
+        self.dbase = array("q", zeros)
+        self.in_decode = bytearray(n)  # 0/1
+        # Step whose end produced the first token / the last one (-1: not yet), written
+        # once per request, read as whole columns for the results (`columns`).
+        unset = array("i", [-1]) * n
+        self.first_token_step = unset
+        self.end_step = array("i", unset)
+        # vLLM's num_cached_tokens: the prefix-cache hit at the first admission (-1: never admitted).
+        self.cached_tokens = array("i", unset)
 
         self.waiting = WaitingQueue(adapter_idx, valid, self.num_adapters)
+        # Valid requests among the first k (None: all are): how many have arrived.
+        self._valid_upto = None if valid.all() else int_array(np.concatenate([[0], np.cumsum(valid)]))
         self.running: dict[int, None] = {}  # running order = admission order
         self.prefilling: dict[int, None] = {}  # running requests still in prefill, same order
         self.num_decoding = 0
@@ -325,19 +532,39 @@ class Scheduler:
         # sum(prompt - dbase) over decoding requests: their context at `step` is that
         # sum + num_decoding * step.
         self.decode_ctx_base = 0
-        self.finish_heap: list[tuple[int, int]] = []  # (finish step, request)
+        # Decoding requests by the step at which they finish (stale entries are skipped
+        # when read), and a heap of those steps (for the next finish of a stretch).
+        self.finish_at: dict[int, list[int]] = {}
+        self.finish_steps: list[int] = []
         # Adapters of running requests -> how many (BASE excluded), and their rank sum.
         self.running_adapters: dict[int, int] = {}
         self.running_rank_sum = 0
         self.adapters_version = 0  # bumped whenever the running adapter set changes
         self.slots = AdapterSlots(max_loras, max_cpu_loras)
+        # Async scheduling: (request, computed tokens) finished last step, blocks and seat
+        # not yet given back.
+        self.pending: list[tuple[int, int]] = []
+
+        # Prefix caching: the block pool and, per request holding blocks, the cached units
+        # it holds (path order), their blocks, how many of its prompt's units it has
+        # allocated, its keys, and its resumable run after a preemption.
+        self.pool: BlockPool | None = None
+        self.prefix = prefix
+        if enable_prefix_caching:
+            self.pool = BlockPool(num_blocks, self.num_adapters + 1)
+            self.held_units: dict[int, list[int]] = {}
+            self.held_w: dict[int, int] = {}
+            self.kpos: dict[int, int] = {}
+            self._keys: dict[int, tuple[list[int], list[int]]] = {}
+            self.run_of: dict[int, int] = {}
 
         # (arrived, waiting.version, loras full) when the waiting scan last found nothing.
         self._no_waiting: tuple[int, int, bool] | None = None
         self.total_preemptions = 0
         self.total_adapter_loads = 0
         self.total_adapter_load_s = 0.0
-        self.finished_steps: list[tuple[int, int]] = []  # (request, step) finished last update
+        self.admission_blocked = [0] * len(BLOCK_REASONS)  # steps per limit (BLOCK_REASONS)
+        self.cached_tokens_total = 0  # prompt tokens taken from the prefix cache, all admissions
 
     # --- helpers ------------------------------------------------------------------------
     def num_computed(self, r: int, step: int) -> int:
@@ -351,6 +578,35 @@ class Scheduler:
     def num_waiting(self, num_arrived_valid: int) -> int:
         return num_arrived_valid - self.waiting.num_taken + self.waiting.num_front
 
+    def columns(self) -> dict[str, np.ndarray]:
+        """Per-request outcomes as numpy columns (views): first_token_step, end_step
+        (-1: not reached), generated tokens of requests no longer decoding, cached_tokens
+        (-1: never admitted)."""
+        return {
+            "first_token_step": np.frombuffer(self.first_token_step, dtype=np.int32),
+            "end_step": np.frombuffer(self.end_step, dtype=np.int32),
+            "gen": np.frombuffer(self.gen, dtype=np.int64),
+            "cached_tokens": np.frombuffer(self.cached_tokens, dtype=np.int32),
+        }
+
+    @property
+    def num_seats(self) -> int:
+        """Requests that hold a `max_num_seqs` seat (vLLM's len(running))."""
+        return len(self.running) + len(self.pending)
+
+    def summary(self) -> dict[str, object]:
+        out: dict[str, object] = {
+            "admission_blocked": dict(zip(BLOCK_REASONS, self.admission_blocked, strict=True)),
+        }
+        if self.pool is not None:
+            out["cached_prompt_tokens"] = self.cached_tokens_total
+            out["evicted_cached_units"] = self.pool.evicted_units
+        return out
+
+    def _queue(self, r: int) -> int:
+        a = self.adapter[r]
+        return a if a != BASE else self.num_adapters
+
     def _add_running_adapter(self, a: int, step: int, plan: StepPlan) -> None:
         if a == BASE:
             return
@@ -360,12 +616,16 @@ class Scheduler:
             self.waiting.set_running(a, True)
             self.running_rank_sum += self.adapter_rank[a]
             self.adapters_version += 1
-            miss = self.slots.activate(a, self.running_adapters)
-            if miss:
-                cost = self.adapter_load_cost[a] * (1.0 if miss == 1 else 1.0 + self.cpu_miss_factor)
-                plan.adapter_loads += 1
-                plan.adapter_load_s += cost
-                plan.loaded.append(a)
+            plan.joined.append(a)  # slots and loads once the batch is known (`_load_adapters`)
+
+    def _load_adapters(self, step: int, plan: StepPlan) -> None:
+        """vLLM's worker puts the batch's adapters in GPU slots (`AdapterSlots.activate`);
+        each load adds its time to the step."""
+        for a, miss in self.slots.activate(self.running_adapters, plan.joined, step):
+            cost = self.adapter_load_cost[a] * (1.0 if miss == 1 else 1.0 + self.cpu_miss_factor)
+            plan.adapter_loads += 1
+            plan.adapter_load_s += cost
+            plan.loaded.append(a)
 
     def _remove_running_adapter(self, a: int, step: int) -> None:
         if a == BASE:
@@ -385,12 +645,18 @@ class Scheduler:
         self.in_decode[r] = True
         dbase = step - self.gen[r]
         self.dbase[r] = dbase
-        self._dec_np[r] = True
-        self._pmd_np[r] = self.prompt[r] - dbase
         self.block_phase[(self.prompt[r] - 1 - dbase) % self.block_size] += 1
         self.decode_ctx_base += self.prompt[r] - dbase
         self.num_decoding += 1
-        heapq.heappush(self.finish_heap, (dbase + self.output[r] - 1, r))
+        self._finishes_at(dbase + self.output[r] - 1, r)
+
+    def _finishes_at(self, f: int, r: int) -> None:
+        bucket = self.finish_at.get(f)
+        if bucket is None:
+            self.finish_at[f] = [r]
+            heapq.heappush(self.finish_steps, f)
+        else:
+            bucket.append(r)
 
     def _stop_decode(self, r: int, step: int) -> None:
         """Leave decode state; `gen` holds the tokens generated by the start of `step`."""
@@ -400,7 +666,6 @@ class Scheduler:
         self.decode_ctx_base -= self.prompt[r] - dbase
         self.num_decoding -= 1
         self.in_decode[r] = False
-        self._dec_np[r] = False
 
     def _shift_decode(self, r: int) -> None:
         """A decoding request not scheduled this step: it does not advance."""
@@ -409,27 +674,191 @@ class Scheduler:
         self.block_phase[(self.prompt[r] - 2 - dbase) % self.block_size] += 1
         self.decode_ctx_base -= 1
         self.dbase[r] = dbase + 1
-        self._pmd_np[r] -= 1
-        heapq.heappush(self.finish_heap, (dbase + self.output[r], r))
+        self._finishes_at(dbase + self.output[r], r)
+
+    # --- KV blocks ----------------------------------------------------------------------
+    def _allocate(self, n: int) -> None:
+        """Take `n` free blocks (the caller checked that they are free)."""
+        self.used_blocks += n
+        if self.pool is not None:
+            self.pool.take(n)
+
+    def _cache_units(self, r: int, full_blocks: int) -> None:
+        """vLLM caches a request's blocks as soon as a scheduled chunk will fill them:
+        register the prompt's units that end within `full_blocks` full blocks. A unit
+        some other request cached first stays that request's; this one's copy is its own."""
+        pool = self.pool
+        assert pool is not None
+        keys, ends = self._keys[r]
+        k = self.kpos[r]
+        if k >= len(keys) or ends[k] > full_blocks:
+            return
+        q = self._queue(r)
+        cached = pool.cached[q]
+        held = self.held_units[r]
+        while k < len(keys) and ends[k] <= full_blocks:
+            key = keys[k]
+            if key not in cached:
+                width = ends[k] - (ends[k - 1] if k else 0)
+                held.append(pool.register(q, key, width))
+                self.held_w[r] += width
+            k += 1
+        self.kpos[r] = k
+
+    def _free_blocks(self, r: int, computed: int, resumable: bool) -> int:
+        """Give back request `r`'s blocks (it holds cdiv(computed, block_size)); returns
+        the blocks that became free (with prefix caching, shared ones stay held). vLLM
+        frees tail first: the partial last block (no hash) is reused first; full blocks
+        stay cached in the free queue, deepest first; after a preemption the request may
+        hit its own blocks past its prompt's units again when it resumes."""
+        bs = self.block_size
+        total = cdiv(computed, bs)
+        pool = self.pool
+        if pool is None:
+            self.used_blocks -= total
+            return total
+        full = computed // bs
+        pool.free_plain += total - full
+        keys, ends = self._keys[r]
+        own = full - self.held_w[r]  # full blocks no other request can hit
+        if own > 0:
+            beyond = full - (ends[-1] if keys else 0) if resumable and self.kpos[r] == len(keys) else 0
+            if beyond > 0:
+                self.run_of[r] = pool.add_run(beyond, owner=r)
+            if own > beyond:
+                pool.add_run(own - beyond)
+        freed = total - self.held_w[r]
+        for uid in reversed(self.held_units[r]):
+            freed += pool.release(uid)
+        self.used_blocks -= freed
+        self.held_units[r] = []
+        self.held_w[r] = 0
+        self.kpos[r] = 0
+        if not resumable:
+            del self._keys[r], self.held_units[r], self.held_w[r], self.kpos[r]
+        return freed
+
+    def release_pending(self) -> None:
+        """Async scheduling: give back the blocks and seats of last step's finished
+        requests (vLLM's update of the step in flight)."""
+        for r, computed in self.pending:
+            self._free_blocks(r, computed, False)
+        self.pending.clear()
 
     def _preempt(self, r: int, step: int) -> int:
         """Preempt by recompute; returns the blocks freed."""
         del self.running[r]
-        freed = cdiv(self.num_computed(r, step), self.block_size)
+        freed = self._free_blocks(r, self.num_computed(r, step), True)
         if self.in_decode[r]:
             self._stop_decode(r, step)
         else:
             del self.prefilling[r]
         self.computed[r] = 0
-        self.used_blocks -= freed
-        self._remove_running_adapter(self.adapter[r], step)
-        q = self.adapter[r] if self.adapter[r] != BASE else self.num_adapters
-        self.waiting.prepend(q, r)
+        # Not in this step's batch: its adapter was last used by the previous one.
+        self._remove_running_adapter(self.adapter[r], step - 1)
+        self.waiting.prepend(self._queue(r), r)
         self.total_preemptions += 1
         return freed
 
+    # --- admission ----------------------------------------------------------------------
+    def _admission(self, r: int, token_budget: int, free_blocks: int) -> tuple[int, int, Sequence[int], int, int] | None:
+        """vLLM's check for admitting waiting request `r` (its prefix-cache hit, then
+        `allocate_slots`): (tokens to compute now, new blocks, hit units, hit blocks, own
+        resumable blocks hit), or None when its blocks do not fit `free_blocks`. The one
+        admission rule: the waiting scan and `decode_stretch` both ask it."""
+        bs = self.block_size
+        num_tokens = self.prompt[r] + self.gen[r]
+        pool = self.pool
+        if pool is None:
+            n = num_tokens if num_tokens < token_budget else token_budget
+            new_blocks = cdiv(n, bs)
+            required = cdiv(num_tokens, bs) if self.reserve_full_isl else new_blocks
+            return None if required > free_blocks else (n, new_blocks, (), 0, 0)
+        keys, ends = self._keys.get(r) or self.prefix_of(r)
+        # A hit leaves the last token to compute (vLLM samples from it), in whole blocks.
+        max_hit = (num_tokens - 1) // bs
+        uids, hit_blocks, walked = pool.lookup(self._queue(r), keys, ends, max_hit)
+        evictable = pool.evictable(uids)
+        own = 0
+        rid = self.run_of.get(r)
+        if rid is not None and walked == len(keys):
+            own = min(pool.run_blocks(rid, r), max_hit - hit_blocks)
+            hit_blocks += own
+            evictable += own
+        hit = hit_blocks * bs
+        n = min(num_tokens - hit, token_budget)
+        new_blocks = cdiv(hit + n, bs) - hit_blocks
+        required = (cdiv(num_tokens, bs) - hit_blocks if self.reserve_full_isl else new_blocks) + evictable
+        return None if required > free_blocks else (n, new_blocks, uids, hit_blocks, own)
+
+    def prefix_of(self, r: int) -> tuple[list[int], list[int]]:
+        """Request `r`'s prefix units (keys, engine-block ends); none without prefix info."""
+        return self.prefix.of(r) if self.prefix is not None else ([], [])
+
+    def _admit(self, r: int, q: int, step: int, plan: StepPlan, adm: tuple[int, int, Sequence[int], int, int]) -> int:
+        """Move waiting request `r` (head of queue `q`) to running with the allocation
+        `_admission` found; returns the tokens scheduled."""
+        n, new_blocks, uids, hit_blocks, own = adm
+        self.waiting.pop(q)
+        self.running[r] = None
+        self.prefilling[r] = None
+        hit = 0
+        pool = self.pool
+        if pool is not None:
+            if r not in self._keys:
+                self._keys[r] = self.prefix_of(r)
+            for uid in uids:
+                self.used_blocks += pool.touch(uid)
+            rid = self.run_of.pop(r, None)
+            if rid is not None:
+                if own:
+                    pool.take_run(rid, own)
+                    self.used_blocks += own
+                else:
+                    pool.disown_run(rid)
+            self.held_units[r] = list(uids)
+            self.held_w[r] = (self._keys[r][1][len(uids) - 1] if uids else 0)
+            self.kpos[r] = len(uids)
+            hit = hit_blocks * self.block_size
+            self.cached_tokens_total += hit
+        if self.cached_tokens[r] < 0:
+            self.cached_tokens[r] = hit
+        self.computed[r] = hit
+        self.used_blocks += new_blocks
+        if pool is not None:
+            pool.take(new_blocks)
+            self._cache_units(r, (hit + n) // self.block_size)
+        a = self.adapter[r]
+        if a != BASE:
+            count = self.running_adapters.get(a, 0)
+            if count:
+                self.running_adapters[a] = count + 1
+            else:
+                self._add_running_adapter(a, step, plan)  # first one: slots, loads
+        plan.prefills.append((r, n))
+        plan.prefill_tokens += n
+        plan.context_tokens += hit + n
+        return n
+
     # --- schedule -----------------------------------------------------------------------
     def schedule(self, step: int, num_arrived: int) -> StepPlan:
+        plan = self._schedule(step, num_arrived)
+        if plan.num_scheduled == 0 and self.pending:
+            # Async scheduling: only last step's finished requests (their seats, their
+            # blocks) stood in the way. vLLM runs no batch for an empty schedule; it
+            # waits for the step in flight, frees them and schedules again.
+            self.release_pending()
+            plan = self._schedule(step, num_arrived)
+        if plan.blocked is not None:
+            waiting = self.waiting
+            arrived = num_arrived if self._valid_upto is None else self._valid_upto[num_arrived]
+            if arrived - waiting.num_taken + waiting.num_front > 0:  # requests left waiting
+                self.admission_blocked[plan.blocked] += 1
+        self.total_adapter_loads += plan.adapter_loads
+        self.total_adapter_load_s += plan.adapter_load_s
+        return plan
+
+    def _schedule(self, step: int, num_arrived: int) -> StepPlan:
         plan = StepPlan()
         bs = self.block_size
         token_budget = self.max_num_batched_tokens
@@ -445,10 +874,24 @@ class Scheduler:
             need = prompt[r] + gen[r] - c
             prefill_need += need
             prefill_blocks += cdiv(c + need, bs) - cdiv(c, bs)
+        fits_budget = self.num_decoding + prefill_need <= token_budget
         if (
-            self.num_decoding + prefill_need <= token_budget
-            and decode_blocks + prefill_blocks <= free_blocks
+            fits_budget
+            and decode_blocks + prefill_blocks > free_blocks
+            and self.pool is None
+            and len(self.running) >= FAST_PREEMPT_MIN_RUNNING
         ):
+            # Only KV blocks bind: preempt the tail in one go, then schedule the rest.
+            self._preempt_for_blocks(step, plan, decode_blocks + prefill_blocks - free_blocks)
+            free_blocks = self.num_blocks - self.used_blocks
+            decode_blocks = self.block_phase[(-step) % bs]
+            prefill_need = prefill_blocks = 0
+            for r in self.prefilling:
+                c = computed[r]
+                need = prompt[r] + gen[r] - c
+                prefill_need += need
+                prefill_blocks += cdiv(c + need, bs) - cdiv(c, bs)
+        if fits_budget and decode_blocks + prefill_blocks <= free_blocks:
             for r in self.prefilling:
                 need = prompt[r] + gen[r] - computed[r]
                 plan.prefills.append((r, need))
@@ -457,109 +900,94 @@ class Scheduler:
             plan.prefill_tokens = prefill_need
             plan.context_tokens += self.decode_ctx_base + self.num_decoding * step
             token_budget -= self.num_decoding + prefill_need
-            self.used_blocks += decode_blocks + prefill_blocks
+            self._allocate(decode_blocks + prefill_blocks)
+            if self.pool is not None:
+                for r in self.prefilling:
+                    self._cache_units(r, (prompt[r] + gen[r]) // bs)
         else:
             token_budget = self._schedule_running_exact(step, plan)
 
         # Next, schedule the WAITING requests (only when nothing was preempted).
-        if not plan.num_preempted:
+        if plan.num_preempted:
+            plan.blocked = KV
+        else:
             waiting = self.waiting
             free_blocks = self.num_blocks - self.used_blocks
             running_adapters = self.running_adapters
-            while token_budget > 0:
-                if len(self.running) >= self.max_num_seqs:
+            seats = len(self.running) + len(self.pending)
+            max_seqs, max_loras = self.max_num_seqs, self.max_loras
+            first = True
+            while True:
+                if token_budget <= 0:
+                    plan.blocked = TOKENS
+                    break
+                if seats >= max_seqs:
+                    plan.blocked = SEQS
                     break
                 # A request whose adapter would exceed max_loras is skipped: with
                 # max_loras adapters running, only their queues (and the base
                 # model's) are looked at.
-                loras_full = len(running_adapters) >= self.max_loras
-                idle_key = (num_arrived, waiting.version, loras_full)
-                if idle_key == self._no_waiting:
-                    break  # same arrivals, same queues as when the scan last found none
+                loras_full = len(running_adapters) >= max_loras
+                if first:
+                    first = False
+                    if (num_arrived, waiting.version, loras_full) == self._no_waiting:
+                        # Same arrivals, same queues as when the scan last found none.
+                        plan.blocked = LORAS if loras_full else None
+                        break
                 head = waiting.peek(num_arrived, loras_full)
                 if head is None:
-                    self._no_waiting = idle_key
+                    self._no_waiting = (num_arrived, waiting.version, loras_full)
+                    plan.blocked = LORAS if loras_full else None
                     break
                 q, r = head
-                a = self.adapter[r]
-                num_new_tokens = min(prompt[r] + gen[r], token_budget)
-                new_blocks = cdiv(num_new_tokens, bs)
-                if new_blocks > free_blocks:
+                adm = self._admission(r, token_budget, free_blocks)
+                if adm is None:
+                    plan.blocked = KV
                     break
-                waiting.pop(q)
-                self.running[r] = None
-                self.prefilling[r] = None
-                computed[r] = 0
-                if a != BASE:
-                    count = running_adapters.get(a, 0)
-                    if count:
-                        running_adapters[a] = count + 1
-                    else:
-                        self._add_running_adapter(a, step, plan)  # first one: slots, loads
-                plan.prefills.append((r, num_new_tokens))
-                plan.prefill_tokens += num_new_tokens
-                plan.context_tokens += num_new_tokens
-                token_budget -= num_new_tokens
-                free_blocks -= new_blocks
-                self.used_blocks += new_blocks
+                used = self.used_blocks
+                token_budget -= self._admit(r, q, step, plan, adm)
+                free_blocks -= self.used_blocks - used
+                seats += 1
 
+        if plan.joined:
+            self._load_adapters(step, plan)
         if plan.batch_adapters is None:
             plan.num_adapters = len(self.running_adapters)
             plan.rank_sum = self.running_rank_sum
-        self.total_adapter_loads += plan.adapter_loads
-        self.total_adapter_load_s += plan.adapter_load_s
         return plan
 
     def _schedule_running_exact(self, step: int, plan: StepPlan) -> int:
         """vLLM's running loop when not everything fits. Returns the token budget left."""
-        if len(self.running) >= VECTORIZED_MIN_RUNNING:
-            left = self._schedule_running_vectorized(step, plan)
-            if left is not None:
-                return left
         return self._schedule_running_loop(step, plan)
 
-    def _schedule_running_vectorized(self, step: int, plan: StepPlan) -> int | None:
-        """The running loop when every running request fits the token budget, so only
-        KV blocks bind (the common case of a saturated server), in numpy.
+    def _preempt_for_blocks(self, step: int, plan: StepPlan, deficit: int) -> None:
+        """vLLM's running loop when every running request fits the token budget and only
+        `deficit` KV blocks are missing (a saturated server's common step), in closed form.
 
-        Request i (running order) needs `need[i]` new blocks; when the blocks free plus
-        those held by the last k requests cannot cover the cumulative need up to i, the
-        tail is preempted. g(i) = the fewest tail preemptions that cover request i;
-        i + g(i) grows strictly with i, so the requests scheduled are exactly the
-        prefix with i + g(i) <= n - 1, and the rest are preempted, tail first -- what
-        vLLM's loop does one request at a time. None: the token budget binds."""
-        order = list(self.running)
-        n = len(order)
-        idx = np.fromiter(order, dtype=np.int64, count=n)
-        in_dec = self._dec_np[idx]
-        nc = self._pmd_np[idx] + (step - 1)  # decoding: prompt - dbase + step - 1
-        tokens = np.ones(n, dtype=np.int64)
-        for i in np.flatnonzero(~in_dec).tolist():  # the few requests still in prefill
-            r = order[i]
-            nc[i] = self.computed[r]
-            tokens[i] = self.prompt[r] + self.gen[r] - self.computed[r]
-        if int(tokens.sum()) > self.max_num_batched_tokens:
-            return None
+        vLLM schedules the running requests in order and, when one's blocks do not fit,
+        preempts the tail until they do (or it preempted itself). Preempting the k last
+        requests lets the n - k first ones run exactly when the blocks they hold plus the
+        blocks they would have needed cover `deficit`; vLLM ends with the smallest such k
+        (request i needs g(i) victims, i + g(i) grows with i: the scheduled requests are
+        the longest prefix that fits). So: walk back from the tail, preempting, until the
+        cover reaches the deficit -- O(victims), not O(running). Without prefix caching
+        only: a shared block frees nothing until its last holder goes."""
         bs = self.block_size
-        held = -(-nc // bs)
-        need = -(-(nc + tokens) // bs) - held
-        cum_need = np.cumsum(need)
-        tail_held = np.cumsum(held[::-1])
-        deficit = cum_need - (self.num_blocks - self.used_blocks)
-        g = np.where(deficit <= 0, 0, np.searchsorted(tail_held, deficit, side="left") + 1)
-        m = int(np.count_nonzero(np.arange(n) + g <= n - 1))  # requests scheduled
-        for victim in reversed(order[m:]):
-            self._preempt(victim, step)
-            plan.num_preempted += 1
-        if m == 0:
-            return self.max_num_batched_tokens
-        self.used_blocks += int(cum_need[m - 1])
-        plan.context_tokens += int((nc[:m] + tokens[:m]).sum())
-        plan.num_decodes = int(np.count_nonzero(in_dec[:m]))
-        for i in np.flatnonzero(~in_dec[:m]).tolist():
-            plan.prefills.append((order[i], int(tokens[i])))
-            plan.prefill_tokens += int(tokens[i])
-        return self.max_num_batched_tokens - plan.prefill_tokens - plan.num_decodes
+        prompt, gen, dbase, in_decode = self.prompt, self.gen, self.dbase, self.in_decode
+        victims = []
+        cover = 0
+        for r in reversed(self.running):
+            if cover >= deficit:
+                break
+            if in_decode[r]:
+                nc = prompt[r] + step - dbase[r] - 1
+                cover += -(-nc // bs) + (nc % bs == 0)
+            else:
+                cover += -(-(prompt[r] + gen[r]) // bs)  # the blocks it holds and needs
+            victims.append(r)
+        for r in victims:
+            self._preempt(r, step)
+        plan.num_preempted += len(victims)
 
     def _schedule_running_loop(self, step: int, plan: StepPlan) -> int:
         """vLLM's running loop request by request: token budget, block allocation and
@@ -569,19 +997,28 @@ class Scheduler:
         free_blocks = self.num_blocks - self.used_blocks
         order = list(self.running)
         scheduled_decodes: list[int] = []
+        pool = self.pool
+        prompt, gen, computed, dbase, in_decode = self.prompt, self.gen, self.computed, self.dbase, self.in_decode
+        # Blocks allocated but not yet taken from the pool: taking them together is the
+        # same as one by one as long as nothing else touches the free queue in between
+        # (a preemption's frees, a unit cached), so they are taken before those.
+        pending = 0
         i = 0
         while i < len(order) and token_budget > 0:
             r = order[i]
-            if self.in_decode[r]:
-                nc = self.prompt[r] + step - self.dbase[r] - 1
+            if in_decode[r]:
+                nc = prompt[r] + step - dbase[r] - 1
                 num_new_tokens = 1
             else:
-                nc = self.computed[r]
-                num_new_tokens = min(self.prompt[r] + self.gen[r] - nc, token_budget)
+                nc = computed[r]
+                num_new_tokens = min(prompt[r] + gen[r] - nc, token_budget)
             new_blocks = cdiv(nc + num_new_tokens, bs) - cdiv(nc, bs)
             preempted_self = False
             while new_blocks > free_blocks:
                 # The request cannot be scheduled: preempt the lowest-priority (tail).
+                if pending and pool is not None:
+                    pool.take(pending)
+                    pending = 0
                 victim = order.pop()
                 free_blocks += self._preempt(victim, step)
                 plan.num_preempted += 1
@@ -592,14 +1029,21 @@ class Scheduler:
                 break
             free_blocks -= new_blocks
             self.used_blocks += new_blocks
+            pending += new_blocks
             token_budget -= num_new_tokens
             plan.context_tokens += nc + num_new_tokens
-            if self.in_decode[r]:
+            if in_decode[r]:
                 scheduled_decodes.append(r)
             else:
                 plan.prefills.append((r, num_new_tokens))
                 plan.prefill_tokens += num_new_tokens
+                if pool is not None:
+                    pool.take(pending)
+                    pending = 0
+                    self._cache_units(r, (nc + num_new_tokens) // bs)
             i += 1
+        if pending and pool is not None:
+            pool.take(pending)
         # Requests the token budget did not reach stay where they are.
         for r in order[i:]:
             if self.in_decode[r]:
@@ -615,12 +1059,112 @@ class Scheduler:
             self.adapters_version += 1
         return token_budget
 
+    # --- decode-only stretches (the engine's fast-forward) ---------------------------------
+    def next_finish(self, step: int) -> int | None:
+        """The step at which the first running request finishes decoding (None: none is
+        decoding). Skips finish lists whose requests all left or moved since."""
+        steps, finish_at = self.finish_steps, self.finish_at
+        running, in_decode, dbase, output = self.running, self.in_decode, self.dbase, self.output
+        while steps:
+            f = steps[0]
+            bucket = finish_at.get(f)
+            if f >= step and bucket is not None and any(
+                r in running and in_decode[r] and dbase[r] + output[r] - 1 == f for r in bucket
+            ):
+                return f
+            heapq.heappop(steps)
+            finish_at.pop(f, None)
+        return None
+
+    def decode_blocks_fit(self, step: int) -> bool:
+        """Whether the decodes' new KV blocks of `step` fit the free blocks (else no
+        decode-only stretch can start there: the step preempts)."""
+        return self.block_phase[(-step) % self.block_size] <= self.num_blocks - self.used_blocks
+
+    def decode_stretch(self, step: int, num_arrived: int) -> Stretch | None:
+        """Whether the steps from `step` on can only decode: every running request
+        decodes within the token budget, nothing is pending (async), and no waiting
+        request is admissible (`_admission`, the waiting scan's own rule) now or before
+        an arrival at `until_s`. None: take a normal step."""
+        n_dec = self.num_decoding
+        if self.prefilling or self.pending or n_dec != len(self.running) or n_dec > self.max_num_batched_tokens:
+            return None
+        finish = self.next_finish(step)
+        if finish is None:
+            return None
+        blocked = self._admission_blocked(step, num_arrived)
+        if blocked is None:
+            return None
+        until_s, reason = blocked
+        return Stretch(
+            next_finish=finish, until_s=until_s, num_decodes=n_dec, ctx_base=self.decode_ctx_base,
+            num_adapters=len(self.running_adapters), rank_sum=self.running_rank_sum, blocked=reason,
+        )  # fmt: skip
+
+    def _admission_blocked(self, step: int, num_arrived: int) -> tuple[float, int | None] | None:
+        """(earliest arrival time that could change it, limit) if no waiting request can
+        be admitted at `step` nor at any later step of a decode-only stretch that
+        starts now (inf: only a finish can); None when a request is admissible now. The
+        checks are the waiting scan's, in its order."""
+        inf = float("inf")
+        budget = self.max_num_batched_tokens - self.num_decoding
+        if budget <= 0:
+            return inf, TOKENS  # the decodes take the whole token budget
+        if self.num_seats >= self.max_num_seqs:
+            return inf, SEQS  # only a finish can free a seat
+        free = self.num_blocks - self.used_blocks - self.block_phase[(-step) % self.block_size]
+        loras_full = len(self.running_adapters) >= self.max_loras
+        head = self.waiting.peek(num_arrived, loras_full)
+        if head is not None:
+            # Free blocks only shrink during the stretch (and evictions only shrink a
+            # hit by what they free): blocked now, blocked then.
+            return (inf, KV) if self._admission(head[1], budget, free) is None else None
+        # Nothing admissible has arrived: the next arrival that would be admissible.
+        head = self.waiting.peek(len(self.prompt) + 1, loras_full)
+        until = inf if head is None else float(self.arrival[head[1]])
+        return until, (LORAS if loras_full else None)
+
+    def stretch_blocks(self, step: int, k: int) -> tuple[int, np.ndarray]:
+        """(steps from `step` whose decode blocks fit the free blocks, at most `k`;
+        blocks allocated by the end of each of them, cumulative)."""
+        bs = self.block_size
+        steps_idx = step + np.arange(k, dtype=np.int64)
+        need = np.cumsum(np.asarray(self.block_phase, dtype=np.int64)[(-steps_idx) % bs])
+        k = min(k, int(np.searchsorted(need, self.num_blocks - self.used_blocks, side="right")))
+        return k, need[:k]
+
+    def advance(self, stretch: Stretch, need: Sequence[int] | np.ndarray, seen_s: Sequence[float] | np.ndarray) -> None:
+        """Commit a decode-only stretch of len(need) steps: the blocks its decodes
+        allocated, and the limit that kept waiting requests out in each step in which
+        some were waiting (`seen_s`: the time up to which each step's scheduling saw
+        arrivals)."""
+        k = len(need)
+        self._allocate(int(need[-1]))
+        if stretch.blocked is None:
+            return
+        key = self.waiting.first_key()
+        if key is None:
+            return
+        if key < 0:  # a preempted request: waiting all along
+            self.admission_blocked[stretch.blocked] += k
+            return
+        t = float(self.arrival[key])
+        before = int(np.searchsorted(seen_s, t, side="left")) if isinstance(seen_s, np.ndarray) else bisect.bisect_left(seen_s, t)
+        self.admission_blocked[stretch.blocked] += k - before
+
     # --- update from output ---------------------------------------------------------------
     def update(self, step: int, plan: StepPlan) -> None:
         """vLLM's `update_from_output`: tokens computed and sampled, first tokens and
-        finishes recorded (`first_token_step`, `end_step`), finished requests freed."""
+        finishes recorded (`first_token_step`, `end_step`), finished requests freed
+        (with async scheduling, at the next step's update)."""
+        if self.pending:
+            self.release_pending()
         prompt, gen, computed, output = self.prompt, self.gen, self.computed, self.output
         bs = self.block_size
+        finish_at = self.finish_at
+        running, in_decode, dbase_of = self.running, self.in_decode, self.dbase
+        phase = self.block_phase
+        ctx_add = n_started = 0
         for r, n in plan.prefills:
             c = computed[r] + n
             computed[r] = c
@@ -632,37 +1176,70 @@ class Scheduler:
                     self.first_token_step[r] = step
                 del self.prefilling[r]
                 if g >= output[r]:
-                    self._finish(r, step, cdiv(c, bs))
+                    self._finish(r, step, c)
                 else:
-                    self._start_decode(r, step + 1)
-        heap = self.finish_heap
-        running, in_decode, dbase_of = self.running, self.in_decode, self.dbase
-        while heap and heap[0][0] <= step:
-            f, r = heapq.heappop(heap)
-            if f != step or r not in running or not in_decode[r] or dbase_of[r] + output[r] - 1 != f:
+                    # `_start_decode(r, step + 1)`, inlined (the hot path).
+                    in_decode[r] = 1
+                    dbase = step + 1 - g
+                    dbase_of[r] = dbase
+                    p = prompt[r]
+                    phase[(p - 1 - dbase) % bs] += 1
+                    ctx_add += p - dbase
+                    n_started += 1
+                    f = dbase + output[r] - 1
+                    bucket = finish_at.get(f)
+                    if bucket is None:
+                        finish_at[f] = [r]
+                        heapq.heappush(self.finish_steps, f)
+                    else:
+                        bucket.append(r)
+        bucket = finish_at.pop(step, None)
+        if bucket is None:
+            self.decode_ctx_base += ctx_add
+            self.num_decoding += n_started
+            return
+        fast_free = self.pool is None and not self.async_scheduling
+        adapter, running_adapters, end_step = self.adapter, self.running_adapters, self.end_step
+        freed = 0
+        # By request index, as a heap of (step, request) would give them (the order frees
+        # reach the free queue).
+        for r in sorted(bucket) if len(bucket) > 1 else bucket:
+            if r not in running or not in_decode[r] or dbase_of[r] + output[r] - 1 != step:
                 continue  # stale entry (preempted or shifted since)
             # A decode finished (`_stop_decode` + `_finish`, inlined: the hot path).
             dbase = dbase_of[r]
-            gen[r] = output[r]
-            self.block_phase[(prompt[r] - 1 - dbase) % bs] -= 1
-            self.decode_ctx_base -= prompt[r] - dbase
-            self.num_decoding -= 1
-            in_decode[r] = False
-            self._dec_np[r] = False
+            p, o = prompt[r], output[r]
+            gen[r] = o
+            phase[(p - 1 - dbase) % bs] -= 1
+            ctx_add -= p - dbase
+            n_started -= 1
+            in_decode[r] = 0
             del running[r]
-            self.used_blocks -= cdiv(prompt[r] + output[r] - 1, bs)
-            self.end_step[r] = step
-            a = self.adapter[r]
+            if fast_free:
+                freed += -(-(p + o - 1) // bs)
+            else:
+                self._give_back(r, p + o - 1)
+            end_step[r] = step
+            a = adapter[r]
             if a != BASE:
-                count = self.running_adapters[a] - 1
+                count = running_adapters[a] - 1
                 if count:
-                    self.running_adapters[a] = count
+                    running_adapters[a] = count
                 else:
                     self._remove_running_adapter(a, step)
+        self.used_blocks -= freed
+        self.decode_ctx_base += ctx_add
+        self.num_decoding += n_started
 
-    def _finish(self, r: int, step: int, blocks: int) -> None:
+    def _give_back(self, r: int, computed: int) -> None:
+        if self.async_scheduling:
+            self.pending.append((r, computed))
+        else:
+            self._free_blocks(r, computed, False)
+
+    def _finish(self, r: int, step: int, computed: int) -> None:
         del self.running[r]
-        self.used_blocks -= blocks
+        self._give_back(r, computed)
         self.end_step[r] = step
         self._remove_running_adapter(self.adapter[r], step)
 
@@ -671,14 +1248,35 @@ class Scheduler:
         """Slow full check after `update(step)`; raises AssertionError."""
         bs = self.block_size
         nxt = step + 1
-        used = sum(cdiv(self.num_computed(r, nxt), bs) for r in self.running)
+        holders = [(r, self.num_computed(r, nxt)) for r in self.running] + list(self.pending)
+        if self.pool is None:
+            used = sum(cdiv(c, bs) for _, c in holders)
+        else:
+            pool = self.pool
+            pool.check()
+            assert pool.num_free() + self.used_blocks == self.num_blocks, (
+                f"step {step}: free {pool.num_free()} + held {self.used_blocks} != {self.num_blocks} (a block both free and held)"
+            )
+            refs: dict[int, int] = {}
+            used = 0
+            for r, c in holders:
+                units = self.held_units[r]
+                assert sum(pool.unit_width[u] for u in units) == self.held_w[r] <= cdiv(c, bs), f"step {step}: request {r} units"
+                used += cdiv(c, bs) - self.held_w[r]
+                for u in units:
+                    assert pool.unit_q[u] == self._queue(r), f"step {step}: unit {u} shared across adapters"
+                    refs[u] = refs.get(u, 0) + 1
+            live = {u for m in pool.cached for u in m.values()}
+            for u in live:
+                assert pool.unit_ref[u] == refs.get(u, 0), f"step {step}: unit {u} ref {pool.unit_ref[u]} != {refs.get(u, 0)}"
+            used += sum(pool.unit_width[u] for u in refs)
         assert used == self.used_blocks, f"step {step}: blocks {self.used_blocks} != {used}"
         assert 0 <= self.used_blocks <= self.num_blocks, f"step {step}: over-allocated"
         assert plan.num_scheduled <= self.max_num_seqs, f"step {step}: > max_num_seqs"
         tokens = plan.prefill_tokens + plan.num_decodes
         assert tokens <= self.max_num_batched_tokens, f"step {step}: > max_num_batched_tokens"
         assert plan.num_adapters <= self.max_loras, f"step {step}: > max_loras adapters"
-        assert len(self.running) <= self.max_num_seqs
+        assert self.num_seats <= self.max_num_seqs
         adapters = {self.adapter[r] for r in self.running} - {BASE}
         assert adapters == set(self.running_adapters), f"step {step}: adapter set drift"
         assert len(adapters) <= self.max_loras
@@ -694,3 +1292,6 @@ class Scheduler:
             assert 1 <= g < self.output[r], f"step {step}: request {r} generated {g}"
         assert phase == self.block_phase
         assert self.decode_ctx_base == sum(self.prompt[r] - self.dbase[r] for r in dec)
+        for r in self.running:
+            hit = int(self.cached_tokens[r])
+            assert 0 <= hit <= self.prompt[r] - 1, f"step {step}: request {r} hit {hit} tokens of {self.prompt[r]}"

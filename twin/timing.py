@@ -74,6 +74,22 @@ FEATURE_DOC: dict[str, str] = {
 }
 
 
+def _formula(c: Any, p: Any, d: Any, x: Any, a: Any, r: Any, n: Any, slots: Any, mr: Any) -> Any:
+    """The step-time formula, the only one: seconds (before the floor) for coefficients
+    `c` (in FEATURES order) and a step's composition. Plain floats and numpy arrays
+    alike, with the same operations in the same order, so the step loop's scalar calls
+    and the fast-forward's vectorised ones give the same bits. `features` derives the
+    design matrix from it; a term with a zero coefficient adds exactly 0."""
+    tokens = p + d
+    return (
+        c[0] + c[1] * p + c[2] * d + c[3] * x + c[10] * n
+        + (a > 0) * (
+            c[4] * slots + c[5] * a + c[6] * r + c[7] * tokens + c[8] * (slots * tokens) + c[9]
+            + c[11] * (slots * mr * tokens) + c[12] * (mr * tokens)
+        )
+    )  # fmt: skip
+
+
 def features(
     prefill_tokens: Any,
     decode_tokens: Any,
@@ -85,25 +101,21 @@ def features(
     max_loras: Any = 1,
     prefill_reqs: Any = 0,
 ) -> np.ndarray:
-    """The design matrix (n, len(FEATURES)) for arrays of step compositions."""
-    p = np.asarray(prefill_tokens, dtype=np.float64)
-    d = np.asarray(decode_tokens, dtype=np.float64)
-    x = np.asarray(context_tokens, dtype=np.float64)
-    a = np.asarray(num_adapters, dtype=np.float64)
-    r = np.asarray(rank_sum, dtype=np.float64)
-    n = np.asarray(prefill_reqs, dtype=np.float64)
-    p, d, x, a, r, n = np.broadcast_arrays(p, d, x, a, r, n)
-    lora = (a > 0).astype(np.float64)
-    slots = np.broadcast_to(np.asarray(max_loras, dtype=np.float64), p.shape)
-    mr = np.broadcast_to(np.asarray(max_lora_rank, dtype=np.float64), p.shape)
-    cols = [np.ones_like(p), p, d, x, lora * slots, a, r, lora * (p + d), lora * slots * (p + d), lora, n,
-            lora * slots * mr * (p + d), lora * mr * (p + d)]
-    return np.stack([np.ravel(c) for c in cols], axis=1)
+    """The design matrix (n, len(FEATURES)) for arrays of step compositions: column i is
+    the formula with coefficient i set to 1 and the others to 0 (the formula is linear)."""
+    cols = [np.asarray(v, dtype=np.float64) for v in (prefill_tokens, decode_tokens, context_tokens, num_adapters, rank_sum, prefill_reqs)]
+    shape = np.broadcast_shapes(*(col.shape for col in cols))
+    args = [np.broadcast_to(col, shape) for col in cols]
+    slots = np.asarray(max_loras, dtype=np.float64)
+    mr = np.asarray(max_lora_rank, dtype=np.float64)
+    unit = np.eye(len(FEATURES))
+    out = [np.broadcast_to(_formula(unit[i], *args[:5], args[5], slots, mr), shape) for i in range(len(FEATURES))]
+    return np.stack([np.ravel(col) for col in out], axis=1)
 
 
 @dataclass
 class LinearStepTime:
-    """t = X @ coef (seconds), floored at `min_s`."""
+    """t = max(formula(coef, step), `min_s`) seconds (`_formula`)."""
 
     coef: dict[str, float]
     min_s: float = 1e-5
@@ -131,55 +143,26 @@ class LinearStepTime:
         max_loras: Any = 1,
         prefill_reqs: Any = 0,
     ) -> np.ndarray:
-        # Written out rather than via `features` so that the engine's hot loop pays for
-        # five multiply-adds, not a matrix build.
-        c = self._vec
-        p = np.asarray(prefill_tokens, dtype=np.float64)
-        d = np.asarray(decode_tokens, dtype=np.float64)
-        a = np.asarray(num_adapters, dtype=np.float64)
-        t = c[0] + c[1] * p + c[2] * d + c[3] * np.asarray(context_tokens, dtype=np.float64)
-        if c[10]:
-            t = t + c[10] * np.asarray(prefill_reqs, dtype=np.float64)
-        if c[4] or c[5] or c[6] or c[7] or c[8] or c[9] or c[11] or c[12]:
-            lora = a > 0
-            slots = np.asarray(max_loras, dtype=np.float64)
-            mr = np.asarray(max_lora_rank, dtype=np.float64)
-            extra = (
-                c[4] * slots
-                + c[5] * a
-                + c[6] * np.asarray(rank_sum, dtype=np.float64)
-                + c[7] * (p + d)
-                + c[8] * (slots * (p + d))
-                + c[9]
-                + c[11] * (slots * mr * (p + d))
-                + c[12] * (mr * (p + d))
-            )
-            t = t + np.where(lora, extra, 0.0)
+        """Seconds per step, element-wise over numpy arrays (scalars broadcast)."""
+        f = np.float64
+        t = _formula(
+            tuple(float(v) for v in self._vec),
+            np.asarray(prefill_tokens, dtype=f), np.asarray(decode_tokens, dtype=f),
+            np.asarray(context_tokens, dtype=f), np.asarray(num_adapters, dtype=f),
+            np.asarray(rank_sum, dtype=f), np.asarray(prefill_reqs, dtype=f),
+            np.asarray(max_loras, dtype=f), np.asarray(max_lora_rank, dtype=f),
+        )  # fmt: skip
         return np.maximum(t, self.min_s)
-
 
     def scalar(self, *, max_lora_rank: float = 16, max_loras: float = 1):  # type: ignore[no-untyped-def]
         """A plain-float function (p, d, x, a, r, n=0) -> seconds for step-by-step loops
-        (n: prefill_reqs).
-
-        Same operations in the same order as `predict`, so bit-identical to it, at about
-        a microsecond per call instead of numpy's ~20 us on length-1 arrays."""
-        c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12 = (float(v) for v in self._vec)
-        slots = float(max_loras)
-        mr = float(max_lora_rank)
-        slots_rank = slots * mr
-        lo = float(self.min_s)
-        has_lora = bool(c4 or c5 or c6 or c7 or c8 or c9 or c11 or c12)
+        (n: prefill_reqs): the same `_formula`, so bit-identical to `predict`, at about a
+        microsecond per call instead of numpy's ~20 us on length-1 arrays."""
+        c = tuple(float(v) for v in self._vec)
+        slots, mr, lo = float(max_loras), float(max_lora_rank), float(self.min_s)
 
         def step_time(p: float, d: float, x: float, a: float, r: float, n: float = 0.0) -> float:
-            t = c0 + c1 * p + c2 * d + c3 * x
-            if c10:
-                t = t + c10 * n
-            if has_lora and a > 0:
-                t = t + (
-                    c4 * slots + c5 * a + c6 * r + c7 * (p + d) + c8 * (slots * (p + d)) + c9
-                    + c11 * (slots_rank * (p + d)) + c12 * (mr * (p + d))
-                )
+            t = _formula(c, p, d, x, a, r, n, slots, mr)
             return t if t > lo else lo
 
         return step_time

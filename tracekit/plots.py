@@ -1,6 +1,8 @@
 """Timelines of a results table (throughput, running requests, latency) and their PNGs.
 
-One binning for report and compare, so overlaid runs share bins exactly."""
+One binning for `replay report`, `replay compare`, `replay run` and `twin run`, so
+overlaid runs share bins exactly. TTFT is drawn on a log scale: a queue's p99 of
+minutes would flatten a p50 of milliseconds to the axis."""
 
 from __future__ import annotations
 
@@ -108,11 +110,15 @@ def write_plots(runs: Sequence[tuple[str, pl.DataFrame, Mapping[str, Any]]], out
     paths.append(_save(fig, out_dir / f"{prefix}running.png", plt))
 
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    done = [(int((res["status"] == "ok").sum()), res.height) for _, res, _ in runs]
     for i, (label, s, _) in enumerate(series):
+        label = f"{label} ({done[i][0]:,} of {done[i][1]:,} completed)"
         ax1.plot(s["t"], s["ttft_p50_ms"], label=f"{label} p50", color=f"C{i}")
         ax1.plot(s["t"], s["ttft_p99_ms"], label=f"{label} p99", color=f"C{i}", ls=":")
         ax2.plot(s["t"], s["tpot_mean_ms"], label=f"{label} mean", color=f"C{i}")
-    ax1.set_ylabel("TTFT (ms)")
+    if any(np.isfinite(s["ttft_p99_ms"]).any() and np.nanmax(s["ttft_p99_ms"]) > 0 for _, s, _ in series):
+        ax1.set_yscale("log")
+    ax1.set_ylabel("TTFT (ms, log scale)")
     ax2.set_ylabel("TPOT (ms)")
     ax1.legend(fontsize=8)
     ax1.grid(alpha=0.3)
