@@ -201,7 +201,7 @@ def test_stat_logger_fallback(tmp_path: Path, tiny_model: Path, tiny_adapters: d
     assert not (steps_dir / "_tracekit_engine_hook.json").exists()
 
 
-@pytest.mark.parametrize("mode", ["abort", "drain"])
+@pytest.mark.parametrize("mode", ["abort", "interrupt", "drain"])
 def test_steps_of_a_running_burst_survive_a_server_stop(
     tmp_path: Path, tiny_model: Path, tiny_adapters: dict[str, Path], mode: str
 ) -> None:
@@ -213,7 +213,8 @@ def test_steps_of_a_running_burst_survive_a_server_stop(
     abort: vLLM's default (`--shutdown-timeout 0`), SIGTERM to the whole process group as
     systemd sends it; vLLM would kill the EngineCore right after, so the plugin asks for
     a grace window; the workers stop too, so the running step fails and the EngineCore
-    leaves through its error path. drain: `--shutdown-timeout 120`, SIGTERM to the API
+    leaves through its error path. interrupt: the same with SIGINT (Ctrl-C in the server's
+    terminal). drain: `--shutdown-timeout 120`, SIGTERM to the API
     server only (as `docker stop` sends it); the engine keeps stepping until the burst is
     done, and those steps are written as they come."""
     steps_dir = tmp_path / "steps"
@@ -248,7 +249,8 @@ def test_steps_of_a_running_burst_survive_a_server_stop(
                 while sum(t.done() for t in tasks) < 4:
                     await asyncio.sleep(0.05)
                 assert not all(t.done() for t in tasks)
-                stop = functools.partial(srv.stop, timeout=150, group=mode == "abort")
+                stop = functools.partial(srv.stop, timeout=150, group=mode != "drain",
+                                         sig=signal.SIGINT if mode == "interrupt" else signal.SIGTERM)
                 await asyncio.get_running_loop().run_in_executor(None, stop)
                 return await asyncio.gather(*tasks, return_exceptions=True)
 

@@ -299,6 +299,51 @@ def test_upstream_down_gives_502_and_keeps_running(tmp_path: Path) -> None:
     assert df["status"].to_list() == ["error", "error"] and df["prompt_tokens"].to_list() == [1, 1]
 
 
+def test_upstream_going_down_mid_run_gives_502_rows_and_the_proxy_keeps_serving(tmp_path: Path) -> None:
+    """The server goes away between requests (kept-alive connections to it die with it),
+    then comes back on the same port: 502s with their rows meanwhile, served again after."""
+    up_port = free_port()
+
+    async def start_upstream() -> web.AppRunner:
+        runner = web.AppRunner(fake_vllm(), handler_cancellation=True)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", up_port, reuse_address=True).start()
+        return runner
+
+    async def main() -> ProxyState:
+        runner = await start_upstream()
+        state = ProxyState(upstream=f"http://127.0.0.1:{up_port}", out_dir=tmp_path / "cap", flush_every_s=30.0)
+        port = free_port()
+        ready, stop = asyncio.Event(), asyncio.Event()
+        task = asyncio.create_task(serve(state, "127.0.0.1", port, ready=ready, stop=stop))
+        await ready.wait()
+        url = f"http://127.0.0.1:{port}"
+        statuses = []
+        try:
+            for stream in (False, True):
+                statuses.append((await post(url, {"model": "a1", "prompt": [1, 2], "max_tokens": 2, "stream": stream}))[0])
+            await runner.cleanup()  # the server goes down
+            for stream in (False, True):
+                st_, data, _ = await post(url, {"model": "a1", "prompt": [1, 2, 3], "max_tokens": 2, "stream": stream})
+                assert b"upstream unreachable" in data
+                statuses.append(st_)
+            runner = await start_upstream()  # and comes back
+            for stream in (False, True):
+                statuses.append((await post(url, {"model": "a1", "prompt": [1], "max_tokens": 2, "stream": stream}))[0])
+        finally:
+            stop.set()
+            await task
+            await runner.cleanup()
+        assert statuses == [200, 200, 502, 502, 200, 200]
+        return state
+
+    state = asyncio.run(main())
+    assert state.stats.upstream_errors == 2
+    df, _ = schema.read(tmp_path / "cap")
+    assert df["status"].to_list() == ["ok", "ok", "error", "error", "ok", "ok"]
+    assert df["error"][2].startswith("upstream unreachable") and df["prompt_tokens"].to_list()[2:4] == [3, 3]
+
+
 def test_unwritable_dir_is_reported_and_traffic_flows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")

@@ -128,7 +128,8 @@ def test_stop_with_requests_in_flight_gives_each_its_row(tmp_path: Path, tiny_mo
 
 def test_client_hang_up_reaches_the_server_at_once(tmp_path: Path, tiny_model: Path,
                                                    tiny_adapters: dict[str, Path]) -> None:
-    """Both seats held: a request queued behind them (streamed, then not) whose client
+    """A malformed JSON body is the server's to answer, and has its error row. Both seats
+    held: a request queued behind them (streamed, then not) whose client
     hangs up leaves the server's queue at once; a 900-token stream whose client hangs up
     mid-stream leaves the running set at once."""
     with VllmServer(tiny_model, tiny_adapters, max_loras=2, max_num_seqs=2, max_model_len=2048) as srv:
@@ -140,6 +141,10 @@ def test_client_hang_up_reaches_the_server_at_once(tmp_path: Path, tiny_model: P
         async def run() -> dict[str, float | None]:
             out: dict[str, float | None] = {}
             async with aiohttp.ClientSession() as s:
+                # A malformed JSON body: forwarded, answered by the server, recorded.
+                async with s.post(url + "/v1/completions", data=b'{"model": "a1", "prompt": [1',
+                                  headers={"Content-Type": "application/json"}) as r:
+                    out["bad_json_status"] = r.status
 
                 async def blocker() -> None:
                     async with s.post(srv.url + "/v1/completions", json={**body, "max_tokens": hold}) as r:
@@ -168,8 +173,11 @@ def test_client_hang_up_reaches_the_server_at_once(tmp_path: Path, tiny_model: P
         finally:
             proxy.send_signal(signal.SIGTERM)
             proxy.wait(timeout=60)
+    bad = took.pop("bad_json_status")
+    assert bad is not None and 400 <= bad < 500, bad
     assert all(v is not None and v < 1.0 for v in took.values()), took
     df, _ = schema.read(tmp_path / "cap", "results")
-    assert df["status"].to_list() == ["cancelled"] * 3, df.select("status", "error").rows()
+    assert df["status"].to_list() == ["error"] + ["cancelled"] * 3, df.select("status", "error").rows()
     errors = df["error"].to_list()
-    assert "before the first token" in errors[0] and "before the answer" in errors[1] and "mid-stream" in errors[2]
+    assert "not a JSON object" in errors[0] and f"HTTP {bad}" in errors[0], errors[0]
+    assert "before the first token" in errors[1] and "before the answer" in errors[2] and "mid-stream" in errors[3]

@@ -421,16 +421,17 @@ class VllmServer:
         except OSError:
             return "(no log)"
 
-    def stop(self, timeout: float = 20.0, group: bool = True) -> int | None:
-        """SIGTERM the server's process group (as systemd does), or with group=False only
-        the API server (as `docker stop` does); SIGKILL what lingers; remove temp files."""
+    def stop(self, timeout: float = 20.0, group: bool = True, sig: int = signal.SIGTERM) -> int | None:
+        """SIGTERM the server's process group (as systemd does; `sig=SIGINT`: Ctrl-C in its
+        terminal), or with group=False only the API server (as `docker stop` does);
+        SIGKILL what lingers; remove temp files."""
         rc = None
         if self.proc is not None:
             if self.proc.poll() is None:
                 if group:
-                    _signal_group(self.proc.pid, signal.SIGTERM)
+                    _signal_group(self.proc.pid, sig)
                 else:
-                    self.proc.send_signal(signal.SIGTERM)
+                    self.proc.send_signal(sig)
                 try:
                     self.proc.wait(timeout=timeout)
                 except subprocess.TimeoutExpired:
