@@ -35,9 +35,11 @@ What is wrapped (the process it runs in):
   `.num_gpu_blocks`, `.enable_prefix_caching`), `.lora_config` (`.max_loras`,
   `.max_cpu_loras`, `.max_lora_rank`), `.device_config.device`; and the server's
   `--lora-modules` from `sys.argv`.
-- The stat-logger fallback (`stat_logger.py`) reads the `SchedulerStats`,
+- The stat-logger fallback (`stat_logger.py`) subclasses
+  `vllm.v1.metrics.loggers.StatLoggerBase` and reads the `SchedulerStats`,
   `IterationStats` and iteration-details fields listed here as `STATS_FIELDS`,
   `ITER_FIELDS` and `DETAIL_FIELDS`.
+- `vllm.__version__`, written into each capture's context (`steps.vllm_version`).
 """
 
 from __future__ import annotations
