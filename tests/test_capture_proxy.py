@@ -365,6 +365,27 @@ def test_unwritable_dir_is_reported_and_traffic_flows(tmp_path: Path, capsys: py
     assert df.height == 3 and state.stats.parts >= 1
 
 
+def test_rows_kept_while_unwritable_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the bound, the oldest unwritten rows go (counted); the rest are written once
+    the directory works again."""
+    from tracekit.capture import rows as rows_mod
+
+    monkeypatch.setattr(rows_mod, "MAX_BUFFERED_ROWS", 3)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    w = rows_mod.CaptureWriter(blocker / "cap", lambda: schema.new_context(source="test"))
+    recs = [Record(arrival=float(i), model="a1", prompt_ids=[1, 2], max_tokens=2) for i in range(5)]
+    for i, rec in enumerate(recs):
+        rec.usage, rec.end, rec.done = {"prompt_tokens": 2, "completion_tokens": 2}, float(i) + 0.5, True
+        w.add(rows_mod.row_of(rec, f"r{i}", "a1", False))
+    asyncio.run(w.flush())
+    assert (w.write_errors, w.rows_dropped, len(w.rows)) == (1, 2, 3)
+    blocker.unlink()
+    asyncio.run(w.flush())
+    df, _ = schema.read(blocker / "cap")
+    assert df["request_id"].to_list() == ["r2", "r3", "r4"] and w.rows_written == 3
+
+
 # --- the relay, under any chunking of the upstream bytes ----------------------------------
 
 
