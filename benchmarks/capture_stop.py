@@ -176,7 +176,12 @@ async def hangups(server: str, via: str, repeats: int, hold: int) -> dict[str, l
                 blockers = [asyncio.create_task(blocker()) for _ in range(2)]
                 assert await wait_gauge(server, "running", 2, timeout=60) is not None
                 req = asyncio.create_task(s.post(via + "/v1/completions", json={**body, "max_tokens": 8, "stream": stream}))
-                assert await wait_gauge(server, "waiting", 1, timeout=60) is not None
+                if await wait_gauge(server, "waiting", 1, timeout=60) is None:
+                    state = ("pending" if not req.done() else "cancelled" if req.cancelled()
+                             else repr(req.exception()) if req.exception() else f"HTTP {req.result().status}")
+                    raise RuntimeError(f"the request via {via} never queued (repeat {len(out['mid_stream'])}, "
+                                       f"stream={stream}, hold {hold} tokens): request {state}, "
+                                       f"blockers done {[b.done() for b in blockers]}, gauges {gauges(server)}")
                 hang_up(req)
                 with_ = "queued_stream" if stream else "queued_json"
                 out[with_].append(await wait_gauge(server, "waiting", 0, timeout=10))
@@ -199,6 +204,7 @@ def part_hangup(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                     log_path=work / "server-hangup.log") as srv:
         speed = measure_speed(srv.url, "a1", batch=2)
         hold = min(1900, max(64, int(10.0 / speed.batch_decode_s)))
+        print(f"server speed {speed}; seats held for {hold} tokens", flush=True)
         proxy, url = start_proxy(srv.url, work / "hangup")
         try:
             via_proxy = asyncio.run(hangups(srv.url, url, args.repeats, hold))
