@@ -244,7 +244,7 @@ def render(data: dict[str, Any]) -> str:
             "",
             f"16 seats; requests over base, a1, a2, streamed and not; `--drain-timeout {p['drain']:g}`; SIGTERM "
             f"{p['stop_after']:g} s after sending; {p['repeats']} repeats. Server speed: "
-            f"{d['speed']['batch_decode_s'] * 1e3:.1f} ms per step at batch 16.",
+            f"{d['speed']['decode_s'] * 1e3:.1f} ms per token alone (the load here is fixed, not sized from it).",
             "",
             "Seconds from SIGTERM: the drain's end, the cut requests' rows, the last part written (the proxy's own "
             "summary), the process gone (seen by the client).",
