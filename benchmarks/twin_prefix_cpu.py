@@ -18,7 +18,7 @@ Stages (each holds /tmp/tracekit-heavy.lock, and is skipped when its outputs exi
   off   the same traces on a server without prefix caching
   twin  calibrate on each server's calibration steps, run the twin, report
 
-Run: .venv/bin/python benchmarks/twin_prefix_cpu.py [--stage all|on|off|twin] [--fresh]
+Run: .venv/bin/python benchmarks/twin_prefix_cpu.py [--stage all|on|off|twin] [--repeats 3] [--fresh]
 Needs the vLLM environment (TRACEKIT_VLLM_VENV=/work/main/.venv-vllm works, the step
 plugin is the installed one). Writes benchmarks/results/twin_prefix_cpu.{md,json} and the
 traces, steps, profiles and results under benchmarks/results/twin_prefix_cpu/.
@@ -138,6 +138,23 @@ def replay_real(srv: VllmServer, trace: Path, out: Path, steps_dir: Path, steps_
     steps_out.mkdir(parents=True, exist_ok=True)
     for p in sorted(set(steps_dir.glob("*.parquet")) - before):
         shutil.move(str(p), steps_out / p.name)
+    compact_steps(steps_out)
+
+
+def compact_steps(directory: Path) -> Path:
+    """The plugin's parts of one replay (one per flush, a step or two each on this slow
+    server) as one steps file in the same directory, with the capture's context: what
+    `twin calibrate` and the report read, without hundreds of tiny files."""
+    parts = sorted(directory.glob("*.parquet"))
+    out = directory / "steps.parquet"
+    if parts == [out]:
+        return out
+    table, meta = schema.read_arrow(directory, schema.KIND_STEPS)
+    ctx = {k: v for k, v in meta.context.items() if k != "parts"} | {"compacted_from_parts": len(parts)}
+    tmp = schema.write(directory / ".steps.compacting", table, schema.KIND_STEPS, ctx)
+    for p in parts:
+        p.unlink()
+    return tmp.rename(out)
 
 
 def probe_rate(srv: VllmServer, tmp: Path) -> float:
@@ -159,11 +176,17 @@ def probe_rate(srv: VllmServer, tmp: Path) -> float:
     return float(res.height / res["end_s"].max())
 
 
-def stage_real(caching: bool, load: float) -> None:
+def val_runs(repeats: int) -> list[str]:
+    """Names of the validation replays, in the order they ran: `val2` then `val` (the
+    first two), then `val3`, `val4`, ... (added by later `--repeats`)."""
+    return ["val"] if repeats <= 1 else ["val2", "val", *(f"val{i}" for i in range(3, repeats + 1))]
+
+
+def stage_real(caching: bool, load: float, repeats: int) -> None:
     tag = "on" if caching else "off"
-    done = WORK / f"val_{tag}.parquet"
-    if done.exists():
-        print(f"stage {tag}: done already ({done})")
+    todo = [n for n in ["cal", *val_runs(repeats)] if not (WORK / f"{n}_{tag}.parquet").exists()]
+    if not todo:
+        print(f"stage {tag}: done already")
         return
     model = build_model(size="medium")
     adapters = build_adapters(model, ADAPTERS)
@@ -179,12 +202,19 @@ def stage_real(caching: bool, load: float) -> None:
                         "calibration": make_trace(WORK / "cal_trace.parquet", rate, seed=1),
                         "validation": make_trace(WORK / "val_trace.parquet", rate, seed=2)}
                 meta_path.write_text(json.dumps(meta, indent=2))
-            # The validation trace twice: the real server's own run-to-run spread on this
-            # shared machine is the yardstick for the twin's error.
-            for name, trace in (("cal", "cal"), ("val2", "val"), ("val", "val")):
+            # The validation trace `repeats` times: the real server's own run-to-run spread
+            # on this shared machine is the yardstick for the twin's error (a run missing
+            # from an earlier stage is added, the others kept).
+            for name in todo:
+                trace = "cal" if name == "cal" else "val"
                 replay_real(srv, WORK / f"{trace}_trace.parquet", WORK / f"{name}_{tag}.parquet", steps_dir,
                             WORK / f"{name}_steps_{tag}", caching)
-        (WORK / f"stage_{tag}.json").write_text(json.dumps({"wall_s": time.time() - t0, "load_avg": os.getloadavg()}))
+        shutil.rmtree(steps_dir, ignore_errors=True)  # what is left: the plugin's own files
+        path = WORK / f"stage_{tag}.json"
+        done = json.loads(path.read_text()) if path.exists() else {}
+        runs = done.get("runs", []) + [{"replays": todo, "wall_s": time.time() - t0, "load_avg": os.getloadavg(),
+                                        "at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}]  # fmt: skip
+        path.write_text(json.dumps({**done, "runs": runs}))
 
 
 def twin_run(profile: Path, out: Path, *flags: str) -> dict[str, Any]:
@@ -214,46 +244,83 @@ def cached_match(real: dict[str, Any], twin: dict[str, Any]) -> dict[str, Any]:
             "real_total": int(x.sum()), "twin_total": int(y.sum())}  # fmt: skip
 
 
-def stage_twin() -> dict[str, Any]:
+KEYS = ("prefill_tokens", "throughput_tok_s", "mean_ttft_ms", "mean_itl_ms", "completed")
+
+
+def speed_vs_calibration(profile: Path, steps: Path) -> float:
+    """How much slower the real server ran a replay's own steps than the calibrated
+    step-time model predicts for them (1.0: as fast as during calibration): the server's
+    speed drift on this shared machine, apart from any scheduling difference."""
+    from twin.calibrate import load_steps
+    from twin.profile import load_profile
+
+    prof = load_profile(str(profile))
+    st, ctx = load_steps([str(steps)])
+    raw = pl.read_parquet(steps)
+    pred = prof.step_time(st["prefill_tokens"].to_numpy(), st["decode_tokens"].to_numpy(), st["context_tokens"].to_numpy(),
+                          st["num_adapters"].to_numpy(), st["rank_sum"].to_numpy(), max_lora_rank=SERVER["max_lora_rank"],
+                          max_loras=SERVER["max_loras"], prefill_reqs=raw["prefill_reqs"].to_numpy())  # fmt: skip
+    loads = st["adapter_load_s"].fill_null(0.0).to_numpy()
+    return float(st["duration_s"].sum() / (pred.sum() + loads.sum()))
+
+
+def errors(x: dict[str, Any], ref: dict[str, Any]) -> dict[str, float]:
+    return {k: (x[k] - ref[k]) / ref[k] for k in GOALS if ref[k]}
+
+
+def stage_twin(repeats: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for tag in ("on", "off"):
         cal = cli("twin", "calibrate", str(WORK / f"cal_steps_{tag}"), "--out", str(WORK / f"profile_{tag}.json"),
                   "--name", f"cpu-medium-prefix-{tag}")  # fmt: skip
-        val_steps = pl.read_parquet(WORK / f"val_steps_{tag}")
-        real = metrics(WORK / f"val_{tag}.parquet", int(val_steps["prefill_tokens"].sum()))
-        repeat = None
-        if (WORK / f"val2_{tag}.parquet").exists():
-            rep = metrics(WORK / f"val2_{tag}.parquet", int(pl.read_parquet(WORK / f"val2_steps_{tag}")["prefill_tokens"].sum()))
-            repeat = {**{k: rep[k] for k in ("prefill_tokens", "throughput_tok_s", "mean_ttft_ms", "mean_itl_ms", "completed")},
-                      "error": {k: (rep[k] - real[k]) / real[k] for k in GOALS if real[k]}, "cached_tokens": cached_match(real, rep)}
-        runs = {"twin": ()}
+        names = [n for n in val_runs(repeats) if (WORK / f"{n}_{tag}.parquet").exists()]
+        reals = {n: metrics(WORK / f"{n}_{tag}.parquet", int(pl.read_parquet(WORK / f"{n}_steps_{tag}")["prefill_tokens"].sum()))
+                 for n in names}  # fmt: skip
+        # The yardstick: the median of the validation replays, metric by metric (one run
+        # on this shared machine is off by up to a quarter, see `runs`).
+        real = {k: float(np.median([r[k] for r in reals.values()])) for k in KEYS}
+        last = reals["val"]  # cached tokens per request: the same in every run (checked below)
+        runs = {}
+        for n, r in reals.items():
+            # The twin with step times fitted on this run's own steps (a diagnostic, not
+            # a prediction): what is left of its error is the scheduling's, not the
+            # server's speed drift.
+            prof = WORK / f"profile_{n}_{tag}_own_steps.json"
+            cli("twin", "calibrate", str(WORK / f"{n}_steps_{tag}"), "--out", str(prof), "--name", f"{n}-{tag}-own-steps")
+            path = WORK / f"twin_{n}_{tag}_own_steps.parquet"
+            own = metrics(path, int(twin_run(prof, path)["prefill_tokens_computed"]))
+            runs[n] = {**{k: r[k] for k in KEYS}, "error_vs_median": errors(r, real),
+                       "speed_vs_calibration": speed_vs_calibration(WORK / f"profile_{tag}.json", WORK / f"{n}_steps_{tag}"),
+                       "cached_tokens": cached_match(last, r),
+                       "twin_own_steps": {**{k: own[k] for k in KEYS}, "error": errors(own, r)}}  # fmt: skip
+        flags_by_label = {"twin": ()}
         if tag == "on":
-            runs |= {"twin, prefix caching off": ("--no-enable-prefix-caching",),
-                     "twin, admission on the first chunk": ("--no-scheduler-reserve-full-isl",)}
+            flags_by_label |= {"twin, prefix caching off": ("--no-enable-prefix-caching",),
+                               "twin, admission on the first chunk": ("--no-scheduler-reserve-full-isl",)}
         else:
-            runs |= {"twin, admission on the first chunk": ("--no-scheduler-reserve-full-isl",)}
+            flags_by_label |= {"twin, admission on the first chunk": ("--no-scheduler-reserve-full-isl",)}
         rows = {}
-        for label, flags in runs.items():
+        for label, flags in flags_by_label.items():
             path = WORK / f"val_twin_{tag}_{len(rows)}.parquet"
             summ = twin_run(WORK / f"profile_{tag}.json", path, *flags)
             tw = metrics(path, int(summ["prefill_tokens_computed"]))
             rows[label] = {
                 "flags": list(flags),
-                **{k: tw[k] for k in ("prefill_tokens", "throughput_tok_s", "mean_ttft_ms", "mean_itl_ms", "completed")},
-                "error": {k: (tw[k] - real[k]) / real[k] for k in GOALS if real[k]},
-                "cached_tokens": cached_match(real, tw),
+                **{k: tw[k] for k in KEYS},
+                "error": errors(tw, real),
+                "error_vs_each_run": {n: errors(tw, r) for n, r in reals.items()},
+                "cached_tokens": cached_match(last, tw),
                 "preemptions": summ["preemptions"],
             }
-        out[tag] = {"real": {k: real[k] for k in ("prefill_tokens", "throughput_tok_s", "mean_ttft_ms", "mean_itl_ms", "completed")},
-                    "real_repeat": repeat,
+        out[tag] = {"real": real, "real_runs": runs,
                     "real_prompt_tokens": int(pl.read_parquet(WORK / f"val_{tag}.parquet")["prompt_tokens"].sum()),
-                    "real_steps": val_steps.height, "real_preemptions": int(val_steps["num_preempted"].sum()),
+                    "real_preemptions": int(pl.read_parquet(WORK / f"val_steps_{tag}")["num_preempted"].sum()),
                     "twin": rows, "calibration": cal.stdout.strip()[-1500:],
                     "server": json.loads((WORK / f"profile_{tag}.json").read_text())["server"]}  # fmt: skip
     return out
 
 
-def report(out: dict[str, Any]) -> None:
+def report(out: dict[str, Any], repeats: int) -> None:
     meta = json.loads((WORK / "traces.json").read_text())
     stages = {t: json.loads((WORK / f"stage_{t}.json").read_text()) for t in ("on", "off") if (WORK / f"stage_{t}.json").exists()}
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")), "?")
@@ -264,6 +331,7 @@ def report(out: dict[str, Any]) -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "twin_prefix_cpu.json").write_text(json.dumps(
         {"machine": machine, "command": cmd.strip(), "traces": meta, "stages": stages, "results": out}, indent=2, default=str))
+    n_runs = {tag: len(out[tag]["real_runs"]) for tag in out}
     lines = [
         "# The twin against real vLLM on the CPU, prefix caching on and off",
         "",
@@ -276,38 +344,58 @@ def report(out: dict[str, Any]) -> None:
         f"conversations), token ids in the trace; {meta['validation']['requests']} requests each "
         f"({meta['validation']['base_requests']} to the base model), arriving at {meta['load']:.2f} x the "
         f"{meta['probe_req_s']:.2f} req/s the server sustained on a probe batch. The twin is calibrated on the steps "
-        "of the calibration trace (seed 1) and checked on the validation trace (seed 2).",
+        f"of the calibration trace (seed 1) and checked on the validation trace (seed 2), replayed {' and '.join(f'{n} times ({t})' for t, n in n_runs.items())} on "
+        "the real server (each from a cold prefix cache).",
         "",
         "| server | run | prefill tokens computed | throughput tok/s | mean TTFT ms | mean ITL ms | cached tokens exact | within a block |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
+
+    def row(tag: str, label: str, t: dict[str, Any], e: dict[str, float], c: dict[str, Any] | None) -> str:
+        share = lambda k: f"{100 * c[k]:.0f}%" if c and k in c else ""  # noqa: E731
+        return (f"| prefix caching {tag} | {label} | {t['prefill_tokens']:,.0f} ({100 * e.get('prefill_tokens', 0):+.1f}%) | "
+                f"{t['throughput_tok_s']:.1f} ({100 * e.get('throughput_tok_s', 0):+.1f}%) | "
+                f"{t['mean_ttft_ms']:.0f} ({100 * e.get('mean_ttft_ms', 0):+.1f}%) | {t['mean_itl_ms']:.1f} | "
+                f"{share('exact_share')} | {share('within_one_block_share')} |")
+
     for tag in ("on", "off"):
         if tag not in out:
             continue
         r = out[tag]
         real = r["real"]
-        lines.append(f"| prefix caching {tag} | real vLLM | {real['prefill_tokens']:,} (of {r['real_prompt_tokens']:,} prompt) | "
-                     f"{real['throughput_tok_s']:.1f} | {real['mean_ttft_ms']:.0f} | {real['mean_itl_ms']:.1f} | | |")
-        rows = dict(r["twin"])
-        if r.get("real_repeat"):
-            rows = {"real vLLM again (its own spread)": r["real_repeat"], **rows}
-        for label, t in rows.items():
-            e = t["error"]
-            c = t["cached_tokens"]
-            share = lambda k, c=c: f"{100 * c[k]:.0f}%" if k in c else "-"  # noqa: E731
-            lines.append(
-                f"| prefix caching {tag} | {label} | {t['prefill_tokens']:,} ({100 * e.get('prefill_tokens', 0):+.1f}%) | "
-                f"{t['throughput_tok_s']:.1f} ({100 * e.get('throughput_tok_s', 0):+.1f}%) | "
-                f"{t['mean_ttft_ms']:.0f} ({100 * e.get('mean_ttft_ms', 0):+.1f}%) | {t['mean_itl_ms']:.1f} | "
-                f"{share('exact_share')} | {share('within_one_block_share')} |"
-            )
+        lines.append(f"| prefix caching {tag} | real vLLM, median of {len(r['real_runs'])} runs | {real['prefill_tokens']:,.0f} "
+                     f"(of {r['real_prompt_tokens']:,} prompt) | {real['throughput_tok_s']:.1f} | {real['mean_ttft_ms']:.0f} | "
+                     f"{real['mean_itl_ms']:.1f} | | |")
+        for n, run in r["real_runs"].items():
+            lines.append(row(tag, f"real vLLM, run {n} (steps {100 * (run['speed_vs_calibration'] - 1):+.0f}% vs calibration)",
+                             run, run["error_vs_median"], run["cached_tokens"]))
+        for label, t in r["twin"].items():
+            lines.append(row(tag, label, t, t["error"], t["cached_tokens"]))
     lines += [
         "",
         "Goals (the issue): prefill tokens within 3% of the captured steps, throughput within 5%, mean TTFT within 15%, "
-        "cached tokens per request matching vLLM's. Errors are against the last real run; \"real vLLM again\" is the same "
-        "trace replayed once more on the same server just before, the machine's own run-to-run spread. Rows with a feature "
-        "off show what that feature is worth. "
-        "Async scheduling is not checked here: vLLM's CPU platform forces it off.",
+        "cached tokens per request matching vLLM's. Errors in brackets are against the median of the real runs (for a "
+        "real run: its own distance from that median, the machine's run-to-run spread). \"steps x% vs calibration\": "
+        "the real server's step durations in that run against what the calibrated step-time model predicts for those "
+        "very steps, i.e. how much slower (or faster) the server ran than while the calibration trace was captured; "
+        "at 0.8 of the sustained rate a queue amplifies that into mean TTFT. Rows with a feature off show what that "
+        "feature is worth. Async scheduling is not checked here: vLLM's CPU platform forces it off.",
+        "",
+        *[f"- Real server's own spread, prefix caching {tag}: mean TTFT {min(v):.0f}-{max(v):.0f} ms over "
+          f"{len(v)} replays of the same trace ({100 * (min(v) / m - 1):+.0f}% to {100 * (max(v) / m - 1):+.0f}% of their "
+          f"median), its steps {100 * (min(d) - 1):+.0f}% to {100 * (max(d) - 1):+.0f}% against the calibrated model; the "
+          f"twin {100 * out[tag]['twin']['twin']['error']['mean_ttft_ms']:+.1f}% of the median."
+          for tag in ("on", "off") if tag in out
+          for v, d, m in [([r["mean_ttft_ms"] for r in out[tag]["real_runs"].values()],
+                           [r["speed_vs_calibration"] for r in out[tag]["real_runs"].values()], out[tag]["real"]["mean_ttft_ms"])]],
+        "",
+        "Diagnostic, the twin with step times fitted on each real run's own steps (`twin calibrate` on that run; it "
+        "removes the server's speed drift and leaves the scheduling's error), mean TTFT error against that run:",
+        "",
+        *[f"- prefix caching {tag}: " + ", ".join(
+            f"{n} {100 * run['twin_own_steps']['error']['mean_ttft_ms']:+.1f}% (throughput "
+            f"{100 * run['twin_own_steps']['error']['throughput_tok_s']:+.1f}%)" for n, run in out[tag]["real_runs"].items())
+          for tag in ("on", "off") if tag in out],
         "",
         "Server section `twin calibrate` wrote (the twin's defaults):",
         "",
@@ -324,17 +412,21 @@ def main() -> None:
     # from a few percent of speed (at 100% of the probe rate, 8% slower steps doubled it).
     ap.add_argument("--load", type=float, default=0.8, help="arrival rate / the probe's sustained rate")
     ap.add_argument("--fresh", action="store_true", help="start over (remove the saved traces and runs)")
+    ap.add_argument("--repeats", type=int, default=3, help="replays of the validation trace on each real server "
+                    "(runs already on disk are kept; the twin is scored against their median)")
     args = ap.parse_args()
     if args.fresh:
         shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True, exist_ok=True)
     lengths_file(WORK / "lengths.csv", 0)
     if args.stage in ("all", "on"):
-        stage_real(True, args.load)
+        stage_real(True, args.load, args.repeats)
     if args.stage in ("all", "off"):
-        stage_real(False, args.load)
+        stage_real(False, args.load, args.repeats)
+    for d in sorted(WORK.glob("*_steps_*")):  # runs captured before steps were compacted
+        compact_steps(d)
     if args.stage in ("all", "twin"):
-        report(stage_twin())
+        report(stage_twin(args.repeats), args.repeats)
 
 
 if __name__ == "__main__":

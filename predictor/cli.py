@@ -15,6 +15,7 @@ from tracekit.cliutil import LazyGroup
         "dataset": "predictor.dataset:dataset_cmd",
         "train": "predictor.train:train_cmd",
         "recommend": "predictor.recommend:recommend_cmd",
+        "plan": "predictor.fleet:plan_cmd",
     },
 )
 @click.version_option(__version__, prog_name="predictor")

@@ -33,12 +33,12 @@ from predictor import features as feats
 from predictor import pio
 from predictor import spec as specmod
 from predictor.spec import Cell, Spec
+from tracekit import parallel
 from tracekit.cliutil import console, user_errors
 from tracekit.metrics import STARVING_THRESHOLD
 from tracekit.schema import TracekitError
 
 DEFAULT_SIMULATOR = "twin.api:simulate"
-SINGLE_THREAD_ENV = {"POLARS_MAX_THREADS": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 FLUSH_EVERY_S = 5.0
 FLUSH_EVERY_ROWS = 32
 
@@ -169,84 +169,17 @@ def done_keys(out: Path, profile_sha: str | None = None) -> set[str]:
     return set() if df is None else set(df["cell_key"].to_list())
 
 
-# --- executors --------------------------------------------------------------------------
+# --- executors (tracekit.parallel: shared with the fleet twin) -------------------------
 
 
 def _iter_local(cells: list[Cell], profile: str, simulator: str, jobs: int) -> Iterator[dict[str, Any]]:
-    if jobs <= 1:
-        for c in cells:
-            yield run_cell(c, profile, simulator)
-        return
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    # spawn, not fork: forking a process that already runs polars' thread pool can
-    # deadlock the child. One thread per worker: N workers x N polars/BLAS threads each
-    # oversubscribe the cores (measured: 2 workers ran slower than 1 on 2 cores).
-    saved = {k: os.environ.get(k) for k in SINGLE_THREAD_ENV}
-    os.environ.update(SINGLE_THREAD_ENV)
-    try:
-        ex = ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"))
-        futs = [ex.submit(run_cell, c, profile, simulator) for c in cells]  # workers start here
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    with ex:
-        try:
-            for f in as_completed(futs):
-                yield f.result()
-        finally:
-            for f in futs:
-                f.cancel()
-
-
-def _check_reachable(address: str) -> None:
-    """Fail in seconds, not minutes (ray.init retries a dead address for a long time)."""
-    import socket
-
-    if address == "auto":
-        return
-    hostport = address.split("://", 1)[-1]
-    host, _, port = hostport.rpartition(":")
-    try:
-        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=5):
-            pass
-    except (OSError, ValueError) as e:
-        raise TracekitError(f"--ray-address {address}: cannot connect: {e}") from None
+    for _, row in parallel.iter_local(run_cell, [(c, profile, simulator) for c in cells], jobs):
+        yield row
 
 
 def _iter_ray(cells: list[Cell], profile: str, simulator: str, jobs: int, address: str | None) -> Iterator[dict[str, Any]]:
-    try:
-        import ray
-    except ImportError:
-        raise TracekitError("--executor ray needs Ray: pip install 'lora-tracekit[ray]'") from None
-    started = False
-    if not ray.is_initialized():
-        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
-        if address:
-            _check_reachable(address)
-            kwargs["address"] = address
-        else:
-            kwargs["num_cpus"] = max(1, jobs)
-            kwargs["runtime_env"] = {"env_vars": dict(SINGLE_THREAD_ENV)}
-        try:
-            ray.init(**kwargs)
-        except Exception as e:  # ray raises many types for a bad address
-            raise TracekitError(f"--ray-address {address}: cannot connect: {str(e).splitlines()[0]}") from None
-        started = True
-    try:
-        remote = ray.remote(num_cpus=1)(run_cell)
-        pending = [remote.remote(c, profile, simulator) for c in cells]
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            for r in ready:
-                yield ray.get(r)
-    finally:
-        if started:
-            ray.shutdown()
+    for _, row in parallel.iter_ray(run_cell, [(c, profile, simulator) for c in cells], jobs, address):
+        yield row
 
 
 def sweep(
@@ -295,7 +228,7 @@ def sweep(
         it = _iter_local(todo, profile, simulator, jobs)
     elif executor == "ray":
         if ray_address:
-            _check_reachable(ray_address)
+            parallel.check_reachable(ray_address)
         it = _iter_ray(todo, profile, simulator, jobs, ray_address)
     else:
         raise TracekitError(f"--executor {executor}: expected local or ray")

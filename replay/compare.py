@@ -141,6 +141,11 @@ def compare_cmd(a: Path, b: Path, as_json: bool, plots_dir: Path | None, show_al
     db, cb = load_results(b)
     check_same_trace(da, db, str(a), str(b))
     d = compare_dict(da, ca, db, cb)
+    fleet = "replica" in da.columns and "replica" in db.columns
+    if fleet:
+        from replay.fleet_compare import per_replica
+
+        d["per_replica"] = per_replica(da, ca, db, cb)
     la = f"A:{ca.get('target') or a.stem}"
     lb = f"B:{cb.get('target') or b.stem}"
     if as_json:
@@ -158,6 +163,10 @@ def compare_cmd(a: Path, b: Path, as_json: bool, plots_dir: Path | None, show_al
         ka, kb = d["metrics"]["completed"]["a"], d["metrics"]["completed"]["b"]
         console.print(f"latency rows count completed requests only: {la} {ka:,} of {na:,}, {lb} {kb:,} of {nb:,}")
         console.print(_per_adapter_errors(d["per_adapter"], show_all, console.width))
+        if fleet:
+            from replay.fleet_compare import render_per_replica
+
+            render_per_replica(d["per_replica"], console)
         if d["per_adapter_mean_abs_throughput_err"] is not None:
             console.print(f"mean |per-adapter throughput error| {d['per_adapter_mean_abs_throughput_err'] * 100:.1f}%"
                           + (f", mean |per-adapter TTFT error| {d['per_adapter_mean_abs_ttft_err'] * 100:.1f}%"

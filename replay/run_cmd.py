@@ -12,6 +12,7 @@ import polars as pl
 from tracekit.cliutil import console, renamed, user_errors
 from tracekit.schema import KIND_RESULTS, TracekitError, read_trace, write
 from twin.options import SERVING_FLAG_NAMES, config_from_options, describe_config, serving_options
+from twin.routing import ROUTERS
 
 TWIN_FLAGS = ("profile", *SERVING_FLAG_NAMES)
 VLLM_FLAGS = ("url", "lora_dir", "model", "max_concurrency", "request_timeout", "drain_timeout")
@@ -69,7 +70,12 @@ def _check_writable(out: Path) -> None:
               help="Never cut: wait for every request to finish (bounded by --request-timeout).")
 @click.option("--warmup", type=float, default=0.0, show_default=True,
               help="Exclude requests arriving in the first S seconds from the metrics (context warmup_s).")
-@click.option("--url", default=None, help="vllm: base URL of the OpenAI-compatible server.")
+@click.option("--url", default=None,
+              help="vllm: base URL of the OpenAI-compatible server; URL1,URL2,... for a fleet (one per GPU of --plan).")
+@click.option("--plan", "plan_path", type=click.Path(path_type=Path), default=None,
+              help="A fleet plan (JSON; see `twin run --fleet`): its GPUs are the servers of --url, or twins.")
+@click.option("--router", type=click.Choice(ROUTERS), default=None,
+              help="fleet: how requests are sent to GPUs [default: the plan's, else placement].")
 @click.option("--lora-dir", type=click.Path(path_type=Path), default=None,
               help="vllm: folder of adapters (DIR/<name>, else a folder of the same rank).")
 @click.option("--model", default=None, help="vllm: served base model name [default: from /v1/models].")
@@ -92,9 +98,12 @@ def _check_writable(out: Path) -> None:
 @user_errors
 def run_cmd(trace: Path, target: str, out: Path, speed: float, duration: float | None, until_done: bool,
             warmup: float, no_progress: bool, seed: int, token_id_range: str, as_json: bool,
-            plots_dir: Path | None, show_all: bool, **flags: Any) -> None:
+            plots_dir: Path | None, show_all: bool, plan_path: Path | None, router: str | None,
+            **flags: Any) -> None:
     """Replay TRACE open-loop against a vLLM server (--target vllm --url URL) or the twin
-    (--target twin --profile P ...), and write per-request results to --out."""
+    (--target twin --profile P ...), and write per-request results to --out. A fleet:
+    --plan PLAN [--router R] with --url URL1,URL2,... (one server per GPU) or the twin;
+    the results then have a `replica` column."""
     if speed <= 0:
         raise TracekitError(f"--speed must be positive, got {speed}")
     if duration is not None and duration <= 0:
@@ -118,8 +127,36 @@ def run_cmd(trace: Path, target: str, out: Path, speed: float, duration: float |
     if cut is not None and warmup >= cut:
         raise TracekitError(f"--warmup {warmup} must be shorter than the run ({cut:g} s)")
 
+    plan = None
+    if plan_path is not None:
+        from twin.fleet_plan import FleetPlan
+
+        plan = FleetPlan.load(plan_path)
+        router = router or plan.router or "placement"
+    elif router is not None:
+        raise TracekitError("--router needs --plan PLAN (the fleet's GPUs and their adapters)")
     tgt: Any
-    if target == "vllm":
+    if target == "vllm" and (plan is not None or (flags["url"] and "," in flags["url"])):
+        from replay.fleet_target import VllmFleetTarget, parse_urls
+
+        if plan is None:
+            raise TracekitError("--url lists several servers: pass --plan PLAN (one GPU per server, in order)")
+        tgt = VllmFleetTarget(urls=parse_urls(flags["url"] or ""), plan=plan, router=router or "placement",
+                              lora_dir=flags["lora_dir"], model=flags["model"], max_concurrency=flags["max_concurrency"],
+                              request_timeout_s=flags["request_timeout"], drain_timeout_s=flags["drain_timeout"],
+                              seed=seed, token_id_range=_parse_id_range(token_id_range), progress=not no_progress)
+    elif target == "twin" and plan is not None:
+        from replay.fleet_target import TwinFleetTarget
+
+        if not flags["profile"]:
+            raise TracekitError("--target twin needs --profile (see `twin profiles`)")
+        given = [k for k in SERVING_FLAG_NAMES if flags.get(k) is not None]
+        if given:
+            raise TracekitError(f"--{given[0].replace('_', '-')} does not apply with --plan: set it per GPU in the plan")
+        from twin.profile import load_profile
+
+        tgt = TwinFleetTarget(profile=load_profile(flags["profile"]), plan=plan, router=router or "placement")
+    elif target == "vllm":
         from replay.targets import VllmTarget
 
         if not flags["url"]:
@@ -142,7 +179,7 @@ def run_cmd(trace: Path, target: str, out: Path, speed: float, duration: float |
         tgt = TwinTarget(profile=profile, config=config)
 
     replayed = tgt.replay(df, dict(meta.context), cut)
-    if target == "twin":
+    if target == "twin" and plan is None:  # a fleet's per-GPU configurations are in its `fleet` context
         kv = (replayed.context.get("twin") or {}).get("kv_capacity_tokens")
         replayed.context["configuration"] = describe_config(profile, config, flags, kv)
     context = {k: v for k, v in meta.context.items() if k not in ("window_s", "parts")}
@@ -155,6 +192,7 @@ def run_cmd(trace: Path, target: str, out: Path, speed: float, duration: float |
         "speed": speed,
         "warmup_s": warmup,
         "replay_flags": {"window": duration, "drain": until_done, "seed": seed,
+                         **({"plan": str(plan_path), "router": router} if plan is not None else {}),
                          **{k: (str(v) if isinstance(v, Path) else v) for k, v in flags.items()
                             if v is not None and k in (VLLM_FLAGS if target == "vllm" else TWIN_FLAGS)}},
     })
@@ -167,6 +205,13 @@ def run_cmd(trace: Path, target: str, out: Path, speed: float, duration: float |
         click.echo(json.dumps(_json_safe(dict(report_dict(res, ctx), out=str(out))), default=str))
     else:
         render_summary(res, ctx, console, show_all=show_all)
+        if plan is not None:
+            import pyarrow.parquet as pq
+
+            from twin.fleet import fleet_summary
+            from twin.fleet_cmd import render_fleet
+
+            render_fleet(fleet_summary(pq.read_table(out), ctx, plan, None), f"fleet: router {router}, per replica")
         if context.get("interrupted"):
             console.print("[yellow]interrupted: results so far were written[/]")
         console.print(f"wrote {out} ({res.height:,} requests)")

@@ -145,6 +145,9 @@ COMMANDS: list[tuple[str, tuple[str, ...], str, Argv]] = [
     ("predictor", ("features",), "trace", lambda f, o, g: ["features", str(f)]),
     ("predictor", ("recommend",), "trace", lambda f, o, g: ["recommend", str(f), "--profile", PROFILE]),
     ("predictor", ("recommend",), "profile", lambda f, o, g: ["recommend", str(g["trace"]), "--profile", str(f)]),
+    ("predictor", ("plan",), "trace", lambda f, o, g: ["plan", str(f), "--profile", PROFILE, "--out", str(o / "p.json")]),
+    ("predictor", ("plan",), "profile",
+     lambda f, o, g: ["plan", str(g["trace"]), "--profile", str(f), "--out", str(o / "p.json")]),
     ("predictor", ("dataset",), "profile",
      lambda f, o, g: ["dataset", "--profile", str(f), "--workloads", "adapters=4;rates=0.1", "--out", str(o / "d.parquet")]),
     ("predictor", ("train",), "dataset", lambda f, o, g: ["train", str(f), "--out", str(o / "m.json")]),
@@ -164,7 +167,7 @@ VALID_FOR: dict[tuple[str, ...], set[str]] = {
 }
 # The commands that read a trace: a trace with bad values gets the same line from each.
 TRACE_READERS = {("tracekit", ("inspect",)), ("twin", ("run",)), ("replay", ("run",)), ("predictor", ("features",)),
-                 ("predictor", ("recommend",))}
+                 ("predictor", ("recommend",)), ("predictor", ("plan",))}
 
 
 def pairs(bad: dict[str, Path], profiles: dict[str, Path]) -> list[tuple[str, tuple[str, ...], str, str, Argv]]:

@@ -233,3 +233,20 @@ def test_calibrate_without_kv_capacity_is_an_error_naming_the_flag(tmp_path: Pat
     res = CliRunner().invoke(twin_cli, ["calibrate", str(steps), "--out", str(out), "--kv-capacity-tokens", "12345"])
     assert res.exit_code == 0, res.output
     assert load_profile(out).kv_capacity_tokens(ServingConfig()) == 12345
+
+
+def test_profiles_and_calibrate_print_json(tmp_path: Path) -> None:
+    """Every command that prints a summary has `--json`: one object a script can read."""
+    res = CliRunner().invoke(twin_cli, ["profiles", "--json"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.output)
+    assert {"h100-llama-3.1-8b", "h100-qwen-2.5-7b"} <= {r["name"] for r in rows}
+    data, _ = _steps(500, 3)
+    steps = write(tmp_path / "s.parquet", data, KIND_STEPS, _ctx())
+    out = tmp_path / "p.json"
+    res = CliRunner().invoke(twin_cli, ["calibrate", str(steps), "--out", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.output)
+    assert summary["profile"] == str(out) and summary["steps"] == 500
+    assert summary["kv_tokens"] == 40_000 and summary["fit_error"]["held_out"]["n"] == 100
+    assert summary["coef"] == json.loads(out.read_text())["step_time"]["coef"]

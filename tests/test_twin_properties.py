@@ -113,11 +113,19 @@ def test_invariants(scenario: tuple[pl.DataFrame, Profile, ServingConfig, float 
     assert steps.equals(again.steps)
 
 
+Scenario = tuple[pl.DataFrame, Profile, ServingConfig, float | None, dict, list[list[int]]]
+
+
 @st.composite
-def shared_prefix_scenarios(draw: st.DrawFn) -> tuple[pl.DataFrame, Profile, ServingConfig, float | None]:
+def shared_prefix_scenarios(draw: st.DrawFn) -> Scenario:
     """Multi-turn chats over a few adapters and the base model, with shared system
-    prompts that different adapters use too (as token ids), under prefix caching and any
-    mix of full-prompt admission and async scheduling, in KV caches from tight to ample."""
+    prompts that different adapters use too, some prompts sent again as they were (a
+    retry: a hit on the whole prompt is possible), under prefix caching and any mix of
+    full-prompt admission and async scheduling, in KV caches from tight to ample. The
+    sharing is in the trace either as token ids (hashed by the twin, keyed by adapter) or
+    as `prefix_hashes` as Mooncake writes them: one id per distinct prefix block, the same
+    for every adapter (so only the pool keeps adapters apart), in blocks of the engine's
+    size or twice it. Returns (trace, profile, config, window, trace context, token ids)."""
     n = draw(st.integers(1, 50))
     adapters = draw(st.integers(1, 4))
     seed = draw(st.integers(0, 2**31 - 1))
@@ -133,6 +141,9 @@ def shared_prefix_scenarios(draw: st.DrawFn) -> tuple[pl.DataFrame, Profile, Ser
         if prev is None or rng.random() < 0.3:
             prev = list(systems[int(rng.integers(0, 3))])
         ids = prev + rng.integers(1000, 1004, int(rng.integers(1, 60))).tolist()  # few ids: repeats happen
+        same = [x for b, x in rows if b == a]
+        if same and rng.random() < 0.15:
+            ids = list(same[int(rng.integers(0, len(same)))])  # the same prompt again
         history[a] = ids + rng.integers(1000, 2000, int(rng.integers(0, 20))).tolist()
         rows.append((a, ids))
     tr = pl.DataFrame(
@@ -146,6 +157,14 @@ def shared_prefix_scenarios(draw: st.DrawFn) -> tuple[pl.DataFrame, Profile, Ser
         },
         schema_overrides={"prompt_token_ids": pl.List(pl.Int32)},
     )
+    ids_of = [x for _, x in rows]
+    context: dict = {}
+    if draw(st.booleans()):
+        tb = bs * draw(st.sampled_from([1, 2]))
+        block_ids: dict[tuple[int, ...], int] = {}
+        hashes = [[block_ids.setdefault(tuple(x[: (j + 1) * tb]), len(block_ids)) for j in range(len(x) // tb)] for x in ids_of]
+        tr = tr.drop("prompt_token_ids").with_columns(prefix_hashes=pl.Series(hashes, dtype=pl.List(pl.Int64)))
+        context = {"prefix_block_tokens": tb}
     max_loras = draw(st.integers(1, 3))
     config = ServingConfig(
         max_loras=max_loras,
@@ -167,7 +186,7 @@ def shared_prefix_scenarios(draw: st.DrawFn) -> tuple[pl.DataFrame, Profile, Ser
             "request_intake": {"s_per_request": draw(st.sampled_from([0.0, 0.003]))},
         }
     )
-    return tr, profile, config, draw(st.sampled_from([None, 3.0]))
+    return tr, profile, config, draw(st.sampled_from([None, 3.0])), context, ids_of
 
 
 def _lcp(a: list[int], b: list[int]) -> int:
@@ -181,18 +200,17 @@ def _lcp(a: list[int], b: list[int]) -> int:
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(shared_prefix_scenarios())
-def test_prefix_cache_invariants(scenario: tuple[pl.DataFrame, Profile, ServingConfig, float | None]) -> None:
+def test_prefix_cache_invariants(scenario: Scenario) -> None:
     """Under prefix caching, after every step (`check_invariants`): no block is both free
     and held (free + held = all blocks), every cached block's reference count equals the
     requests holding it, and no two adapters share a block. On the results: a hit never
     exceeds the prompt minus one token, and is never longer than the (block-aligned)
     prefix the prompt shares with another request of the same adapter -- so adapters
     never share a cached prefix. Fast-forward changes nothing."""
-    tr, profile, config, window = scenario
-    res = simulate(tr, profile, config, window_s=window, record_steps=True, check_invariants=True)
+    tr, profile, config, window, context, ids = scenario
+    res = simulate(tr, profile, config, trace_context=context, window_s=window, record_steps=True, check_invariants=True)
     out = pl.from_arrow(res.results)
     assert isinstance(out, pl.DataFrame)
-    ids = tr["prompt_token_ids"].to_list()
     adapters = tr["adapter"].to_list()
     bs = config.block_size
     for i, hit in enumerate(out["cached_tokens"].to_list()):
@@ -213,6 +231,6 @@ def test_prefix_cache_invariants(scenario: tuple[pl.DataFrame, Profile, ServingC
         assert (s["prefill_tokens"] + s["decode_tokens"] <= config.max_num_batched_tokens).all()
         assert (s["kv_usage"] <= 1.0).all()
     assert int(s["prefill_tokens"].sum()) == res.summary["prefill_tokens_computed"]
-    plain = simulate(tr, profile, config, window_s=window, record_steps=True, fast_forward=False)
+    plain = simulate(tr, profile, config, trace_context=context, window_s=window, record_steps=True, fast_forward=False)
     assert res.results.equals(plain.results) and res.steps.equals(plain.steps)
     assert res.summary["admission_blocked"] == plain.summary["admission_blocked"]

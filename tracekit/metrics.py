@@ -158,3 +158,42 @@ def per_adapter(results: pl.DataFrame, context: Mapping[str, Any] | None = None)
         )
         .sort("adapter")
     )
+
+
+def adapter_service(results: pl.DataFrame, context: Mapping[str, Any] | None = None, tail_s: float = 0.0) -> pl.DataFrame:
+    """Per adapter (base model as `<base>`): offered and served token rates with
+    `summarize`'s definitions (completed requests' tokens / window; tokens of every
+    request that arrived in the window / window), the served fraction, and whether the
+    adapter starves (served < 90% of offered). What "no adapter starves" means for a fleet.
+
+    `tail_s`: requests that arrived in the window's last `tail_s` seconds are not judged
+    (they may still be running at the cut through no fault of the server: an adapter with
+    20 requests in an hour, one of them a 1,700-token answer arriving two minutes before
+    the end, would "starve" at the cut); rates are then over the window less `tail_s`."""
+    results, window = measured(results, context)
+    if tail_s > 0:
+        window = max(window - tail_s, 1e-9)
+        results = results.filter(pl.col("arrival_s") <= window + warmup_of(context))
+    window_end = window + warmup_of(context)
+    ok = pl.col("status") == "ok"
+    tokens = pl.col("prompt_tokens").cast(pl.Int64) + pl.col("generated_tokens").fill_null(pl.col("output_tokens")).cast(pl.Int64)
+    offered = (pl.col("prompt_tokens").cast(pl.Int64) + pl.col("output_tokens").cast(pl.Int64)).filter(pl.col("arrival_s") <= window_end)
+    out = (
+        results.with_columns(pl.col("adapter").fill_null("<base>"))
+        .group_by("adapter")
+        .agg(
+            pl.len().alias("requests"),
+            ok.sum().alias("completed"),
+            (tokens.filter(ok).sum() / window).alias("throughput_tok_s"),
+            (offered.sum() / window).alias("offered_tok_s"),
+        )
+        .with_columns(
+            pl.when(pl.col("offered_tok_s") > 0)
+            .then(pl.col("throughput_tok_s") / pl.col("offered_tok_s"))
+            .otherwise(1.0)
+            .alias("served_frac")
+        )
+        .with_columns((1.0 - pl.col("served_frac") >= STARVING_THRESHOLD).alias("starved"))
+        .sort("adapter")
+    )
+    return out

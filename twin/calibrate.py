@@ -13,7 +13,9 @@ Two routes to the same `step_time` section (see `twin.timing`):
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import json
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -428,8 +430,10 @@ def profile_from_steps(
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the held-out split.")
 @click.option("--kv-capacity-tokens", type=click.IntRange(min=1), default=None,
               help="The server's KV capacity in tokens, when the capture did not record it.")
+@click.option("--json", "as_json", is_flag=True, help="Print the fitted profile's summary as one JSON object.")
 def _calibrate(
-    steps: tuple[str, ...], out: str, name: str | None, holdout: float, seed: int, kv_capacity_tokens: int | None
+    steps: tuple[str, ...], out: str, name: str | None, holdout: float, seed: int, kv_capacity_tokens: int | None,
+    as_json: bool = False,
 ) -> None:
     """Fit a twin profile (step time, adapter load, KV capacity) from captured steps.
 
@@ -439,10 +443,17 @@ def _calibrate(
     from tracekit.cliutil import console
     from twin.profile import Profile
 
-    with console.status("fitting step time..."):
+    with console.status("fitting step time...") if not as_json else contextlib.nullcontext():
         data = profile_from_steps(list(steps), name=name, holdout=holdout, seed=seed, kv_capacity_tokens=kv_capacity_tokens)
     path = Profile.from_dict(data).save(out)
     st = data["step_time"]
+    if as_json:
+        click.echo(json.dumps({
+            "profile": str(path), "name": data["name"], "steps": data["fitted_from"]["steps"],
+            "coef": st["coef"], "fit_error": st["fit_error"], "adapter_load_ms": data["adapter_load"]["base_ms"],
+            "kv_tokens": data["memory"].get("kv_tokens"), "server": data["server"],
+        }, indent=2, default=str))
+        return
     t = Table(title=f"profile {data['name']} <- {data['fitted_from']['steps']} steps")
     t.add_column("feature")
     t.add_column("coefficient", justify="right")

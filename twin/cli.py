@@ -52,8 +52,9 @@ def profile_row(prof: object) -> dict[str, str]:
 
 
 @main.command("profiles")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON list, a row per profile.")
 @user_errors
-def profiles_cmd() -> None:
+def profiles_cmd(as_json: bool) -> None:
     """List the shipped profiles, one row each (KV tokens at --max-loras 8 and rank 16;
     fit error: leave-one-run-out or held-out-step MAPE)."""
     from rich.table import Table
@@ -61,6 +62,11 @@ def profiles_cmd() -> None:
     from tracekit.cliutil import console
     from twin.profile import PROFILES_DIR, load_profile, shipped_profiles
 
+    if as_json:
+        import json
+
+        click.echo(json.dumps([profile_row(load_profile(name)) for name in shipped_profiles()], indent=2))
+        return
     t = Table(title="shipped profiles", caption=str(PROFILES_DIR), pad_edge=False)
     # The name is what a user types after --profile: never wrapped or cut.
     t.add_column("profile", no_wrap=True, min_width=max((len(n) for n in shipped_profiles()), default=7))

@@ -47,6 +47,12 @@ from twin.profile import Profile, load_profile
 from twin.scheduler import BASE, DEFAULT_CPU_MISS_FACTOR, Scheduler, Stretch
 
 MAX_STRETCH = 8192  # steps per fast-forward computation (bounds the arrays' size)
+# Fast-forward attempts that advance fewer steps than this back off (exponentially, up
+# to 2**FF_BACKOFF_MAX steps between attempts): an attempt costs a few plain steps' worth
+# of checks, so it must pay for itself. Only the speed depends on these, not the results.
+FF_GAIN = 8
+FF_BACKOFF_MAX = 8
+MIN_TRY = 2  # a stretch must reach this many steps before the next finish to be tried
 MIN_STRETCH = 12  # below this the plain steps (~10 us each) beat numpy's fixed cost
 # Stretches up to this many steps go step by step in plain floats (a microsecond a step,
 # no numpy set-up); longer ones in numpy.
@@ -70,7 +76,7 @@ def _resolve_adapters(
     ind = d.indices
     # The codes from their buffer (a null's slot holds some code; masked below).
     codes = np.frombuffer(ind.buffers()[1], dtype=ind.type.to_pandas_dtype())[ind.offset : ind.offset + n].astype(np.int64)
-    null = np.asarray(d.is_null()) if d.null_count else None
+    null = _nulls(d) if d.null_count else None
     if null is not None:
         codes[null] = 0
     dictionary = d.dictionary.to_pylist()
@@ -209,13 +215,10 @@ def simulate(
     table = trace if isinstance(trace, pa.Table) else trace.to_arrow()
     if not _sorted(table.column("arrival_s")):
         table = table.take(pa.array(np.argsort(table.column("arrival_s").to_numpy(), kind="stable")))
-    strings = {"request_id", "adapter", "tenant", "session_id", "prompt_token_ids"}
-    if config.enable_prefix_caching:
-        strings.discard("prompt_token_ids")
-    trace = pl.from_arrow(table.select([c for c in table.column_names if c not in strings]))  # type: ignore[assignment]
-    arrival = trace.get_column("arrival_s").cast(pl.Float64).to_numpy()
-    prompt_np = trace.get_column("prompt_tokens").cast(pl.Int64).to_numpy()
-    output_np = trace.get_column("output_tokens").cast(pl.Int64).to_numpy()
+    # The numbers straight from Arrow (no polars frame of the whole trace).
+    arrival = _numpy(table.column("arrival_s"), np.float64)
+    prompt_np = _numpy(table.column("prompt_tokens"), np.int64)
+    output_np = _numpy(table.column("output_tokens"), np.int64)
     adapter_idx, names, ranks = _resolve_adapters(table.column("adapter"), ctx_in, config)
 
     kv_tokens = int(prof.kv_capacity_tokens(config))
@@ -237,7 +240,7 @@ def simulate(
         # vLLM's block hash carries the LoRA name only when LoRA is on (the names are
         # needed only to hash token ids, not for a trace's own prefix_hashes).
         col = table.column("adapter")
-        prefix = prefix_keys(trace, ctx_in, config.block_size,
+        prefix = prefix_keys(table, ctx_in, config.block_size,
                              lambda: col.to_pylist() if config.enable_lora else [None] * len(col))  # fmt: skip
     cpu_factor = float(prof.data.get("adapter_load", {}).get("cpu_miss_factor", DEFAULT_CPU_MISS_FACTOR))
     sched = Scheduler(
@@ -266,7 +269,17 @@ def simulate(
     if not oom:
         loop.run(fast_forward)
     loop_s = time.perf_counter() - loop_started
+    return _finish(table, arrival, sched, loop, prof, config, ctx_in, window_s, valid, too_long, oom, window, max_len,
+                   kv_tokens, num_blocks, oom_reason, loop_s, names, record_steps)
 
+
+def _finish(
+    table: pa.Table, arrival: np.ndarray, sched: Scheduler, loop: _Loop, prof: Profile, config: ServingConfig,
+    ctx_in: dict[str, Any], window_s: float | None, valid: np.ndarray, too_long: np.ndarray, oom: bool, window: float,
+    max_len: int, kv_tokens: int, num_blocks: int, oom_reason: str, loop_s: float, names: list[str], record_steps: bool,
+) -> SimResult:
+    """Results, summary and steps of a finished run (a whole trace's, or one engine's of
+    a coupled fleet, `twin.cosim`)."""
     results, status = _results(table, arrival, sched, loop, valid, too_long, oom, window, max_len)
     ctx = dict(ctx_in)
     ctx.update(
@@ -279,7 +292,7 @@ def simulate(
     # them the status by its codes (a dictionary: no million strings to compare).
     skip = {"request_id", "adapter", "target", "status", "error", "prompt_token_ids", "prefix_hashes", "tenant", "session_id"}
     metrics_in = results.select([c for c in results.column_names if c not in skip]).append_column(
-        "status", pa.DictionaryArray.from_arrays(pa.array(status), pa.array(STATUS_LABELS)))
+        "status", pa.DictionaryArray.from_arrays(_primitive(status, pa.int8()), pa.array(STATUS_LABELS)))
     results_df: pl.DataFrame = pl.from_arrow(metrics_in)  # type: ignore[assignment]
     summary = summarize(results_df, ctx)
     summary.update(
@@ -338,6 +351,11 @@ class _Loop:
         self.step = 0
         self.t = 0.0
         self.t_end = 0.0
+        # `run(until=...)` stops before a step that would start at or after `until` and
+        # resumes there (a coupled fleet's engines advance to each routing instant,
+        # `twin.cosim`); `_resume` holds the loop's state between calls.
+        self.horizon = math.inf
+        self._resume: tuple[float, int, float | None, int] | None = None
         self.step_end: list[float] = []
         self.steps = _Steps()
         self.ff_steps = 0
@@ -345,29 +363,36 @@ class _Loop:
         # A failed fast-forward attempt says when the next one could succeed.
         self._ff_retry_step = 0
         self._ff_retry_t = -math.inf
+        self._ff_misses = 0  # attempts in a row that advanced fewer than FF_GAIN steps
 
     def _num_arrived_valid(self, k: int) -> int:
         return k if self.valid_prefix is None else int(self.valid_prefix[k])
 
-    def run(self, fast_forward: bool) -> None:
+    def run(self, fast_forward: bool, until: float = math.inf) -> None:
         sched = self.sched
         # Arrival times stay a numpy array: a Python list of a million floats costs
         # more (memory, page faults) than the per-step searchsorted it would speed up.
         arrivals = self.arrival
         n = self.num_requests
-        window = self.window
-        t = float(arrivals[0]) if n else 0.0
-        # Async scheduling: the time up to which the next step's scheduling sees
-        # arrivals (the start of the step in flight; None: no step in flight).
         async_ = self.async_scheduling
-        in_flight: float | None = None
-        step = 0
+        if self._resume is None:
+            t = float(arrivals[0]) if n else 0.0
+            # Async scheduling: the time up to which the next step's scheduling sees
+            # arrivals (the start of the step in flight; None: no step in flight).
+            in_flight: float | None = None
+            step = 0
+            arrived = 0  # arrivals up to t (t only grows: search near the last count, in cache)
+        else:
+            t, step, in_flight, arrived = self._resume
+        self.horizon = until
+        window = min(self.window, until)
         record = self.record
         cols = self.steps.cols
         step_end = self.step_end
         intake = self.intake
-        prefill_total = 0
-        arrived = 0  # arrivals up to t (t only grows: search near the last count, in cache)
+        prefill_total = self.prefill_tokens
+        # The next step at which a fast-forward may be tried (a local: one compare per step).
+        ff_at: float = self._ff_retry_step if fast_forward else math.inf
         while t < window:
             k = int(arrivals[arrived : arrived + 256].searchsorted(t, "right"))
             arrived = arrived + k if k < 256 else int(arrivals.searchsorted(t, "right"))
@@ -381,13 +406,23 @@ class _Loop:
                     in_flight = None
                     seen = num_arrived
                     if sched.waiting.peek(num_arrived, False) is None:
-                        # Idle: jump to the next arrival (none left: done).
+                        # Idle: jump to the next arrival (none left: done, or paused
+                        # until more are added).
                         if num_arrived >= n:
                             break
                         t = float(arrivals[num_arrived])
                         continue
-            elif fast_forward and not sched.prefilling and step >= self._ff_retry_step and t >= self._ff_retry_t:
+            elif step >= ff_at and not sched.prefilling and t >= self._ff_retry_t:
                 k = self._fast_forward(step, t, seen, in_flight)
+                if k < FF_GAIN:
+                    # Short or no stretch: each such attempt in a row waits twice as many
+                    # steps before the next (a saturated server, or stretches of a few
+                    # steps, where trying costs more than it saves); a long one resets it.
+                    self._ff_misses += 1
+                    self._ff_retry_step = max(self._ff_retry_step, step + k + (1 << min(self._ff_misses, FF_BACKOFF_MAX)) - 1)
+                else:
+                    self._ff_misses = 0
+                ff_at = self._ff_retry_step
                 if k:
                     step += k
                     t = step_end[-1]
@@ -445,13 +480,14 @@ class _Loop:
         self.step = step
         self.t_end = t
         self.prefill_tokens = prefill_total
+        self._resume = (t, step, in_flight, arrived)
 
     def _fast_forward(self, step: int, t: float, seen: int, in_flight: float | None) -> int:
         """Advance a decode-only stretch starting at `step` in one computation; returns
         the number of steps advanced (0: take a normal step)."""
         sched = self.sched
         finish = sched.next_finish(step)
-        if finish is None or finish - step < 2:
+        if finish is None or finish - step < MIN_TRY:
             # Nothing to gain before that finish (a cheap check: a saturated server
             # finishes a request nearly every step).
             self._ff_retry_step = step + 1 if finish is None else finish + 1
@@ -471,7 +507,8 @@ class _Loop:
         # before any numpy work. With async scheduling a step sees arrivals up to the
         # previous step's start: one step more.
         lag = 1 if self.async_scheduling else 0
-        limit = min(self.window, st.until_s)
+        end = min(self.window, self.horizon)  # no step may start at or after it
+        limit = min(end, st.until_s)
         d0 = self.step_time(0, n_dec, st.ctx_base + n_dec * step, na, rs)
         if d0 > 0 and (limit - t) / d0 + 1 + lag < MIN_STRETCH:
             self._ff_retry_t = limit
@@ -498,7 +535,7 @@ class _Loop:
         else:
             seen_s = starts
         # Stop at the first step that starts at/after the window or sees an admissible arrival.
-        k = min(k, int(np.searchsorted(starts, self.window, side="left")), int(np.searchsorted(seen_s, st.until_s, side="left")))
+        k = min(k, int(np.searchsorted(starts, end, side="left")), int(np.searchsorted(seen_s, st.until_s, side="left")))
         if k < MIN_STRETCH:
             return 0
         starts, dur, ends, need, ctx, seen_s = starts[:k], dur[:k], ends[:k], need[:k], ctx[:k], seen_s[:k]
@@ -523,7 +560,7 @@ class _Loop:
         bs, phase = sched.block_size, sched.block_phase
         free = sched.num_blocks - sched.used_blocks
         n_dec, na, rs, base = st.num_decodes, st.num_adapters, st.rank_sum, st.ctx_base
-        window, until = self.window, st.until_s
+        window, until = min(self.window, self.horizon), st.until_s
         step_time, c, arrivals = self.step_time, self.intake, self.arrival
         async_ = self.async_scheduling
         overlap = in_flight is not None  # async: a step in flight to overlap the intake with
@@ -655,7 +692,33 @@ def _strings(codes: np.ndarray, labels: list[str]) -> pa.Array:
     if len(labels) == 1 and len(codes) * len(raw) < 2**31:
         offsets = np.arange(len(codes) + 1, dtype=np.int32) * len(raw)
         return pa.StringArray.from_buffers(len(codes), pa.py_buffer(offsets), pa.py_buffer(raw * len(codes)))
-    return pa.array(labels, type=pa.string()).take(pa.array(codes.astype(np.int8)))
+    # A dictionary array cast to strings: six times faster than `take` on the labels.
+    return pa.DictionaryArray.from_arrays(_primitive(codes, pa.int8()), pa.array(labels, type=pa.string())).cast(pa.string())
+
+
+def _nulls(arr: pa.Array) -> np.ndarray:
+    """Where `arr` is null, from its validity bitmap."""
+    bits = arr.buffers()[0]
+    if bits is None or arr.null_count == 0:
+        return np.zeros(len(arr), dtype=bool)
+    valid = np.unpackbits(np.frombuffer(bits, dtype=np.uint8), bitorder="little")[arr.offset : arr.offset + len(arr)]
+    return valid == 0
+
+
+def _primitive(x: np.ndarray, typ: pa.DataType, mask: np.ndarray | None = None) -> pa.Array:
+    """A numpy array as an Arrow array of `typ` from its buffer, no copy when it has that
+    type already. `mask`: True where null."""
+    x = np.ascontiguousarray(x, dtype=typ.to_pandas_dtype())
+    if mask is None or not mask.any():
+        return pa.Array.from_buffers(typ, len(x), [None, pa.py_buffer(x)], null_count=0)
+    bits = pa.py_buffer(np.packbits(~mask, bitorder="little"))
+    return pa.Array.from_buffers(typ, len(x), [bits, pa.py_buffer(x)], null_count=int(mask.sum()))
+
+
+def _numpy(col: pa.ChunkedArray, dtype: type) -> np.ndarray:
+    """A column without nulls as a numpy array of `dtype` (one copy at most)."""
+    a = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+    return a.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
 
 
 def _sorted(col: pa.ChunkedArray) -> bool:
@@ -719,13 +782,13 @@ def _results(
         "dispatch_s": f64(dispatch),
         "first_token_s": f64(first),
         "end_s": f64(end),
-        "generated_tokens": pa.array(gen.astype(np.int32)),
+        "generated_tokens": _primitive(gen, pa.int32()),
         "ttft_s": f64(ttft),
         "e2e_s": f64(e2e),
         "tpot_s": f64(tpot),
         "error": error,
         # vLLM's num_cached_tokens: the prefix-cache hit when first admitted (null: never admitted).
-        "cached_tokens": pa.array(out["cached_tokens"], mask=out["cached_tokens"] < 0),
+        "cached_tokens": _primitive(out["cached_tokens"], pa.int32(), out["cached_tokens"] < 0),
     }
     table = table.drop_columns([c for c in extra if c in table.column_names])
     if pa.types.is_dictionary(table.schema.field("adapter").type):

@@ -94,7 +94,7 @@ def engine_blocks_covered(num_trace_blocks: Any, trace_block_tokens: int, block_
 
 
 def prefix_keys(
-    trace: pl.DataFrame,
+    trace: pa.Table | pl.DataFrame,
     context: Mapping[str, Any],
     block_size: int,
     adapter_names: Callable[[], Sequence[str | None]] | None = None,
@@ -104,23 +104,25 @@ def prefix_keys(
     `prefix_hashes` (blocks of the context's `prefix_block_tokens`, mapped by
     `engine_blocks_covered`). Only hashes of *full* trace blocks of the prompt count.
     None when the trace carries neither (then no request shares a prefix)."""
-    n = trace.height
-    prompt = trace.get_column("prompt_tokens").cast(pl.Int64).to_numpy()
-    if "prefix_hashes" in trace.columns and trace.get_column("prefix_hashes").null_count() < n:
+    if isinstance(trace, pl.DataFrame):
+        trace = trace.to_arrow()
+    n = trace.num_rows
+    prompt = trace.column("prompt_tokens").to_numpy().astype(np.int64)
+    if "prefix_hashes" in trace.column_names and trace.column("prefix_hashes").null_count < n:
         raw = context.get(CTX_PREFIX_BLOCK_TOKENS)
         if isinstance(raw, bool) or not isinstance(raw, int) or raw < 1:
             raise TracekitError(
                 f"the trace has prefix_hashes but its context's {CTX_PREFIX_BLOCK_TOKENS} is {raw!r} "
                 "(expected the tokens per hashed block, an integer >= 1)"
             )
-        offsets, lens, flat = _list_buffers(trace.get_column("prefix_hashes"))
+        offsets, lens, flat = _list_buffers(trace.column("prefix_hashes"))
         # Only hashes of the prompt's full trace blocks count.
         return PrefixKeys(offsets, np.minimum(lens, prompt // raw), flat, int(raw), block_size)
-    if "prompt_token_ids" in trace.columns and trace.get_column("prompt_token_ids").null_count() < n:
+    if "prompt_token_ids" in trace.column_names and trace.column("prompt_token_ids").null_count < n:
         from tracekit.prefix import block_hashes
 
-        ids = trace.get_column("prompt_token_ids").to_list()
-        names = adapter_names() if adapter_names is not None else trace.get_column("adapter").to_list()
+        ids = trace.column("prompt_token_ids").to_pylist()
+        names = adapter_names() if adapter_names is not None else trace.column("adapter").to_pylist()
         lists = [[] if x is None else block_hashes(x, a, block_size) for x, a in zip(ids, names, strict=True)]
         lens = np.fromiter((len(h) for h in lists), dtype=np.int64, count=n)
         flat = np.fromiter((v for h in lists for v in h), dtype=np.int64, count=int(lens.sum()))
@@ -130,10 +132,10 @@ def prefix_keys(
     return None
 
 
-def _list_buffers(col: pl.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _list_buffers(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(start, length, flat values) of a list<int64> column's rows, without copying the
     values where Arrow allows it (a null row counts as an empty list)."""
-    arr = col.to_arrow()
+    arr = col
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
     offsets = np.asarray(arr.offsets).astype(np.int64)

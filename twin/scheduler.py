@@ -130,7 +130,31 @@ class WaitingQueue:
         counts = np.bincount(queue_of[idx], minlength=self.num_queues)
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
         # Request ids grouped by queue, in arrival order (an array: no Python int per request).
-        self._reqs = int_array(order)
+        self._setup(int_array(order), starts, counts)
+
+    @classmethod
+    def for_arrivals(cls, capacity: np.ndarray) -> WaitingQueue:
+        """An empty queue that requests join as they arrive (`append`), at most
+        `capacity[q]` in queue q (the last queue is the base model's): an engine of a
+        coupled fleet (`twin.cosim`) takes requests as the router sends them."""
+        self = cls.__new__(cls)
+        self.num_queues = len(capacity)
+        self.base_queue = self.num_queues - 1
+        capacity = np.asarray(capacity, dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(capacity)[:-1]]).astype(np.int64)
+        self._setup(int_array(np.zeros(int(capacity.sum()), dtype=np.int64)), starts, np.zeros_like(capacity))
+        return self
+
+    def append(self, q: int, r: int) -> None:
+        """Request `r` (the latest arrival: keys stay in arrival order) joins queue `q`."""
+        e = self._end[q]
+        self._reqs[e] = r
+        self._end[q] = e + 1
+        if not self._front[q] and self._head[q] == e:  # the queue's new head
+            heapq.heappush(self._heaps[self._admissible[q]], (r, q))
+
+    def _setup(self, reqs: array, starts: np.ndarray, counts: np.ndarray) -> None:
+        self._reqs = reqs
         self._head: list[int] = starts.tolist()
         self._end: list[int] = (starts + counts).tolist()
         self._front: list[deque[tuple[int, int]]] = [deque() for _ in range(self.num_queues)]
@@ -488,6 +512,7 @@ class Scheduler:
         scheduler_reserve_full_isl: bool = False,
         async_scheduling: bool = False,
         prefix: PrefixKeys | None = None,
+        waiting_capacity: np.ndarray | None = None,
     ):
         n = len(prompt)
         self.prompt = int_array(prompt)
@@ -520,7 +545,12 @@ class Scheduler:
         # vLLM's num_cached_tokens: the prefix-cache hit at the first admission (-1: never admitted).
         self.cached_tokens = array("i", unset)
 
-        self.waiting = WaitingQueue(adapter_idx, valid, self.num_adapters)
+        # `waiting_capacity` (per queue): requests are added as they arrive (`add_request`).
+        # `waiting_capacity` also turns on the finish log (the step of each finish, for a
+        # router's count of outstanding requests).
+        self.waiting = (WaitingQueue(adapter_idx, valid, self.num_adapters) if waiting_capacity is None
+                        else WaitingQueue.for_arrivals(waiting_capacity))
+        self.finish_log: list[int] | None = None if waiting_capacity is None else []
         # Valid requests among the first k (None: all are): how many have arrived.
         self._valid_upto = None if valid.all() else int_array(np.concatenate([[0], np.cumsum(valid)]))
         self.running: dict[int, None] = {}  # running order = admission order
@@ -565,6 +595,28 @@ class Scheduler:
         self.total_adapter_load_s = 0.0
         self.admission_blocked = [0] * len(BLOCK_REASONS)  # steps per limit (BLOCK_REASONS)
         self.cached_tokens_total = 0  # prompt tokens taken from the prefix cache, all admissions
+
+    def add_request(self, prompt: int, output: int, adapter: int, valid: bool) -> int:
+        """A request arriving after every request already added (a coupled fleet's
+        engine, `twin.cosim`; `arrival` is the caller's array, written before the loop
+        runs past it); returns its index. An invalid one (too long) is kept for the
+        results but never queued."""
+        r = len(self.prompt)
+        self.prompt.append(prompt)
+        self.output.append(output)
+        self.adapter.append(adapter)
+        for col in (self.gen, self.computed, self.dbase):
+            col.append(0)
+        self.in_decode.append(0)
+        for col in (self.first_token_step, self.end_step, self.cached_tokens):
+            col.append(-1)
+        if not valid and self._valid_upto is None:
+            self._valid_upto = array("q", range(r + 1))
+        if self._valid_upto is not None:
+            self._valid_upto.append(self._valid_upto[-1] + valid)
+        if valid:
+            self.waiting.append(self._queue(r), r)
+        return r
 
     # --- helpers ------------------------------------------------------------------------
     def num_computed(self, r: int, step: int) -> int:
@@ -1200,6 +1252,7 @@ class Scheduler:
             return
         fast_free = self.pool is None and not self.async_scheduling
         adapter, running_adapters, end_step = self.adapter, self.running_adapters, self.end_step
+        log = self.finish_log
         freed = 0
         # By request index, as a heap of (step, request) would give them (the order frees
         # reach the free queue).
@@ -1220,6 +1273,8 @@ class Scheduler:
             else:
                 self._give_back(r, p + o - 1)
             end_step[r] = step
+            if log is not None:
+                log.append(step)
             a = adapter[r]
             if a != BASE:
                 count = running_adapters[a] - 1
@@ -1241,6 +1296,8 @@ class Scheduler:
         del self.running[r]
         self._give_back(r, computed)
         self.end_step[r] = step
+        if self.finish_log is not None:
+            self.finish_log.append(step)
         self._remove_running_adapter(self.adapter[r], step)
 
     # --- invariants (debug mode, used by tests) -------------------------------------------

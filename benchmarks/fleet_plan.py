@@ -1,0 +1,124 @@
+"""Planning a fleet: `predictor plan` on 2,000 adapters, against today's `predictor
+recommend` plan, both checked in the twin.
+
+Traces: `tracekit synth --adapters 2000 --total-rate R --popularity zipf:1.0 --arrivals
+gamma:2 --ranks 8,16,32 --duration 3600` (ShareGPT lengths, seed 0), for each R in
+--rates. Profile h100-llama-3.1-8b.
+
+For each trace:
+- `predictor plan` as a whole process (its wall time is the planning time), its GPU
+  count, and its twin verdict (starving adapters: served < 90% of offered, judged on the
+  requests that arrived before the window's last 5%);
+- today's `predictor recommend` plan and its verdict in the twin (the planner checks it);
+- today's way made to pass: recommend's split (`predictor.plan.split_fleet`, every GPU
+  at the fleet's largest rank) with one more GPU at a time until the twin finds no
+  starving adapter, so that both counts are of plans that do not starve.
+
+Usage: .venv/bin/python benchmarks/fleet_plan.py [--rates 100,200] [--jobs 2]
+Writes benchmarks/results/fleet_plan.{md,json}. Run under `flock /tmp/tracekit-heavy.lock`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "results"
+BIN = Path(sys.executable).parent
+PROFILE = "h100-llama-3.1-8b"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rates", default="100,200")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--max-extra", type=int, default=8, help="GPUs added to today's split at most")
+    args = ap.parse_args()
+    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(HERE))
+    from fleet_speed import machine
+
+    from predictor.fleet import TwinCheck, adapter_loads, recommend_split
+    from predictor.recommend import recommend
+    from tracekit import parallel, schema
+    from tracekit.synth import synthesize
+    from twin.profile import load_profile
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="fleet-plan-") as tmp:
+        for rate in [float(x) for x in args.rates.split(",")]:
+            tr, ctx = synthesize(2000, None, [8, 16, 32], 3600.0, seed=0, total_rate=rate, popularity="zipf:1.0",
+                                 arrivals="gamma:2")
+            trace = schema.write(Path(tmp) / f"trace{rate:g}.parquet", tr, "trace", ctx)
+            out = Path(tmp) / f"plan{rate:g}.json"
+            t0 = time.perf_counter()
+            p = subprocess.run([str(BIN / "predictor"), "plan", str(trace), "--profile", PROFILE, "--out", str(out),
+                                "--json", "--jobs", str(args.jobs)], capture_output=True, text=True, cwd=ROOT)
+            wall = time.perf_counter() - t0
+            if p.returncode != 0:
+                raise SystemExit(f"predictor plan failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
+            d = json.loads(p.stdout)
+            # Today's way with more GPUs until the twin passes it (not part of the planning time).
+            rec = recommend(trace, PROFILE)
+            loads = adapter_loads(tr, 3600.0, schema.adapter_ranks(ctx))
+            load_of = dict(zip(loads["adapter"], loads["load"], strict=True))
+            today_ok = None
+            tries = []
+            t1 = time.perf_counter()
+            with parallel.Pool("local", args.jobs) as pool:
+                check = TwinCheck(tr, dict(ctx), load_profile(PROFILE), None, pool)
+                for g in range(d["today_gpus"] + 1, d["today_gpus"] + 1 + args.max_extra):
+                    v = check.run(recommend_split(load_of, g, rec, PROFILE))
+                    tries.append({"gpus": v["gpus"], "starving_adapters": v["starving_adapters"], "ok": v["ok"]})
+                    if v["ok"]:
+                        today_ok = v["gpus"]
+                        break
+            rows.append({
+                "rate_req_s": rate, "requests": tr.height, "offered_tok_s": d["plan"]["meta"]["offered_tok_s"],
+                "plan_wall_s": wall, "plan_in_process_s": d["elapsed_s"], "plan_gpus": d["gpus"], "plan_ok": d["ok"],
+                "plan_packing": d["plan"]["meta"].get("packing"), "plan_fewest": d["plan"]["meta"].get("fewest"),
+                "plan_starving": d["verdict"]["starving_adapters"], "plan_p99_ttft_s": (d["verdict"]["p99_ttft_ms"] or 0) / 1e3,
+                "today_gpus": d["today_gpus"], "today_starving": d["today_verdict"]["starving_adapters"],
+                "today_worst_served": d["today_verdict"]["min_adapter_served_frac"],
+                "today_split_passing_gpus": today_ok, "today_split_tries": tries,
+                "today_split_check_s": time.perf_counter() - t1, "search": d["search"], "summary": d["summary"],
+                "twin_plan_runs": d["twin_plan_runs"],
+            })
+    res = {"machine": machine(), "load_avg_end": os.getloadavg(), "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "command": "flock /tmp/tracekit-heavy.lock .venv/bin/python benchmarks/fleet_plan.py " + " ".join(sys.argv[1:]),
+           "rows": rows}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "fleet_plan.json").write_text(json.dumps(res, indent=2, default=str))
+    lines = [
+        "# Planning a fleet: `predictor plan` on 2,000 adapters vs today's `predictor recommend`",
+        "",
+        f"Machine: {res['machine']}; load average at the end {res['load_avg_end'][0]:.1f} (shared with other jobs). "
+        f"Command: `{res['command']}` ({res['when']}).",
+        "Traces: `tracekit synth --adapters 2000 --total-rate R --popularity zipf:1.0 --arrivals gamma:2 --ranks 8,16,32 "
+        "--duration 3600 --seed 0`; profile h100-llama-3.1-8b. Starving adapter: served < 90% of offered in the twin, "
+        "judged on requests that arrived before the window's last 5% (or the time the longest answer takes at the fleet's mean ITL, if longer).",
+        "",
+        "| R req/s | requests | plan: wall s (goal <= 10) | plan: GPUs | plan: starving adapters | today's recommend: GPUs | "
+        "today's: starving adapters (worst served) | today's split, fewest GPUs with none starving |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['rate_req_s']:g} | {r['requests']:,} | {r['plan_wall_s']:.1f} | {r['plan_gpus']} ({r['plan_packing']}) | "
+            f"{r['plan_starving']} | {r['today_gpus']} | {r['today_starving']} ({r['today_worst_served']:.0%}) | "
+            f"{r['today_split_passing_gpus'] or 'none up to ' + str(r['today_gpus'] + args.max_extra)} |")
+    lines += ["", "What the planner said:", ""] + [f"- R = {r['rate_req_s']:g}: {r['summary']}" for r in rows]
+    (RESULTS / "fleet_plan.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,560 @@
+"""`predictor plan`: the fewest GPUs for a trace such that, in the twin, no adapter is
+served under 90% of what it is offered (and, with `--slo-ttft-p99`, no GPU misses it),
+with each GPU's adapters, `max_loras` and `max_lora_rank`, explained; and today's
+`predictor recommend` plan beside it, both checked in the twin.
+
+How the plan is built:
+1. Each adapter's offered load (tokens/s) and rank, from the trace.
+2. Two packings for G GPUs. *Rank-grouped*: a GPU's `max_lora_rank` is set by its
+   largest adapter and every slot reserves memory at that rank, so each GPU holds one
+   rank class (classes get GPUs in proportion to their load over `predictor
+   recommend`'s predicted capacity for the class); *recommend's split*: today's way
+   (`predictor.plan.split_fleet`), every GPU at the fleet's largest rank. Within either,
+   busiest adapter first onto the least loaded GPU with room, at most an even share of
+   the adapters per GPU, so that loads and adapter counts (slot contention) both even out.
+   In the rank-grouped packing an adapter busier than a GPU's share of its class goes to
+   several GPUs, and the placement router spreads its requests by least outstanding
+   requests (the twin runs such GPUs as one coupled group).
+3. `max_loras`: `predictor recommend`'s for the trace, capped at the adapters a GPU holds
+   (then every adapter has a slot); `max_cpu_loras`: every adapter it holds.
+4. The twin runs the plans (static placement: one independent run per GPU, in parallel).
+   G is bisected (today's plan, when it passes, bounds it), running only each
+   candidate's critical GPUs (most loaded, most crowded, busiest adapter): a failure
+   there fails the plan; the packing with fewer critical GPUs is screened first, the
+   other only when it fails. The answer is then run on every GPU, one more GPU while it fails.
+   The search shows one GPU fewer failing, which is what makes G the fewest found.
+
+Starving adapters are judged as the fleet twin judges them (`twin.fleet`): served < 90%
+of offered, on requests that arrived before the window's last 5%.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import click
+import polars as pl
+
+from tracekit.cliutil import console, user_errors
+from tracekit.schema import TracekitError
+
+# The engine limits the shipped models and recommend assume (the paper's servers).
+ENGINE = {"max_num_seqs": 2048, "max_num_batched_tokens": 2048}
+MAX_SEARCH_STEPS = 8
+MAX_FULL_STEPS = 6
+RANK_GROUPED, RECOMMEND_SPLIT, TODAY = "rank-grouped", "recommend's split", "today's recommend plan"
+PACKINGS = (RANK_GROUPED, RECOMMEND_SPLIT)
+
+
+def adapter_loads(trace: pl.DataFrame, window_s: float, ranks: Mapping[str, int]) -> pl.DataFrame:
+    """Per adapter: offered tokens/s and requests/s over the window, requests, rank
+    (unknown: 16), busiest first."""
+    out = (
+        trace.filter(pl.col("adapter").is_not_null())
+        .group_by("adapter")
+        .agg(((pl.col("prompt_tokens").cast(pl.Int64) + pl.col("output_tokens")).sum() / window_s).alias("load"),
+             pl.len().alias("requests"))
+        .with_columns(pl.col("adapter").replace_strict(dict(ranks), default=16, return_dtype=pl.Int64).alias("rank"),
+                      (pl.col("requests") / window_s).alias("rate"))
+        .sort(["load", "adapter"], descending=[True, False])
+    )
+    return out
+
+
+def gpus_by_rank(class_load: Mapping[int, float], gpus: int) -> dict[int, int]:
+    """How many GPUs of each rank for `gpus` in all: the rank-r GPUs are as many as the
+    adapters of rank >= r need at the fleet's mean load per GPU (rounded up), so every
+    GPU can end up with about the same load."""
+    total = sum(class_load.values())
+    ranks = sorted(class_load, reverse=True)
+    out: dict[int, int] = {}
+    above = 0.0
+    used = 0
+    for i, r in enumerate(ranks):
+        above += class_load[r]
+        want = gpus if i == len(ranks) - 1 else min(gpus, max(used + 1, math.ceil(above / total * gpus - 1e-9)))
+        out[r] = want - used
+        used = want
+    return {r: n for r, n in out.items() if n > 0}
+
+
+def pack(loads: pl.DataFrame, gpus: int, slots: Mapping[int, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Adapters onto `gpus` GPUs, GPUs of one rank class each (rank classes get GPUs by
+    the larger of their share of the load and of the adapters); within a class, recommend's split: busiest adapter first onto
+    the least loaded GPU with room, at most an even share of the class's adapters per
+    GPU, so that loads and adapter counts (slot contention) both even out."""
+    ranks = sorted({int(r) for r in loads["rank"].to_list()}, reverse=True)
+    # A class's share of the GPUs: the larger of its share of the load (at its predicted
+    # capacity) and its share of the adapters (slot contention grows with adapters per GPU).
+    by_load = {r: float(loads.filter(pl.col("rank") == r)["load"].sum()) / slots[r]["capacity_tok_s"] for r in ranks}
+    total_load = sum(by_load.values()) or 1.0
+    need_of = {r: max(by_load[r] / total_load, loads.filter(pl.col("rank") == r).height / loads.height) for r in ranks}
+    # Fewer GPUs than ranks: neighbouring ranks share GPUs (the least needy pair first).
+    groups = [[r] for r in ranks]
+    while len(groups) > max(gpus, 1):
+        i = min(range(len(groups) - 1), key=lambda k: sum(need_of[r] for r in groups[k] + groups[k + 1]))
+        groups[i : i + 2] = [groups[i] + groups[i + 1]]
+    need = {g[0]: sum(need_of[r] for r in g) for g in groups}
+    members = {g[0]: g for g in groups}
+    counts = share(need, gpus)
+    bins: list[dict[str, Any]] = []
+    for r in need:
+        sub = loads.filter(pl.col("rank").is_in(members[r]))
+        k = counts[r]
+        target = float(sub["load"].sum()) / k
+        # An adapter busier than a GPU's share of its class is split over several GPUs
+        # (the placement router spreads its requests by least outstanding).
+        entries = []
+        for name, load in sub.select("adapter", "load").iter_rows():
+            m = min(k, math.ceil(load / target)) if load > target else 1
+            entries += [(name, load / m)] * m
+        cap = math.ceil(len(entries) / k)
+        mine = [{"rank": r, "adapters": [], "load": 0.0} for _ in range(k)]
+        for name, load in entries:
+            b = min((x for x in mine if len(x["adapters"]) < cap and name not in x["adapters"]),
+                    key=lambda x: x["load"], default=None)
+            if b is None:  # every GPU with room already holds it: the least loaded without it
+                b = min((x for x in mine if name not in x["adapters"]), key=lambda x: x["load"])
+            b["adapters"].append(name)
+            b["load"] += load
+        bins += mine
+    return [b for b in bins if b["adapters"]]
+
+
+def share(need: Mapping[int, float], gpus: int) -> dict[int, int]:
+    """`gpus` split over classes in proportion to `need`, at least one each (largest
+    remainder); more classes than GPUs: the classes merge from the smallest rank up."""
+    classes = sorted(need, reverse=True)
+    if gpus < len(classes):
+        raise ValueError("fewer GPUs than rank classes")
+    total = sum(need.values()) or 1.0
+    base = {r: max(1, math.floor(need[r] / total * gpus)) for r in classes}
+    while sum(base.values()) > gpus:
+        r = max((c for c in classes if base[c] > 1), key=lambda c: base[c] - need[c] / total * gpus)
+        base[r] -= 1
+    while sum(base.values()) < gpus:
+        r = max(classes, key=lambda c: need[c] / total * gpus - base[c])
+        base[r] += 1
+    return base
+
+
+def critical(plan: Any, load_of: Mapping[str, float]) -> list[int]:
+    """The GPUs of a plan most likely to fail first: in each rank class the most loaded
+    and the one holding the most adapters, the two most loaded of the fleet, and the one
+    holding the busiest adapter."""
+    loads = [sum(load_of.get(a, 0.0) for a in g.adapters) for g in plan.gpus]
+    out = set(sorted(range(len(loads)), key=lambda i: -loads[i])[:2])
+    out.add(max(range(len(plan.gpus)), key=lambda i: max(load_of.get(a, 0.0) for a in plan.gpus[i].adapters)))
+    for rank in {g.settings.get("max_lora_rank") for g in plan.gpus}:
+        mine = [i for i, g in enumerate(plan.gpus) if g.settings.get("max_lora_rank") == rank]
+        # Busiest by load share per adapter slot... simply: the most loaded GPU of the
+        # class that holds no adapter shared with another GPU (a coupled group is
+        # already in through the fleet's most loaded), and the most crowded.
+        alone = [i for i in mine if all(sum(a in h.adapters for h in plan.gpus) == 1 for a in plan.gpus[i].adapters)]
+        if alone:
+            out.add(max(alone, key=lambda i: loads[i]))
+        out.add(max(mine, key=lambda i: len(plan.gpus[i].adapters)))
+    return sorted(out)
+
+
+def first_guess(loads: pl.DataFrame, slots: Mapping[int, Mapping[str, Any]]) -> int:
+    """GPUs the fleet needs at the predicted capacity of each rank class."""
+    by_tokens = sum(float(loads.filter(pl.col("rank") == r)["load"].sum()) / s["capacity_tok_s"] for r, s in slots.items())
+    return max(1, math.ceil(by_tokens))
+
+
+def class_slots(trace_path: Path, trace: pl.DataFrame, context: dict[str, Any], loads: pl.DataFrame,
+                profile: str) -> dict[int, dict[str, Any]]:
+    """`predictor recommend` on each rank class's adapters (ranks <= r): its max_loras
+    and predicted capacity for GPUs of that class."""
+    from predictor.recommend import recommend
+    from tracekit.schema import write
+
+    out: dict[int, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="tracekit-plan-") as tmp:
+        for r in sorted(set(loads["rank"].to_list())):
+            names = loads.filter(pl.col("rank") == r)["adapter"].to_list()
+            sub = trace.filter(pl.col("adapter").is_in(names))
+            ctx = dict(context, adapters={a: (context.get("adapters") or {}).get(a, {"rank": r}) for a in names})
+            path = write(Path(tmp) / f"rank{r}.parquet", sub, "trace", ctx)
+            rec = recommend(path, profile)
+            out[r] = {"max_loras": int(rec["max_loras"]), "capacity_tok_s": float(rec["capacity_tok_s"]),
+                      "max_cpu_loras": int(rec["max_cpu_loras"])}
+    return out
+
+
+def make_plan(bins: list[dict[str, Any]], max_loras: int, profile: str, ranks: Mapping[str, int]) -> Any:
+    """GPUs from packed bins: max_lora_rank from their largest adapter, max_loras the
+    predictor's (capped at the adapters held), max_cpu_loras every adapter held."""
+    from twin.fleet_plan import FleetPlan, GpuPlan
+
+    width = max(2, len(str(len(bins) - 1)))
+    gpus = []
+    for i, b in enumerate(bins):
+        rank = max(ranks.get(a, 16) for a in b["adapters"])
+        ml = min(len(b["adapters"]), max_loras)
+        gpus.append(GpuPlan(name=f"gpu-{i:0{width}d}", adapters=tuple(b["adapters"]),
+                            settings={"max_loras": ml, "max_cpu_loras": len(b["adapters"]), "max_lora_rank": rank, **ENGINE}))
+    return FleetPlan(gpus=tuple(gpus), profile=profile, router="placement", meta={"packing": "rank-grouped"})
+
+
+def recommend_split(load_of: Mapping[str, float], gpus: int, rec: Mapping[str, Any], profile: str) -> Any:
+    """`predictor recommend`'s way at `gpus` GPUs: busiest adapter first onto the least
+    loaded GPU with room (`predictor.plan.split_fleet`), every GPU at the fleet's largest
+    rank with recommend's max_loras."""
+    from predictor.plan import split_fleet
+    from twin.fleet_plan import FleetPlan, GpuPlan
+
+    groups = split_fleet(load_of, math.ceil(len(load_of) / gpus))
+    width = max(2, len(str(len(groups) - 1)))
+    out = []
+    for i, g in enumerate(groups):
+        settings = {"max_loras": min(int(rec["max_loras"]), len(g)), "max_cpu_loras": len(g),
+                    "max_lora_rank": int(rec["max_lora_rank"]), **ENGINE}
+        out.append(GpuPlan(name=f"gpu-{i:0{width}d}", adapters=tuple(g), settings=settings))
+    return FleetPlan(gpus=tuple(out), profile=profile, router="placement", meta={"packing": "recommend's split"})
+
+
+def today_plan(rec: Mapping[str, Any], profile: str) -> Any:
+    """`predictor recommend`'s answer as a fleet plan: its split of the adapters over its
+    GPUs, every GPU with its max_loras, max_cpu_loras and the fleet's largest rank."""
+    from twin.fleet_plan import FleetPlan, GpuPlan
+
+    groups = rec["_gpus"]
+    width = max(2, len(str(len(groups) - 1)))
+    settings = {"max_loras": rec["max_loras"], "max_cpu_loras": rec["max_cpu_loras"],
+                "max_lora_rank": rec["max_lora_rank"], **ENGINE}
+    gpus = tuple(GpuPlan(name=f"gpu-{i:0{width}d}", adapters=tuple(g), settings=dict(settings)) for i, g in enumerate(groups))
+    return FleetPlan(gpus=gpus, profile=profile, router="placement",
+                     meta={"made_by": "predictor recommend", "explanation": rec.get("explanation")})
+
+
+class TwinCheck:
+    """Runs plans in the fleet twin (static placement: one run per GPU, in parallel on
+    one pool of workers, a GPU whose adapters and configuration did not change is not
+    run again) and judges them."""
+
+    def __init__(self, trace: pl.DataFrame, context: dict[str, Any], profile: Any, slo_ttft_p99_s: float | None,
+                 pool: Any):
+        self.trace = trace
+        self.context = context
+        self.profile = profile
+        self.slo = slo_ttft_p99_s
+        self.pool = pool
+        self.cache: dict[Any, Any] = {}
+        self.runs = 0
+        self.wall_s = 0.0
+
+    def run(self, plan: Any, only: list[int] | None = None) -> dict[str, Any]:
+        """The plan's verdict in the twin; `only`: run just these GPUs (their verdict)."""
+        from twin.fleet import simulate_fleet
+        from twin.fleet_plan import FleetPlan
+
+        trace = self.trace
+        if only is not None:
+            gpus = tuple(plan.gpus[i] for i in only)
+            plan = FleetPlan(gpus=gpus, profile=plan.profile, router=plan.router)
+            trace = trace.filter(pl.col("adapter").is_in([a for g in gpus for a in g.adapters]))
+        t0 = time.perf_counter()
+        res = simulate_fleet(trace, self.profile, plan, "placement", trace_context=self.context, pool=self.pool,
+                             cache=self.cache)
+        self.runs += 1
+        self.wall_s += time.perf_counter() - t0
+        s = res.summary
+        fleet = s["fleet"]
+        slo_miss = []
+        if self.slo is not None:
+            slo_miss = [g["name"] for g in s["gpus"] if (g.get("p99_ttft_ms") or 0.0) > self.slo * 1e3]
+        starving_gpus = [g["name"] for g in s["gpus"] if g.get("starved")]
+        ok = fleet["starving_adapters"] == 0 and not starving_gpus and not slo_miss
+        return {"gpus": len(plan.gpus), "ok": ok, "gpus_run": [g.name for g in plan.gpus] if only is not None else "all", "starving_adapters": fleet["starving_adapters"],
+                "starving_adapters_at_cut": fleet.get("starving_adapters_at_cut"),
+                "min_adapter_served_frac": fleet["min_adapter_served_frac"], "served_frac": fleet["served_frac"],
+                "throughput_tok_s": fleet["throughput_tok_s"], "offered_tok_s": fleet["offered_tok_s"],
+                "p99_ttft_ms": fleet["p99_ttft_ms"], "mean_itl_ms": fleet["mean_itl_ms"], "p50_e2e_ms": fleet["p50_e2e_ms"],
+                "window_s": fleet["window_s"],
+                "starving_gpus": starving_gpus, "slo_missed_by": slo_miss, "per_gpu": s["gpus"],
+                "starving_adapter_names": fleet["starving_adapter_names"][:10]}
+
+
+def explain_gpu(gpu: Any, row: Mapping[str, Any], loads: Mapping[str, float], ranks: Mapping[str, int],
+                rec_max_loras: int, kv_at_fleet_rank: int | None, fleet_rank: int,
+                copies: Mapping[str, int] | None = None) -> str:
+    ads = sorted(gpu.adapters, key=lambda a: -loads.get(a, 0.0))
+    n = len(ads)
+    total = sum(loads.get(a, 0.0) for a in ads)
+    rank = gpu.settings["max_lora_rank"]
+    ml = gpu.settings["max_loras"]
+    by_rank: dict[int, int] = {}
+    for a in ads:
+        by_rank[ranks.get(a, 16)] = by_rank.get(ranks.get(a, 16), 0) + 1
+    mix = ", ".join(f"{k} of rank {r}" for r, k in sorted(by_rank.items(), reverse=True))
+    top = ", ".join(f"{a} ({loads.get(a, 0.0):,.0f} tok/s)" for a in ads[:3])
+    parts = [f"{n} adapter(s) ({mix}) offering {total:,.0f} tok/s; the busiest: {top}."]
+    shared = [a for a in ads if (copies or {}).get(a, 1) > 1]
+    if shared:
+        parts.append(", ".join(f"{a} on {copies[a]} GPUs" for a in shared[:3])  # type: ignore[index]
+                     + ": busier than one GPU's share, so its requests go to the least loaded of its GPUs "
+                       "(placement router) and the twin runs those GPUs together.")
+    if n <= 8:
+        parts.append("Busy adapters take a GPU with few others: fewer adapters mean fewer slots, less LoRA work per step and no adapter loads.")
+    if rank < fleet_rank:
+        kv = row.get("kv_capacity_tokens")
+        gain = f" ({kv:,} KV tokens, {kv / kv_at_fleet_rank - 1:+.0%} against rank {fleet_rank} with the same slots)" \
+            if kv and kv_at_fleet_rank else ""
+        parts.append(f"max_lora_rank {rank}: no adapter here is larger, so its {ml} slot(s) reserve memory at rank {rank}"
+                     f" rather than the fleet's {fleet_rank}{gain}.")
+    else:
+        parts.append(f"max_lora_rank {rank}: it holds rank-{rank} adapters.")
+    if ml == n and n < rec_max_loras:
+        parts.append(f"max_loras {ml}: one slot per adapter (recommend's {rec_max_loras} is more than it holds), so no request waits for a slot.")
+    else:
+        parts.append(f"max_loras {ml}: what `predictor recommend` chooses for this workload.")
+    served = row.get("served_frac")
+    p99 = row.get("p99_ttft_ms")
+    if served is not None:
+        parts.append(f"In the twin: served {served:.1%}, p99 TTFT {p99 / 1e3:,.2f} s, "
+                     f"{row.get('starving_adapters', 0)} starving adapter(s)." if p99 is not None else f"In the twin: served {served:.1%}.")
+    return " ".join(parts)
+
+
+def plan_fleet(trace_path: Path, profile_name: str, *, slo_ttft_p99_s: float | None = None, executor: str = "local",
+               jobs: int | None = None, ray_address: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """The plan (and today's, both checked in the twin) as a dict; see the module doc."""
+    from predictor.recommend import recommend
+    from tracekit import parallel
+    from tracekit.schema import adapter_ranks, read_trace
+    from twin.fleet import default_jobs
+    from twin.fleet_plan import FleetPlan
+    from twin.profile import load_profile
+
+    t0 = time.perf_counter()
+    profile = load_profile(profile_name)
+    trace, meta = read_trace(trace_path)
+    if trace.height == 0:
+        raise TracekitError(f"{trace_path}: the trace has no requests")
+    context = {k: v for k, v in meta.context.items() if k != "parts"}
+    window = float(context.get("window_s") or trace["arrival_s"].max() or 1.0)
+    context["window_s"] = window
+    ranks = adapter_ranks(context)
+    loads = adapter_loads(trace, window, ranks)
+    if loads.height == 0:
+        raise TracekitError(f"{trace_path}: no request uses an adapter; a plan places adapters")
+    load_of = dict(zip(loads["adapter"].to_list(), loads["load"].to_list(), strict=True))
+    rank_of = dict(zip(loads["adapter"].to_list(), loads["rank"].to_list(), strict=True))
+    rec = recommend(trace_path, profile_name)
+    today = today_plan(rec, profile.name)
+    slots = class_slots(trace_path, trace, context, loads, profile_name)
+    t_model = time.perf_counter() - t0
+    search: list[dict[str, Any]] = []
+    candidates: dict[tuple[int, str], FleetPlan] = {}
+
+    def candidate(g: int, kind: str) -> FleetPlan:
+        if (g, kind) not in candidates:
+            candidates[(g, kind)] = (make_plan(pack(loads, g, slots), int(rec["max_loras"]), profile.name, ranks)
+                                     if kind == RANK_GROUPED else recommend_split(load_of, g, rec, profile.name))
+        return candidates[(g, kind)]
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with parallel.Pool(executor, default_jobs(trace.height) if jobs is None else jobs, ray_address) as pool, \
+            ThreadPoolExecutor(3) as threads:
+        # Runs submitted from several threads share the pool's workers: today's check and
+        # both packings of a candidate keep every worker busy.
+        check = TwinCheck(trace, context, profile, slo_ttft_p99_s, pool)
+        today_future = threads.submit(check.run, today)
+
+        def verdict_of(g: int, kind: str, whole: bool) -> dict[str, Any]:
+            plan_g = candidate(g, kind)
+            only = None if whole else critical(plan_g, load_of)
+            v = check.run(plan_g, only)
+            v.update(gpus=len(plan_g.gpus), packing=kind)
+            search.append({k: x for k, x in v.items() if k != "per_gpu"})
+            if progress:
+                what = "no starving adapter" if v["ok"] else f"{v['starving_adapters']} starving adapter(s)"
+                if v["slo_missed_by"]:
+                    what += " (SLO missed on " + ", ".join(v["slo_missed_by"]) + ")"
+                ran = "every GPU" if whole else f"its {len(only or [])} most loaded / most crowded GPU(s)"
+                console.print(f"  twin: {g} GPU(s) by {kind}, {ran}: {what}")
+            return v
+
+        def feasible(g: int) -> str | None:
+            """A packing whose critical GPUs pass at `g` GPUs, or None. The packing with
+            fewer critical GPUs is screened first and the other only when it fails: the
+            other's run is saved whenever the first passes (its GPUs are many, and they
+            keep the pool's workers busy by themselves)."""
+            order = sorted(PACKINGS, key=lambda k: len(critical(candidate(g, k), load_of)))
+            for kind in order:
+                if verdict_of(g, kind, False)["ok"]:
+                    return kind
+            return None
+
+        # Bisect the GPU count, running only each candidate's critical GPUs (a failure there
+        # fails the plan), with both packings; then every GPU of the answer, and one more
+        # GPU while that fails. Today's plan, when it passes, bounds the search.
+        lo, hi = 1, None
+        winner: dict[int, str] = {}
+        g = first_guess(loads, slots)
+        today_check: dict[str, Any] | None = None
+        for _ in range(MAX_SEARCH_STEPS):
+            kind = feasible(g)  # the first round runs beside today's check
+            if kind is not None:
+                hi, winner[g] = g, kind
+            else:
+                lo = g + 1
+            if today_check is None:
+                today_check = today_future.result()
+                if today_check["ok"] and len(today.gpus) >= lo and (hi is None or len(today.gpus) < hi):
+                    hi = len(today.gpus)
+                    winner[hi] = TODAY
+            if hi is not None and lo >= hi:
+                break
+            g = (lo + hi) // 2 if hi is not None else max(g + 1, math.ceil(g * 1.25))
+        if today_check is None:
+            today_check = today_future.result()
+        best = hi if hi is not None else g
+        kind = winner.get(best, RANK_GROUPED)
+        verdict = today_check if kind == TODAY else verdict_of(best, kind, True)
+        # The critical GPUs passed but another failed: every GPU from here on, both
+        # packings at once, one more GPU at a time.
+        extra = 0
+        while not verdict["ok"] and extra < MAX_FULL_STEPS:
+            if extra or kind == TODAY:
+                best += 1
+            extra += 1
+            futures = {k: threads.submit(verdict_of, best, k, True) for k in PACKINGS if (extra > 1 or k != kind)}
+            done = {k: f.result() for k, f in futures.items()}
+            passing = [(v["p99_ttft_ms"] or 0.0, k) for k, v in done.items() if v["ok"]]
+            if passing:
+                kind = min(passing)[1]
+                verdict = done[kind]
+            else:
+                kind, verdict = min(done.items(), key=lambda kv: kv[1]["starving_adapters"])
+        runs = check.runs
+        twin_s = check.wall_s
+    fewer_fails = best - 1 >= 1 and any(x["gpus"] == best - 1 and not x["ok"] for x in search)
+    plan = today if kind == TODAY else candidate(best, kind)
+    from twin.config import ServingConfig
+
+    fleet_rank = int(loads["rank"].max())
+    copies: dict[str, int] = {}
+    for gpu in plan.gpus:
+        for a in gpu.adapters:
+            copies[a] = copies.get(a, 0) + 1
+    explanations = []
+    for gpu, row in zip(plan.gpus, verdict["per_gpu"], strict=True):
+        kv_top = int(profile.kv_capacity_tokens(ServingConfig.for_profile(
+            profile, max_loras=gpu.settings["max_loras"], max_cpu_loras=gpu.settings["max_cpu_loras"],
+            max_lora_rank=fleet_rank, **ENGINE)))
+        explanations.append(explain_gpu(gpu, row, load_of, rank_of, int(rec["max_loras"]), kv_top, fleet_rank, copies))
+    from twin.fleet_plan import GpuPlan
+
+    plan = FleetPlan(
+        gpus=tuple(GpuPlan(name=g.name, adapters=g.adapters, settings=g.settings, why=w)
+                   for g, w in zip(plan.gpus, explanations, strict=True)),
+        profile=profile.name, router="placement",
+        meta={"made_by": "predictor plan", "trace": str(trace_path), "slo_ttft_p99_s": slo_ttft_p99_s,
+              "offered_tok_s": float(loads["load"].sum()),
+              "fewest": verdict["ok"] and (best == 1 or fewer_fails), "packing": kind,
+              "search": search, "today_gpus": len(today.gpus)},
+    )
+    elapsed = time.perf_counter() - t0
+    summary = (
+        f"{len(plan.gpus)} GPU(s) for {loads.height} adapters ({loads['load'].sum():,.0f} tok/s offered): "
+        + ("the twin serves every adapter at >= 90% of what it offers"
+           + (f" and every GPU meets p99 TTFT <= {slo_ttft_p99_s:g} s" if slo_ttft_p99_s is not None else "")
+           if verdict["ok"] else f"[not reached: {verdict['starving_adapters']} adapter(s) still starve]")
+        + "".join(f"; with {x['gpus']} GPU(s) this placement starves {x['starving_adapters']} adapter(s) "
+                  f"(worst served {x['min_adapter_served_frac']:.0%})"
+                  for x in search if x["gpus"] == best - 1 and not x["ok"])[:400]
+        + f". Today's recommend plan: {len(today.gpus)} GPU(s), every one at max_lora_rank {rec['max_lora_rank']}, "
+        + ("no starving adapter in the twin." if today_check["ok"] else
+           f"{today_check['starving_adapters']} starving adapter(s) in the twin (worst served {today_check['min_adapter_served_frac']:.0%}).")
+    )
+    return {
+        "plan": plan, "today": today, "verdict": verdict, "today_verdict": today_check, "search": search,
+        "summary": summary, "explanations": explanations, "elapsed_s": elapsed, "model_s": t_model, "twin_s": twin_s,
+        "twin_plan_runs": runs, "recommend": {k: v for k, v in rec.items() if k != "_gpus"}, "class_slots": slots,
+    }
+
+
+def _compact(v: Mapping[str, Any]) -> dict[str, Any]:
+    keep = ("name", "adapters", "requests", "offered_tok_s", "throughput_tok_s", "served_frac", "starving_adapters",
+            "min_adapter_served_frac", "p99_ttft_ms", "mean_itl_ms", "max_loras", "max_cpu_loras", "max_lora_rank",
+            "kv_capacity_tokens")
+    out = {k: x for k, x in v.items() if k != "per_gpu"}
+    out["per_gpu"] = [{k: g.get(k) for k in keep} for g in v.get("per_gpu", [])]
+    return out
+
+
+def _row(v: Mapping[str, Any], plan: Any) -> list[str]:
+    mls = sorted({g.settings.get("max_loras") for g in plan.gpus})
+    rks = sorted({g.settings.get("max_lora_rank") for g in plan.gpus})
+    return [
+        str(len(plan.gpus)),
+        ", ".join(map(str, mls)) if len(mls) <= 4 else f"{mls[0]}-{mls[-1]}",
+        ", ".join(map(str, rks)),
+        (f"[red]{v['starving_adapters']}[/]" if v["starving_adapters"] else "[green]0[/]"),
+        f"{v['min_adapter_served_frac']:.1%}",
+        f"{v['served_frac']:.1%}",
+        f"{v['throughput_tok_s']:,.0f}",
+        "-" if v["p99_ttft_ms"] is None else f"{v['p99_ttft_ms'] / 1e3:,.2f}",
+    ]
+
+
+@click.command("plan")
+@click.argument("trace", type=click.Path(path_type=Path))
+@click.option("--profile", required=True, help="Twin profile (name or JSON path).")
+@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="The fleet plan (JSON).")
+@click.option("--today-out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write today's `predictor recommend` plan as a fleet plan.")
+@click.option("--slo-ttft-p99", "slo", type=float, default=None, help="Every GPU's p99 TTFT within S seconds, in the twin.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Where the twin's per-GPU runs go.")
+@click.option("--jobs", type=int, default=None, help="Parallel twin runs [default: the CPU count].")
+@click.option("--ray-address", default=None, help="Ray cluster address [default: start a local one].")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@user_errors
+def plan_cmd(trace: Path, profile: str, out: Path, today_out: Path | None, slo: float | None, executor: str,
+             jobs: int | None, ray_address: str | None, as_json: bool) -> None:
+    """The fewest GPUs for TRACE with no starving adapter in the twin: which adapters on
+    which GPU, max_loras and max_lora_rank per GPU, explained; today's recommend plan
+    beside it, both checked in the twin. Run the plan with `twin run --fleet OUT`."""
+    if slo is not None and not slo > 0:
+        raise TracekitError("--slo-ttft-p99 must be a positive number of seconds")
+    if jobs is not None and jobs < 1:
+        raise TracekitError("--jobs must be at least 1")
+    r = plan_fleet(trace, profile, slo_ttft_p99_s=slo, executor=executor, jobs=jobs, ray_address=ray_address,
+                   progress=not as_json)
+    r["plan"].save(out)
+    if today_out is not None:
+        r["today"].save(today_out)
+    if as_json:
+        click.echo(json.dumps({
+            "gpus": len(r["plan"].gpus), "today_gpus": len(r["today"].gpus), "ok": r["verdict"]["ok"],
+            "plan": r["plan"].to_dict(), "verdict": _compact(r["verdict"]),
+            "today_verdict": _compact(r["today_verdict"]),
+            "search": r["search"], "summary": r["summary"], "elapsed_s": r["elapsed_s"],
+            "twin_plan_runs": r["twin_plan_runs"], "out": str(out),
+        }, default=str))
+        return
+    from rich.table import Table
+
+    t = Table(title=f"predictor plan {trace} ({r['elapsed_s']:.1f} s)")
+    t.add_column("")
+    for c in ("GPUs", "max_loras", "max_lora_rank", "starving adapters", "worst adapter served", "served",
+              "throughput tok/s", "p99 TTFT s"):
+        t.add_column(c, justify="right")
+    t.add_row("this plan", *_row(r["verdict"], r["plan"]))
+    t.add_row("today's recommend", *_row(r["today_verdict"], r["today"]))
+    console.print(t)
+    console.print(r["summary"])
+    for g in r["plan"].gpus:
+        console.print(f"[bold]{g.name}[/]: {g.why}")
+    console.print(f"wrote {out}" + (f" and {today_out}" if today_out else "") + f"; run it: twin run {trace} --profile {profile} --fleet {out}")

@@ -1,0 +1,386 @@
+"""A fleet in the twin: N engines, each today's twin with its own configuration, behind a
+router (`twin.routing`), from a plan (`twin.fleet_plan`).
+
+Static routing (round-robin; placement with every adapter on one GPU) makes the GPUs
+independent: the whole trace is routed up front and each GPU's requests are one
+`twin.api.simulate` run, in this process, in local worker processes, or on Ray. Each
+run sees exactly its own requests, so the merged results are the same bit for bit
+however the runs are split. A router that reads the engines' state (least-loaded,
+adapter-affinity, placement over several GPUs) couples the GPUs it chooses among: those
+run as one co-simulation (`twin.cosim`), each such group and each GPU alone being one
+independent task, so a placement with a few busy adapters on two GPUs each still runs
+mostly in parallel.
+
+The results are one table in the trace's order with a `replica` column (the GPU's
+name); the summary has each GPU's and the fleet's throughput, served fraction, starving
+adapters (served < 90% of offered, `tracekit.metrics.adapter_service`, judged on the requests
+that arrived before the window's last 5%, or before the time the longest answer takes at
+the fleet's mean ITL if longer) and TTFT / ITL percentiles.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from tracekit import parallel
+from tracekit.metrics import adapter_service, summarize
+from tracekit.schema import TracekitError, adapter_ranks, conform
+from twin.config import ServingConfig
+from twin.fleet_plan import FleetPlan, ResolvedFleet, resolve
+from twin.profile import Profile, load_profile
+from twin.routing import Router
+
+# Counters of a GPU's twin run kept in the fleet summary.
+GPU_COUNTERS = ("steps", "preemptions", "adapter_loads", "kv_capacity_tokens", "rejected", "fast_forward_steps",
+                "engine_loop_s", "simulated_s")
+# Requests arriving in the window's last part are not judged for an adapter's starvation:
+# they may still be running at the cut with nothing wrong (`adapter_service`'s tail_s).
+# That part is 5% of the window, and at least the time the trace's longest answer takes
+# at the fleet's mean ITL. Measured on a Zipf fleet hour: every request of the adapters
+# that starved only at the cut had arrived in the last 4 minutes, on GPUs whose p99 TTFT
+# was under a second; in a 10-minute window, one 1,700-token answer 35 s before the cut
+# made an adapter of three requests starve on a GPU at 94 ms p99 TTFT.
+JUDGED_TAIL_FRACTION = 0.05
+SUMMARY_KEYS = ("requests", "completed", "unfinished", "throughput_tok_s", "offered_tok_s", "served_frac", "starved",
+                "req_s", "mean_ttft_ms", "p50_ttft_ms", "p90_ttft_ms", "p99_ttft_ms", "mean_tpot_ms",
+                "mean_itl_ms", "p50_itl_ms", "p90_itl_ms", "p99_itl_ms", "mean_e2e_ms", "p50_e2e_ms", "p99_e2e_ms", "window_s")
+
+
+@dataclass
+class FleetResult:
+    results: pa.Table  # results schema + `replica`, in the trace's (arrival) order
+    summary: dict[str, Any]  # {"fleet": {...}, "gpus": [{...}, ...], router, static, ...}
+    context: dict[str, Any] = field(default_factory=dict)
+    steps: dict[str, pa.Table] | None = None  # GPU name -> its steps, when asked for
+
+
+# Below this many requests a fleet runs in this process by default: starting a worker
+# (spawn, imports) costs 1-2 s here, more than such runs save (a 4-GPU, 23k-request fleet:
+# 6.3 s on 2 workers, 2.2 s in one process).
+IN_PROCESS_BELOW = 100_000
+
+
+def default_jobs(requests: int | None = None) -> int:
+    if requests is not None and requests < IN_PROCESS_BELOW:
+        return 1
+    return max(1, os.cpu_count() or 1)
+
+
+def adapter_codes(trace: pl.DataFrame) -> tuple[np.ndarray, list[str | None]]:
+    """Per request an index into `names` (sorted adapter names, then None for the base
+    model when the trace has base requests)."""
+    col = trace.get_column("adapter")
+    names: list[str | None] = list(col.drop_nulls().unique().sort().to_list())
+    base = col.null_count() > 0
+    codes = col.cast(pl.Enum([n for n in names if n is not None])).to_physical().cast(pl.Int64)
+    codes_np = codes.fill_null(len(names)).to_numpy()
+    if base:
+        names.append(None)
+    return codes_np, names
+
+
+def run_gpu(
+    name: str, trace: pl.DataFrame, profile: Profile, config: ServingConfig, context: dict[str, Any],
+    window_s: float | None, record_steps: bool, fast_forward: bool,
+) -> tuple[pa.Table, dict[str, Any], pa.Table | None]:
+    """One GPU's twin run (in a worker or in this process)."""
+    from twin.engine import simulate
+
+    t0 = time.perf_counter()
+    res = simulate(trace, profile, config, trace_context=context, window_s=window_s, record_steps=record_steps,
+                   fast_forward=fast_forward)
+    import resource
+
+    summary = dict(res.summary)
+    summary["wall_s"] = time.perf_counter() - t0
+    summary["pid"] = os.getpid()
+    # Peak memory of the process that ran this GPU (a worker, or this process).
+    summary["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return res.results, summary, res.steps
+
+
+def simulate_fleet(
+    trace: pl.DataFrame,
+    profile: Any,
+    plan: FleetPlan,
+    router: str | None = None,
+    *,
+    trace_context: dict[str, Any] | None = None,
+    window_s: float | None = None,
+    executor: str = "local",
+    jobs: int | None = None,
+    ray_address: str | None = None,
+    record_steps: bool = False,
+    fast_forward: bool = True,
+    progress: bool = False,
+    resolved: ResolvedFleet | None = None,
+    pool: parallel.Pool | None = None,
+    cache: dict[Any, Any] | None = None,
+) -> FleetResult:
+    """Simulate the fleet `plan` serving `trace` behind `router` (default: the plan's,
+    else placement). `executor`/`jobs`/`ray_address`: where static per-GPU runs go (or
+    `pool`, workers kept across calls). `cache`: a dict kept across calls with the same
+    trace, so that a GPU whose adapters and configuration did not change is not run again
+    (placement only: there a GPU's requests are its adapters')."""
+    prof = load_profile(profile)
+    ctx_in = {k: v for k, v in (trace_context or {}).items() if k != "parts"}
+    router_name = router or plan.router or "placement"
+    if window_s is None and ctx_in.get("window_s"):
+        window_s = float(ctx_in["window_s"])
+    if window_s is not None and not window_s > 0:
+        raise TracekitError(f"--window must be positive, got {window_s}")
+    trace = trace.sort("arrival_s", maintain_order=True)
+    codes, names = adapter_codes(trace)
+    if resolved is None:
+        resolved = resolve(plan, prof, names, adapter_ranks(ctx_in), router_name)
+    rt = Router(router_name, len(plan.gpus), plan.placement())
+    jobs = default_jobs(trace.height) if jobs is None else jobs
+    if jobs < 1:
+        raise TracekitError("--jobs must be at least 1")
+    t0 = time.perf_counter()
+    comps = rt.components(names)
+    static = all(len(c) == 1 for c in comps)
+    own = parallel.Pool(executor, jobs, ray_address) if pool is None else None
+    try:
+        use = pool if pool is not None else own
+        assert use is not None
+        if static:
+            replica = rt.route_static(codes, names)
+            parts = _run_static(trace, replica, prof, resolved, ctx_in, window_s, use, record_steps, fast_forward,
+                                progress, cache if router_name == "placement" else None)
+        else:
+            replica, parts = _run_coupled(trace, codes, names, rt, comps, prof, resolved, ctx_in, window_s, use,
+                                          record_steps, fast_forward, cache if router_name == "placement" else None)
+    finally:
+        if own is not None:
+            own.close()
+    wall = time.perf_counter() - t0
+    info = {"executor": executor, "jobs": jobs, "fleet_wall_s": wall,
+            "coupled_groups": [[plan.gpus[g].name for g in c] for c in comps if len(c) > 1]}
+    return _assemble(trace, replica, parts, plan, resolved, router_name, static, ctx_in, window_s, prof.name, info)
+
+
+def run_task(kind: str, args: tuple[Any, ...]) -> Any:
+    """One independent task of a fleet run: a GPU alone, or a coupled group."""
+    return run_gpu(*args) if kind == "gpu" else run_group(*args)
+
+
+def run_group(
+    names: list[str], trace: pl.DataFrame, profile: Profile, plan: FleetPlan, router: str,
+    configs: list[ServingConfig], kvs: list[int], context: dict[str, Any], window_s: float | None, record_steps: bool,
+    fast_forward: bool = True,
+) -> tuple[np.ndarray, list[Any]]:
+    """A coupled group of GPUs (in a worker or in this process): co-simulated."""
+    from twin.cosim import cosimulate
+
+    codes, anames = adapter_codes(trace)
+    fleet = ResolvedFleet(plan=plan, configs=configs, kv_capacity_tokens=kvs, warnings=[])
+    rt = Router(router, len(plan.gpus), plan.placement())
+    return cosimulate(trace, codes, anames, rt, profile, fleet, context, window_s, record_steps, fast_forward)
+
+
+def _run_coupled(
+    trace: pl.DataFrame, codes: np.ndarray, names: list[str | None], rt: Router, comps: list[list[int]], prof: Profile,
+    fleet: ResolvedFleet, ctx: dict[str, Any], window_s: float | None, pool: parallel.Pool, record_steps: bool,
+    fast_forward: bool, cache: dict[Any, Any] | None,
+) -> tuple[np.ndarray, list[Any]]:
+    """GPUs in groups that share requests: each group one co-simulation, each GPU alone
+    one plain run; all of them independent tasks. The router's decisions depend only on
+    the GPUs they choose among, so the groups route as the whole fleet would."""
+    plan = fleet.plan
+    portable = Profile(prof.name, prof.data)
+    comp_of_code = np.empty(len(names), dtype=np.int64)
+    comp_of_gpu = {g: k for k, c in enumerate(comps) for g in c}
+    for k, a in enumerate(names):
+        comp_of_code[k] = comp_of_gpu[rt.candidates(a)[0]]
+    comp_of_req = comp_of_code[codes]
+    replica = np.full(trace.height, -1, dtype=np.int64)
+    parts: list[Any] = [None] * len(plan.gpus)
+    tasks: list[tuple[Any, ...]] = []
+    kinds: list[tuple[str, list[int], np.ndarray]] = []
+    for k, comp in enumerate(comps):
+        rows = np.flatnonzero(comp_of_req == k)
+        if rows.size == 0:
+            continue
+        if len(comp) == 1:
+            g = comp[0]
+            replica[rows] = g
+            key = None
+            if cache is not None:
+                key = (tuple(sorted(plan.gpus[g].adapters, key=str)), fleet.configs[g], window_s, record_steps, fast_forward)
+                if key in cache:
+                    parts[g] = cache[key]
+                    continue
+            tasks.append((plan.gpus[g].name, trace[rows], portable, fleet.configs[g], ctx, window_s, record_steps,
+                          fast_forward))
+            kinds.append(("gpu", comp, rows))
+        else:
+            sub_plan = FleetPlan(gpus=tuple(plan.gpus[g] for g in comp), profile=plan.profile, router=plan.router)
+            tasks.append(([plan.gpus[g].name for g in comp], trace[rows], portable, sub_plan, rt.name,
+                          [fleet.configs[g] for g in comp], [fleet.kv_capacity_tokens[g] for g in comp], ctx, window_s,
+                          record_steps, fast_forward))
+            kinds.append(("group", comp, rows))
+    # Largest first, so that the longest task does not start last.
+    order = sorted(range(len(tasks)), key=lambda i: -len(kinds[i][2]))
+    for j, out in pool.run(run_task, [(kinds[i][0], tasks[i]) for i in order]):
+        kind, comp, rows = kinds[order[j]]
+        if kind == "gpu":
+            parts[comp[0]] = out
+            if cache is not None:
+                g = comp[0]
+                cache[(tuple(sorted(plan.gpus[g].adapters, key=str)), fleet.configs[g], window_s, record_steps,
+                       fast_forward)] = out
+        else:
+            local, group_parts = out
+            replica[rows] = np.asarray(comp, dtype=np.int64)[local]
+            for i, g in enumerate(comp):
+                parts[g] = group_parts[i]
+    return replica, parts
+
+
+def _run_static(
+    trace: pl.DataFrame, replica: np.ndarray, prof: Profile, fleet: ResolvedFleet, ctx: dict[str, Any],
+    window_s: float | None, pool: parallel.Pool, record_steps: bool, fast_forward: bool, progress: bool,
+    cache: dict[Any, Any] | None,
+) -> list[tuple[pa.Table, dict[str, Any], pa.Table | None] | None]:
+    plan = fleet.plan
+    portable = Profile(prof.name, prof.data)  # plain data: pickles to workers
+    tasks: list[tuple[Any, ...]] = []
+    which: list[int] = []
+    out: list[tuple[pa.Table, dict[str, Any], pa.Table | None] | None] = [None] * len(plan.gpus)
+    keys: list[Any] = [None] * len(plan.gpus)
+    for g, gpu in enumerate(plan.gpus):
+        if cache is not None:
+            keys[g] = (tuple(sorted(gpu.adapters, key=str)), fleet.configs[g], window_s, record_steps, fast_forward)
+            if keys[g] in cache:
+                out[g] = cache[keys[g]]
+                continue
+        sub = trace.filter(pl.Series(replica == g))
+        if sub.height == 0:
+            continue
+        tasks.append((gpu.name, sub, portable, fleet.configs[g], ctx, window_s, record_steps, fast_forward))
+        which.append(g)
+    # Largest first: with fewer workers than GPUs, the longest run does not start last.
+    order = sorted(range(len(tasks)), key=lambda k: -tasks[k][1].height)
+    tasks = [tasks[k] for k in order]
+    which = [which[k] for k in order]
+    it = pool.run(run_gpu, tasks)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from tracekit.cliutil import err_console
+
+    with Progress(TextColumn("twin fleet"), BarColumn(), MofNCompleteColumn(), TextColumn("GPUs"), TimeElapsedColumn(),
+                  console=err_console, disable=not progress, transient=True) as bar:
+        task = bar.add_task("gpus", total=len(tasks))
+        for k, part in it:
+            out[which[k]] = part
+            if cache is not None:
+                cache[keys[which[k]]] = part
+            bar.advance(task)
+    return out
+
+
+def _assemble(
+    trace: pl.DataFrame, replica: np.ndarray, parts: list[tuple[pa.Table, dict[str, Any], pa.Table | None] | None],
+    plan: FleetPlan, fleet: ResolvedFleet, router: str, static: bool, ctx_in: dict[str, Any], window_s: float | None,
+    profile_name: str, run_info: dict[str, Any],
+) -> FleetResult:
+    names = plan.names
+    tables, positions = [], []
+    for g, part in enumerate(parts):
+        if part is None:
+            continue
+        table = part[0]
+        table = table.append_column("replica", pa.array([names[g]] * table.num_rows, type=pa.string()))
+        tables.append(table)
+        positions.append(np.flatnonzero(replica == g))
+    if tables:
+        merged = pa.concat_tables(tables)
+        pos = np.concatenate(positions)
+        merged = merged.take(pa.array(np.argsort(pos, kind="stable")))
+    else:
+        raise TracekitError("the fleet served no request")
+    merged = conform(merged, "results", source="twin fleet")
+    ctx = dict(ctx_in)
+    ctx.update(
+        target="twin",
+        profile=profile_name,
+        window_s=None if window_s is None else float(window_s),
+        fleet={
+            "router": router,
+            "static": static,
+            "plan": plan.to_dict(),
+            "gpus": [{"name": g.name, "serving_config": c.to_dict(), "kv_capacity_tokens": kv}
+                     for g, c, kv in zip(plan.gpus, fleet.configs, fleet.kv_capacity_tokens, strict=True)],
+        },
+    )
+    ctx.pop("serving_config", None)
+    summary = fleet_summary(merged, ctx, plan, fleet, parts)
+    summary.update(router=router, static=static, **run_info)
+    steps = None
+    if any(p is not None and p[2] is not None for p in parts):
+        steps = {names[g]: p[2] for g, p in enumerate(parts) if p is not None and p[2] is not None}
+    return FleetResult(results=merged, summary=summary, context=ctx, steps=steps)
+
+
+def _metrics_frame(results: pa.Table) -> pl.DataFrame:
+    skip = {"request_id", "target", "error", "prompt_token_ids", "prefix_hashes", "tenant", "session_id"}
+    return pl.from_arrow(results.select([c for c in results.column_names if c not in skip]))  # type: ignore[return-value]
+
+
+def fleet_summary(
+    results: pa.Table, ctx: dict[str, Any], plan: FleetPlan, fleet: ResolvedFleet | None,
+    parts: list[Any] | None = None,
+) -> dict[str, Any]:
+    """The fleet's and each GPU's metrics from a results table with a `replica` column
+    (twin or real: the same code). Starving adapters are judged fleet-wide (an adapter
+    on two GPUs starves when both together serve under 90% of what it is offered) and
+    per GPU (its requests on that GPU)."""
+    df = _metrics_frame(results)
+    whole = summarize(df, ctx)
+    longest = float(df["output_tokens"].max() or 0) * (whole.get("mean_itl_ms") or 0.0) / 1e3
+    tail = min(max(JUDGED_TAIL_FRACTION * whole["window_s"], longest), 0.5 * whole["window_s"])
+    service = adapter_service(df, ctx, tail_s=tail)
+    starving = service.filter(pl.col("starved"))
+    at_cut = adapter_service(df, ctx)
+    fleet_row = {k: whole.get(k) for k in SUMMARY_KEYS}
+    fleet_row.update(gpus=len(plan.gpus), adapters=int(at_cut.height),
+                     starving_adapters=int(starving.height),
+                     starving_adapter_names=starving.sort("served_frac")["adapter"].to_list()[:50],
+                     starving_adapters_at_cut=int(at_cut["starved"].sum()),
+                     judged_tail_s=tail,
+                     min_adapter_served_frac=float(service["served_frac"].min()) if service.height else 1.0)
+    gpus = []
+    by_replica = df.partition_by("replica", as_dict=True, maintain_order=True) if "replica" in df.columns else {}
+    starving_gpus = 0
+    for g, gpu in enumerate(plan.gpus):
+        sub = by_replica.get((gpu.name,))
+        row: dict[str, Any] = {"name": gpu.name, "adapters_listed": sum(1 for a in gpu.adapters if a is not None)}
+        if sub is None or sub.height == 0:
+            row.update(requests=0, adapters=0, starving_adapters=0, starved=False)
+        else:
+            s = summarize(sub, ctx)
+            svc = adapter_service(sub, ctx, tail_s=tail)
+            row.update({k: s.get(k) for k in SUMMARY_KEYS})
+            row.update(adapters=int(svc.height), starving_adapters=int(svc["starved"].sum()),
+                       min_adapter_served_frac=float(svc["served_frac"].min()))
+        if fleet is not None:
+            c = fleet.configs[g]
+            row.update(max_loras=c.max_loras, max_cpu_loras=c.cpu_loras, max_lora_rank=c.max_lora_rank,
+                       kv_capacity_tokens=fleet.kv_capacity_tokens[g])
+        if parts is not None and parts[g] is not None:
+            row.update({k: parts[g][1].get(k) for k in GPU_COUNTERS if k in parts[g][1]})
+            row["twin_wall_s"] = parts[g][1].get("wall_s")
+            row["pid"] = parts[g][1].get("pid")
+            row["peak_rss_mib"] = parts[g][1].get("peak_rss_mib")
+        starving_gpus += bool(row.get("starved")) or row.get("starving_adapters", 0) > 0
+        gpus.append(row)
+    fleet_row["starving_gpus"] = int(starving_gpus)
+    return {"fleet": fleet_row, "gpus": gpus}
