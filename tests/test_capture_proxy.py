@@ -475,9 +475,10 @@ def test_process_stop_keeps_the_capture(tmp_path: Path, how: str) -> None:
     )
     out = tmp_path / "cap"
     flush = "0.3" if how == "SIGKILL" else "60"
+    as_json = ["--json"] if how == "SIGINT" else []  # the same summary, for scripts
     px = subprocess.Popen(
         [*TRACEKIT, "proxy", "--upstream", f"http://127.0.0.1:{up_port}",
-         "--listen", f"127.0.0.1:{port}", "--out", str(out), "--flush-every", flush],
+         "--listen", f"127.0.0.1:{port}", "--out", str(out), "--flush-every", flush, *as_json],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -497,7 +498,12 @@ def test_process_stop_keeps_the_capture(tmp_path: Path, how: str) -> None:
         if how != "SIGKILL":
             assert px.returncode == 0, px.stderr.read()
             summary = px.stdout.read()
-            assert "5 (ok 5," in summary and "rows written" in summary and "5 in 1 parts" in summary, summary
+            if as_json:
+                got = json.loads(summary)
+                assert got["requests_recorded"] == got["rows_written"] == 5 and got["by_status"]["ok"] == 5, got
+                assert got["parts"] == 1 and got["by_status"]["unfinished"] == 0
+            else:
+                assert "5 (ok 5," in summary and "rows written" in summary and "5 in 1 parts" in summary, summary
         df, _ = schema.read(out)
         assert df.height == 5
         assert not [p for p in os.listdir(out) if p.endswith(".tmp")]

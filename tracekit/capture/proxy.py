@@ -603,9 +603,10 @@ def _check_upstream(url: str) -> str:
 @click.option("--prefix-block-tokens", type=int, default=None,
               help="tokens per hashed block [default: the server's KV block size, else 16]")
 @click.option("--keep-token-ids", is_flag=True, help="store prompt_token_ids of token-id prompts")
+@click.option("--json", "as_json", is_flag=True, help="at the stop, print the summary as one JSON object (the banner on stderr)")
 @user_errors
 def proxy_cmd(upstream: str, listen: str, out_dir: str, flush_every: float, drain_timeout: float,
-              prefix_hashes: bool, prefix_block_tokens: int | None, keep_token_ids: bool) -> None:
+              prefix_hashes: bool, prefix_block_tokens: int | None, keep_token_ids: bool, as_json: bool = False) -> None:
     """Record traffic to a vLLM server while passing it through unchanged.
 
     Each completion request becomes one row of a results-kind capture (arrival,
@@ -625,12 +626,30 @@ def proxy_cmd(upstream: str, listen: str, out_dir: str, flush_every: float, drai
         import uvloop
 
         uvloop.install()
-    console.print(f"tracekit proxy: http://{host}:{port} -> {state.upstream}, capture in {out_dir} "
-                  f"(a part every {flush_every:g}s); Ctrl-C to stop")
+    (err_console if as_json else console).print(
+        f"tracekit proxy: http://{host}:{port} -> {state.upstream}, capture in {out_dir} "
+        f"(a part every {flush_every:g}s); Ctrl-C to stop")
     stats = asyncio.run(serve(state, host, port))
-    _print_summary(state, stats)
+    if as_json:
+        click.echo(json.dumps(proxy_summary(state, stats), indent=2))
+    else:
+        _print_summary(state, stats)
     if stats.write_errors and state.rows:
         sys.exit(1)
+
+
+def proxy_summary(state: ProxyState, stats: ProxyStats) -> dict[str, Any]:
+    """The run's outcome as `--json` prints it (the same figures as the table)."""
+    return {
+        "requests_recorded": stats.recorded,
+        "by_status": {k: stats.by_status[k] for k in ("ok", "cancelled", "error", "unfinished")},
+        "drained_at_stop": stats.drained, "drain_s": stats.drain_s, "cut_s": stats.cut_s, "stop_s": stats.stop_s,
+        "passed_through": stats.passed_through, "upstream_unreachable": stats.upstream_errors,
+        "rows_written": state.writer.rows_written, "parts": stats.parts, "out": str(state.out_dir),
+        "prefix_block_tokens": state.hasher.block_tokens if state.hasher else None,
+        "prefix_hash_errors": stats.hash_errors, "prefix_hash_skipped": stats.hash_skipped,
+        "write_errors": stats.write_errors, "rows_not_written": len(state.rows), "rows_dropped": stats.rows_dropped,
+    }
 
 
 def _print_summary(state: ProxyState, stats: ProxyStats) -> None:
