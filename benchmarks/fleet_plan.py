@@ -46,8 +46,7 @@ def main() -> None:
     sys.path.insert(0, str(HERE))
     from fleet_speed import machine
 
-    from predictor.fleet import TwinCheck, adapter_loads, recommend_split
-    from predictor.recommend import recommend
+    from predictor.fleet import TwinCheck, adapter_loads, recommend_answer, recommend_split
     from tracekit import parallel, schema
     from tracekit.synth import synthesize
     from twin.profile import load_profile
@@ -67,7 +66,7 @@ def main() -> None:
                 raise SystemExit(f"predictor plan failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
             d = json.loads(p.stdout)
             # Today's way with more GPUs until the twin passes it (not part of the planning time).
-            rec = recommend(trace, PROFILE)
+            rec = recommend_answer(trace, PROFILE)
             loads = adapter_loads(tr, 3600.0, schema.adapter_ranks(ctx))
             load_of = dict(zip(loads["adapter"], loads["load"], strict=True))
             today_ok = None

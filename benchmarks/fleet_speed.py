@@ -76,8 +76,7 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=400.0)
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
-    from predictor.fleet import adapter_loads, recommend_split
-    from predictor.recommend import recommend
+    from predictor.fleet import adapter_loads, recommend_answer, recommend_split
     from tracekit import schema
     from tracekit.synth import synthesize
 
@@ -88,7 +87,7 @@ def main() -> None:
         tr, ctx = synthesize(2000, None, [8, 16, 32], 3600.0, seed=0, total_rate=args.rate, popularity="zipf:1.0",
                              arrivals="gamma:2")
         trace = schema.write(tmpd / "trace.parquet", tr, "trace", ctx)
-        rec = recommend(trace, PROFILE)
+        rec = recommend_answer(trace, PROFILE)
         loads = adapter_loads(tr, 3600.0, schema.adapter_ranks(ctx))
         plan = recommend_split(dict(zip(loads["adapter"], loads["load"], strict=True)), GPUS, rec, PROFILE)
         assert len(plan.gpus) == GPUS, len(plan.gpus)
