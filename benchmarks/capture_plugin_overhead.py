@@ -121,7 +121,8 @@ def hook_cost_us(batch: int, reps: int = 2000, repeats: int = 7) -> float:
 
 
 def _hook_cost_once(batch: int, reps: int) -> float:
-    from tracekit import vllm_plugin as vp
+    from tracekit.capture.steps import StepRecorder
+    from tracekit.capture.vllm_hooks import StepHook
 
     lora = [SimpleNamespace(lora_name=f"a{i}", lora_int_id=i + 1, lora_path=None) for i in range(4)]
     requests = {f"r{i}": SimpleNamespace(num_computed_tokens=100 + i, num_prompt_tokens=50, lora_request=lora[i % 2])
@@ -129,10 +130,10 @@ def _hook_cost_once(batch: int, reps: int) -> float:
     sched = SimpleNamespace(requests=requests, get_request_counts=lambda: (batch, 0),
                             kv_cache_manager=SimpleNamespace(usage=0.5))
     out = SimpleNamespace(num_scheduled_tokens={k: 1 for k in requests}, scheduled_spec_decode_tokens={},
-                          preempted_req_ids=None)
+                          preempted_req_ids=None, scheduled_new_reqs=[])
     tmp = Path(tempfile.mkdtemp())
-    rec = vp.StepRecorder(tmp / "s", {"adapters": {"a0": {}, "a1": {}}}, flush_every_s=3600)
-    hook = vp.StepHook(sched, rec, t0=time.perf_counter())
+    rec = StepRecorder(tmp / "s", {"adapters": {"a0": {}, "a1": {}}}, flush_every_s=3600)
+    hook = StepHook(sched, rec, t0=time.perf_counter())
     t = time.perf_counter()
     for _ in range(reps):
         hook._close_row((time.perf_counter(), hook._batch_fields(out)))

@@ -7,7 +7,10 @@ hits both alike. Figures:
   seconds per request (from /proc), whose inverse is what one core sustains.
 
 The upstream is a minimal aiohttp server that answers like vLLM (JSON, or an SSE stream of
-`--tokens` events) with no model work, in its own process.
+`--tokens` events, and `/tokenize`) with no model work, in its own process. Modes: `json`
+and `stream` send a 64-token-id prompt (the proxy hashes its 4 blocks itself); `text`
+sends a 64-word text prompt, which the proxy has the server tokenize (`/tokenize`, after
+the answer) to hash it: the route every text and chat request takes.
 
 Run: .venv/bin/python benchmarks/capture_proxy_overhead.py [--requests 2000] [--tokens 8]
 Writes benchmarks/results/capture_proxy.{md,json}.
@@ -52,17 +55,37 @@ async def completions(request):
     await resp.write(out + b"data: [DONE]\n\n")
     await resp.write_eof()
     return resp
+async def tokenize(request):
+    body = await request.json()
+    toks = [1000 + len(w) for w in body["prompt"].split()]
+    return web.json_response({"tokens": toks, "count": len(toks), "max_model_len": 4096})
 async def models(request):
     return web.json_response({"data": [{"id": "base", "parent": None}, {"id": "a1", "parent": "base"}]})
 app = web.Application()
 app.router.add_post("/v1/completions", completions)
 app.router.add_get("/v1/models", models)
+app.router.add_post("/tokenize", tokenize)
 try:
     import uvloop; uvloop.install()
 except ImportError:
     pass
 web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
 '''
+
+
+def machine_line() -> str:
+    """CPU model and the flags that decide its speed (AVX-512, bf16)."""
+    model, flags = "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model == "unknown":
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags.update(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{os.cpu_count()}-core {platform.machine()} CPU ({model}; {' '.join(shown) or 'no AVX2'}), shared"
 
 
 def free_port() -> int:
@@ -90,11 +113,23 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-BODY = {"model": "a1", "prompt": [1, 2, 3, 4, 5, 6, 7, 8], "max_tokens": 8, "ignore_eos": True}
+async def settle(pid: int, quiet_s: float = 0.3) -> None:
+    """Until the process has used no CPU for `quiet_s`."""
+    last = cpu_seconds(pid)
+    while True:
+        await asyncio.sleep(quiet_s)
+        now = cpu_seconds(pid)
+        if now - last < 0.01:
+            return
+        last = now
 
 
-async def sequential(session: aiohttp.ClientSession, url: str, n: int, stream: bool) -> list[float]:
-    body = dict(BODY, stream=stream)
+BODY = {"model": "a1", "prompt": list(range(1000, 1064)), "max_tokens": 8, "ignore_eos": True}
+MODES = {"json": dict(BODY, stream=False), "stream": dict(BODY, stream=True),
+         "text": dict(BODY, prompt=" ".join(f"w{i}" for i in range(64)), stream=False)}
+
+
+async def sequential(session: aiohttp.ClientSession, url: str, n: int, body: dict) -> list[float]:
     lat = []
     for _ in range(n):
         t = time.perf_counter()
@@ -105,8 +140,7 @@ async def sequential(session: aiohttp.ClientSession, url: str, n: int, stream: b
     return lat
 
 
-async def concurrent(session: aiohttp.ClientSession, url: str, n: int, stream: bool, inflight: int) -> float:
-    body = dict(BODY, stream=stream)
+async def concurrent(session: aiohttp.ClientSession, url: str, n: int, body: dict, inflight: int) -> float:
     left = n
 
     async def worker() -> None:
@@ -125,24 +159,24 @@ async def concurrent(session: aiohttp.ClientSession, url: str, n: int, stream: b
 async def measure(direct: str, proxied: str, proxy_pid: int, n: int, blocks: int) -> dict[str, float]:
     out: dict[str, float] = {}
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
-        for stream in (False, True):
-            tag = "stream" if stream else "json"
-            await sequential(s, direct, 100, stream)  # warm-up both paths
-            await sequential(s, proxied, 100, stream)
+        for tag, body in MODES.items():
+            await sequential(s, direct, 100, body)  # warm-up both paths
+            await sequential(s, proxied, 100, body)
             d: list[float] = []
             p: list[float] = []
             for _ in range(blocks):  # interleaved blocks: drift hits both alike
-                d += await sequential(s, direct, n // blocks, stream)
-                p += await sequential(s, proxied, n // blocks, stream)
+                d += await sequential(s, direct, n // blocks, body)
+                p += await sequential(s, proxied, n // blocks, body)
             out[f"{tag}_direct_median_ms"] = statistics.median(d) * 1e3
             out[f"{tag}_proxy_median_ms"] = statistics.median(p) * 1e3
             out[f"{tag}_added_median_ms"] = out[f"{tag}_proxy_median_ms"] - out[f"{tag}_direct_median_ms"]
             out[f"{tag}_direct_p99_ms"] = sorted(d)[int(0.99 * len(d))] * 1e3
             out[f"{tag}_proxy_p99_ms"] = sorted(p)[int(0.99 * len(p))] * 1e3
             # Throughput with 64 in flight, and the proxy's own CPU per request.
-            out[f"{tag}_direct_req_s"] = await concurrent(s, direct, 3 * n, stream, 64)
+            out[f"{tag}_direct_req_s"] = await concurrent(s, direct, 3 * n, body, 64)
             c0 = cpu_seconds(proxy_pid)
-            out[f"{tag}_proxy_req_s"] = await concurrent(s, proxied, 3 * n, stream, 64)
+            out[f"{tag}_proxy_req_s"] = await concurrent(s, proxied, 3 * n, body, 64)
+            await settle(proxy_pid)  # work left after the answers (text: the /tokenize calls) counts too
             cpu = cpu_seconds(proxy_pid) - c0
             out[f"{tag}_proxy_cpu_ms_per_req"] = cpu / (3 * n) * 1e3
             out[f"{tag}_proxy_req_per_cpu_s"] = (3 * n) / cpu if cpu else float("inf")
@@ -174,13 +208,15 @@ def main() -> None:
         up.wait(timeout=10)
     from tracekit import schema
 
-    rows = schema.read(tmp / "cap")[0].height
+    cap = schema.read(tmp / "cap")[0]
+    rows = cap.height
+    hashed = int(cap["prefix_hashes"].list.len().fill_null(0).gt(0).sum())
     shutil.rmtree(tmp, ignore_errors=True)
-    expected = 2 * (args.requests // args.blocks * args.blocks + 100 + 3 * args.requests)
-    res.update(requests_recorded=rows, requests_sent_through_proxy=expected,
+    expected = len(MODES) * (args.requests // args.blocks * args.blocks + 100 + 3 * args.requests)
+    res.update(requests_recorded=rows, requests_sent_through_proxy=expected, rows_with_prefix_hashes=hashed,
                load_avg_1min_before=load_before, load_avg_1min_after=os.getloadavg()[0])
-    machine = f"{os.cpu_count()}-core CPU ({platform.machine()}, {platform.processor() or 'unknown'}), shared"
-    cmd = "cd /work/main && .venv/bin/python benchmarks/capture_proxy_overhead.py " + " ".join(sys.argv[1:])
+    machine = machine_line()
+    cmd = ".venv/bin/python benchmarks/capture_proxy_overhead.py " + " ".join(sys.argv[1:])
     meta = {"machine": machine, "command": cmd.strip(), "args": vars(args), "python": platform.python_version(),
             "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     RESULTS.mkdir(exist_ok=True)
@@ -199,7 +235,7 @@ def main() -> None:
         "| direct req/s | proxy req/s | proxy CPU ms/req | **req/s per proxy core** |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for tag in ("json", "stream"):
+    for tag in MODES:
         r = {k[len(tag) + 1:]: v for k, v in res.items() if k.startswith(tag + "_")}
         lines.append(
             f"| {tag} | {r['direct_median_ms']:.3f} | {r['proxy_median_ms']:.3f} | **{r['added_median_ms']:.3f}** "
@@ -208,7 +244,7 @@ def main() -> None:
         )
     lines += [
         "",
-        f"Every proxied request was recorded: {rows} rows captured for {expected} sent.",
+        f"Every proxied request was recorded: {rows} rows captured for {expected} sent; {hashed} with prefix_hashes.",
         "Goals (issue 3): added median latency <= 1 ms; >= 1,000 req/s through the proxy on one core. "
         "The proxy is one asyncio process (one core); `req/s per proxy core` = requests / proxy CPU seconds, "
         "which does not depend on how busy the shared machine's other core was. `proxy req/s` is what this "

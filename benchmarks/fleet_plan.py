@@ -46,8 +46,7 @@ def main() -> None:
     sys.path.insert(0, str(HERE))
     from fleet_speed import machine
 
-    from predictor.fleet import TwinCheck, adapter_loads, recommend_split
-    from predictor.recommend import recommend
+    from predictor.fleet import TwinCheck, adapter_loads, recommend_answer, recommend_split
     from tracekit import parallel, schema
     from tracekit.synth import synthesize
     from twin.profile import load_profile
@@ -67,7 +66,7 @@ def main() -> None:
                 raise SystemExit(f"predictor plan failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
             d = json.loads(p.stdout)
             # Today's way with more GPUs until the twin passes it (not part of the planning time).
-            rec = recommend(trace, PROFILE)
+            rec = recommend_answer(trace, PROFILE)
             loads = adapter_loads(tr, 3600.0, schema.adapter_ranks(ctx))
             load_of = dict(zip(loads["adapter"], loads["load"], strict=True))
             today_ok = None
@@ -91,7 +90,13 @@ def main() -> None:
                 "today_split_passing_gpus": today_ok, "today_split_tries": tries,
                 "today_split_check_s": time.perf_counter() - t1, "search": d["search"], "summary": d["summary"],
                 "twin_plan_runs": d["twin_plan_runs"],
+                # The twin time the answer needs at the least: every GPU of the plan and of
+                # today's plan run once (CPU seconds, and on --jobs workers).
+                "full_checks_cpu_s": sum(g.get("twin_wall_s") or 0.0 for v in (d["verdict"], d["today_verdict"])
+                                         for g in v["per_gpu"]),
+                "search_evaluations": len(d["search"]),
             })
+            rows[-1]["full_checks_wall_bound_s"] = rows[-1]["full_checks_cpu_s"] / args.jobs
     res = {"machine": machine(), "load_avg_end": os.getloadavg(), "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "command": "flock /tmp/tracekit-heavy.lock .venv/bin/python benchmarks/fleet_plan.py " + " ".join(sys.argv[1:]),
            "rows": rows}
@@ -115,6 +120,11 @@ def main() -> None:
             f"| {r['rate_req_s']:g} | {r['requests']:,} | {r['plan_wall_s']:.1f} | {r['plan_gpus']} ({r['plan_packing']}) | "
             f"{r['plan_starving']} | {r['today_gpus']} | {r['today_starving']} ({r['today_worst_served']:.0%}) | "
             f"{r['today_split_passing_gpus'] or 'none up to ' + str(r['today_gpus'] + args.max_extra)} |")
+    lines += ["", "Where the planning time goes: the two full checks the answer needs (every GPU of the plan and of "
+              "today's plan, each run once) take, in the twin:", ""]
+    lines += [f"- R = {r['rate_req_s']:g}: {r['full_checks_cpu_s']:.1f} CPU-s, {r['full_checks_wall_bound_s']:.1f} s on "
+              f"{args.jobs} workers at best; the search ran {r['search_evaluations']} screenings and checks in all"
+              for r in rows]
     lines += ["", "What the planner said:", ""] + [f"- R = {r['rate_req_s']:g}: {r['summary']}" for r in rows]
     (RESULTS / "fleet_plan.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

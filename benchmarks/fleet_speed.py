@@ -11,7 +11,8 @@ Measured (whole `twin run` processes, medians of --repeats, interleaved):
 - the sum of the 16 GPUs' single runs: each GPU's own trace file through
   `taskset -c 0 twin run` with that GPU's flags (the baseline the issue names);
 - fleet on 2 local worker processes (`--jobs 2`) and on a local Ray cluster of 2 workers
-  (`--executor ray --jobs 2`, Ray's start-up included), both checked to write the same
+  (`--executor ray --jobs 2`, Ray's start-up included; and on a local cluster of 2 CPUs
+  started beforehand, `--ray-address`), all checked to write the same
   results file as the one-process run, bit for bit;
 - peak memory (max RSS) of every process: the one-process run, and each worker as
   it reports itself.
@@ -75,8 +76,7 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=400.0)
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
-    from predictor.fleet import adapter_loads, recommend_split
-    from predictor.recommend import recommend
+    from predictor.fleet import adapter_loads, recommend_answer, recommend_split
     from tracekit import schema
     from tracekit.synth import synthesize
 
@@ -87,7 +87,7 @@ def main() -> None:
         tr, ctx = synthesize(2000, None, [8, 16, 32], 3600.0, seed=0, total_rate=args.rate, popularity="zipf:1.0",
                              arrivals="gamma:2")
         trace = schema.write(tmpd / "trace.parquet", tr, "trace", ctx)
-        rec = recommend(trace, PROFILE)
+        rec = recommend_answer(trace, PROFILE)
         loads = adapter_loads(tr, 3600.0, schema.adapter_ranks(ctx))
         plan = recommend_split(dict(zip(loads["adapter"], loads["load"], strict=True)), GPUS, rec, PROFILE)
         assert len(plan.gpus) == GPUS, len(plan.gpus)
@@ -108,9 +108,18 @@ def main() -> None:
             wall, rss, stdout = timed(cmd)
             return wall, rss, json.loads(stdout)
 
-        runs: dict[str, list[float]] = {"one_core": [], "singles_sum": [], "local2": [], "ray2": []}
+        runs: dict[str, list[float]] = {"one_core": [], "singles_sum": [], "local2": [], "ray2": [], "ray2_up": []}
         rss: dict[str, list[float]] = {"one_core": [], "singles_max": [], "local2_workers": [], "ray2_workers": [],
                                        "local2_parent": [], "ray2_parent": []}
+        # A local Ray cluster of 2 CPUs started beforehand (`--ray-address`: an existing
+        # cluster, whose start-up is not the fleet run's), held by a driver process of
+        # ours that shuts it down when its stdin closes.
+        holder = subprocess.Popen(
+            [sys.executable, "-c", "import sys, ray; c = ray.init(num_cpus=2, include_dashboard=False, "
+             "log_to_driver=False); print(c.address_info['gcs_address'], flush=True); sys.stdin.read(); ray.shutdown()"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=dict(os.environ, RAY_AUTH_MODE="disabled"))
+        assert holder.stdout is not None
+        ray_address = holder.stdout.readline().strip()
         sims: list[float] = []
         summary = {}
         for _ in range(args.repeats):
@@ -135,9 +144,16 @@ def main() -> None:
             runs["ray2"].append(w)
             rss["ray2_parent"].append(r)
             rss["ray2_workers"].append(max(g["peak_rss_mib"] for g in s3["gpus"]))
+            w, _r, _s4 = fleet("ray2_up.parquet", ["--executor", "ray", "--jobs", "2", "--ray-address", ray_address],
+                               pin=False)
+            runs["ray2_up"].append(w)
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(timeout=120)
         one = pq.read_table(tmpd / "one.parquet")
         same_local = one.equals(pq.read_table(tmpd / "local2.parquet"))
         same_ray = one.equals(pq.read_table(tmpd / "ray2.parquet"))
+        same_ray_up = one.equals(pq.read_table(tmpd / "ray2_up.parquet"))
     med = {k: statistics.median(v) for k, v in runs.items()}
     peak = {k: max(v) for k, v in rss.items()}
     out = {
@@ -149,6 +165,7 @@ def main() -> None:
         "ratio_one_core_vs_in_process_sims": med["one_core"] / statistics.median(sims),
         "in_process_sims_s": statistics.median(sims),
         "ray2_speedup_vs_one_process": med["one_core"] / med["ray2"],
+        "ray2_running_speedup_vs_one_process": med["one_core"] / med["ray2_up"], "same_results_ray2_running": same_ray_up,
         "local2_speedup_vs_one_process": med["one_core"] / med["local2"],
         "same_results_local2": same_local, "same_results_ray2": same_ray,
         "fleet": {k: summary["fleet"].get(k) for k in ("throughput_tok_s", "served_frac", "starving_adapters", "p99_ttft_ms")},
@@ -175,6 +192,9 @@ def main() -> None:
         f"| fleet, local Ray cluster of 2 workers (`--executor ray --jobs 2`, Ray start included) | {med['ray2']:.1f} | "
         f"{peak['ray2_parent']:,.0f} parent, {peak['ray2_workers']:,.0f} worker | faster than one process: "
         f"{out['ray2_speedup_vs_one_process']:.2f}x {ok(out['ray2_speedup_vs_one_process'] > 1)}; same results: {same_ray} |",
+        f"| fleet, the same on a local Ray cluster of 2 CPUs already running (`--ray-address`) | {med['ray2_up']:.1f} | | "
+        f"faster than one process: {out['ray2_running_speedup_vs_one_process']:.2f}x "
+        f"{ok(out['ray2_running_speedup_vs_one_process'] > 1)}; same results: {same_ray_up} |",
         "",
         f"The one-process fleet spends {out['in_process_sims_s']:.1f} s in the 16 GPUs' simulations; the rest is reading "
         "the trace once, splitting it, merging and summarising (per GPU and per adapter), and writing one results file. "

@@ -6,11 +6,14 @@ models (one decision tree and a random forest on the paper's 8 features), same d
 Dataset: benchmarks/results/predictor_dataset_<profile>.parquet (written by
 scripts/train_shipped_models.py). GroupKFold over workloads: no workload is in both the
 training and the test part. Per method:
-- capacity MAPE / bias: error of the predicted capacity (tok/s one GPU sustains) of each
-  held-out (workload, max_loras) whose sweep saturated (our models only);
-- max_cpu_loras MAPE: |recommended - best swept| / best swept;
-- mean shortfall / starved: the recommendation looked up at the nearest swept cell of the
-  held-out workload, vs that workload's best non-starving cell.
+- starving-load MAPE / bias: error of the predicted starving load (offered tok/s at which
+  one GPU's served share falls to 90%) of each held-out (workload, max_loras) whose sweep
+  starved (our models only): the `model error` of the safety rule (`predictor.safety`);
+- adapters MAPE: |recommended - best swept| / best swept;
+- mean shortfall / starved: the model-only recommendation (safety step = the rule's z x
+  this MAPE; the twin is the truth here, so no twin error) scored on the held-out
+  workload's swept cells (`predictor.score`: interpolated, and strict at the count below),
+  vs that workload's best non-starving cell.
 
 The paper's 8 features are taken as the mean, std, min and max of the adapters' rates
 and of their ranks (its workloads are described by three rates and three ranks); its
@@ -39,6 +42,7 @@ def main() -> None:
     ap.add_argument("--folds", type=int, default=5)
     args = ap.parse_args()
 
+    from benchmarks.predictor_common import twin_commit
     from predictor import pio
     from predictor.train import cross_validate
 
@@ -56,23 +60,26 @@ def main() -> None:
         f"# predictor cross-validation on held-out twin workloads ({args.profile})", "",
         f"Machine: 2-core CPU ({platform.machine()}), Python {platform.python_version()}, shared. "
         f"Command: `.venv/bin/python benchmarks/predictor_cv.py --profile {args.profile} --folds {args.folds}` "
-        f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {wall:.1f} s).",
+        f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {wall:.1f} s). Twin: commit {twin_commit()}.",
         f"Dataset: `{ds.relative_to(ROOT)}`: {df.height} twin runs, {df['workload_key'].n_unique()} workloads "
         f"({ctx.get('spec', {}).get('duration_s')} s windows). GroupKFold over workloads, {args.folds} folds.", "",
-        "| model | capacity MAPE | capacity bias | max_cpu_loras MAPE | mean shortfall | starved | workloads |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| model | starving-load MAPE | bias | adapters MAPE | mean shortfall (interp.) | starved | "
+        "mean shortfall (strict) | starved | workloads |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for n in names:
         m = cv[n]
-        lf = f" (load factor {m['load_factor']})" if "load_factor" in m else ""
-        lines.append(f"| {n}{lf} | {pct(m['capacity_mape'])} | {pct(m['capacity_bias'])} | {pct(m['max_cpu_loras_mape'])} | "
-                     f"{pct(m['mean_shortfall'])} | {pct(m['starved_frac'])} | {m['workloads']} |")
-    lines += ["", "tree/linear: our capacity models (log tok/s per (workload, max_loras); max_cpu_loras = load factor x",
-              "capacity / per-adapter load). paper_tree/paper_forest: the paper's approach (best config regressed",
-              "directly on 8 rate/rank statistics)."]
+        step = f" (step {m['safety_step']:.1%})" if "safety_step" in m else ""
+        lines.append(f"| {n}{step} | {pct(m['capacity_mape'])} | {pct(m['capacity_bias'])} | {pct(m['adapters_mape'])} | "
+                     f"{pct(m['mean_shortfall'])} | {pct(m['starved_frac'])} | {pct(m['strict_mean_shortfall'])} | "
+                     f"{pct(m['strict_starved_frac'])} | {m['workloads']} |")
+    lines += ["", "tree/linear: our starving-load models (log tok/s per (workload, max_loras); adapters per GPU =",
+              "starving load / per-adapter load, less the safety step). paper_tree/paper_forest: the paper's approach",
+              "(best config regressed directly on 8 rate/rank statistics)."]
     (OUT / "predictor_cv.md").write_text("\n".join(lines) + "\n")
     (OUT / "predictor_cv.json").write_text(json.dumps(
         {"profile": args.profile, "dataset": str(ds.relative_to(ROOT)), "folds": args.folds,
+         "twin_commit": twin_commit(),
          "methods": {n: {k: v for k, v in m.items() if k != "residuals"} for n, m in cv.items()}}, indent=1, default=str))
 
     import matplotlib
@@ -81,8 +88,9 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
-    for ax, key, title in zip(axes, ("max_cpu_loras_mape", "mean_shortfall", "starved_frac"),
-                              ("max_cpu_loras error", "throughput shortfall", "starving recommendations"), strict=True):
+    for ax, key, title in zip(axes, ("adapters_mape", "mean_shortfall", "starved_frac"),
+                              ("adapters-per-GPU error", "throughput shortfall (interp.)", "starving recommendations"),
+                              strict=True):
         vals = [100 * (cv[n][key] or 0.0) for n in names]
         ax.bar(names, vals, color=["C0", "C1", "C7", "C8"][: len(names)])
         ax.set_title(title, fontsize=9)

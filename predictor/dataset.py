@@ -6,8 +6,9 @@ summary (throughput, offered load, served fraction, TTFT/ITL) and the trace's fe
 
 Resumable: finished cells are flushed as Parquet parts into `<out>.parts/` every few
 seconds; on restart, cells already there (or in an earlier `<out>`) are skipped, unless
-they were simulated under another version of the profile. The merged `<out>` (with the
-labels) is written at the end, and the parts are removed once it holds every cell.
+they were simulated under another version of the profile or by a twin that behaves
+differently (`profile_digest`). The merged `<out>` (with the labels) is written at the
+end, and the parts are removed once it holds every cell.
 
 Labels (the paper's rule): per workload, the cell with the highest throughput among those
 that do not starve (served < 90% of offered = starving); with `--slo-ttft-p99 S`, also
@@ -16,6 +17,8 @@ the best cell whose p99 TTFT is within S seconds.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib
 import json
 import os
@@ -51,10 +54,18 @@ def _resolve(path: str) -> Callable[..., Any]:
         raise TracekitError(f"--simulator {path}: cannot import: {e}") from None
 
 
+def serving_config(prof: Any, cell: Cell) -> Any:
+    """The cell's ServingConfig: its max_loras / max_cpu_loras / max_lora_rank, the spec's
+    `serving` flags, the rest from the profile's server (as `twin run` takes them)."""
+    from twin.api import ServingConfig
+
+    return ServingConfig.for_profile(prof, **dict(cell.serving), max_loras=cell.max_loras,
+                                     max_cpu_loras=cell.max_cpu_loras, max_lora_rank=cell.max_lora_rank).check()
+
+
 def run_cell(cell: Cell, profile: str, simulator: str = DEFAULT_SIMULATOR) -> dict[str, Any]:
     """Simulate one cell; returns one dataset row. Runs in a worker (local or Ray)."""
     from tracekit.synth import synthesize
-    from twin.api import ServingConfig
     from twin.profile import load_profile
 
     w = cell.workload
@@ -71,18 +82,10 @@ def run_cell(cell: Cell, profile: str, simulator: str = DEFAULT_SIMULATOR) -> di
         arrivals=w.arrivals,
     )
     prof = load_profile(profile)
-    config = ServingConfig(
-        max_loras=cell.max_loras,
-        max_cpu_loras=cell.max_cpu_loras,
-        max_lora_rank=cell.max_lora_rank,
-        # The paper's (and the measured runs') engine limits.
-        max_num_seqs=2048,
-        max_num_batched_tokens=2048,
-    )
+    config = serving_config(prof, cell)
     kv = int(prof.kv_capacity_tokens(config))
     row: dict[str, Any] = {
         "cell_key": cell.key,
-        "profile_sha": profile_digest(prof),
         "workload_key": w.key,
         "workload": w.label,
         "rates": json.dumps(list(w.rates)),
@@ -133,12 +136,56 @@ def _frame(rows: list[dict[str, Any]]) -> pl.DataFrame:
     return pl.DataFrame(rows, schema_overrides=ROW_SCHEMA, infer_schema_length=None)
 
 
-def profile_digest(prof: Any) -> str:
-    """Identifies the profile's content: cells simulated under another version of the
-    profile are not reused on resume."""
-    import hashlib
+# The fingerprint runs: one GPU past its capacity with every mechanism at work (GPU slot
+# and CPU cache evictions, chunked prefills, preemptions from a small KV cache), once as
+# the profile's server and once with prefix caching (shared system prompts), async
+# scheduling and full-prompt admission on.
+_FP_RUNS = (
+    {},
+    {"enable_prefix_caching": True, "async_scheduling": True, "scheduler_reserve_full_isl": True},
+)
 
-    return hashlib.sha256(json.dumps(prof.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+@functools.lru_cache(maxsize=8)
+def _fingerprint(profile_json: str, simulator: str) -> str:
+    from tracekit.synth import synthesize
+    from twin.api import ServingConfig
+    from twin.config import TWIN_COUNTERS
+    from twin.profile import Profile
+
+    prof = Profile.from_dict(json.loads(profile_json))
+    h = hashlib.sha256(profile_json.encode())
+    for i, flags in enumerate(_FP_RUNS):
+        trace, ctx = synthesize(24, [2.0, 0.5, 0.1], [8, 16, 32], 30.0, seed=11 + i,
+                                **({"turns": 2, "system_prompts": "2:64"} if flags else {}))
+        cfg = ServingConfig.for_profile(prof, max_loras=4, max_cpu_loras=8, max_lora_rank=32, max_num_seqs=16,
+                                        max_num_batched_tokens=256, kv_capacity_tokens=4096, **flags)
+        res = _resolve(simulator)(trace, prof, cfg, trace_context=ctx, window_s=30.0)
+        if getattr(res, "results", None) is not None:
+            df = pl.from_arrow(res.results)
+            for c in sorted(df.columns):
+                col = df[c]
+                if col.dtype.is_numeric():
+                    h.update(c.encode() + col.cast(pl.Float64).fill_null(-1.0).to_numpy().tobytes())
+                else:
+                    h.update(c.encode() + "\0".join(map(str, col.to_list())).encode())
+        # With per-request results, the twin's counters of what the server did (steps,
+        # preemptions, adapter loads...); not its own bookkeeping (fast-forwarded steps,
+        # loop times), which a faster engine changes without moving a number.
+        keep = TWIN_COUNTERS if getattr(res, "results", None) is not None else tuple(res.summary or {})
+        summary = {k: v for k, v in (res.summary or {}).items()
+                   if k in keep and isinstance(v, (int, float)) and "wall" not in k and "loop" not in k}
+        h.update(json.dumps(summary, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def profile_digest(prof: Any, simulator: str = DEFAULT_SIMULATOR) -> str:
+    """Identifies what a cell's numbers come from: the profile's content and the twin's
+    behaviour. The latter is a fingerprint, the exact results of two small runs of one
+    saturated GPU (every scheduling mechanism at work, `_FP_RUNS`), so that cells simulated
+    by a twin that schedules or times anything differently are redone on resume, while a
+    change that moves no number (a refactor) keeps them."""
+    return _fingerprint(json.dumps(prof.to_dict(), sort_keys=True, default=str), simulator)
 
 
 def parts_dir(out: Path) -> Path:
@@ -193,17 +240,25 @@ def sweep(
     simulator: str = DEFAULT_SIMULATOR,
     slo_ttft_p99_s: float | None = None,
     progress: bool = True,
+    time_budget_s: float | None = None,
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
-    """Run every cell not yet in `<out>.parts/`, then merge, label and write `out`."""
+    """Run every cell not yet in `<out>.parts/`, then merge, label and write `out`.
+
+    `time_budget_s`: stop starting cells after this long (a chunk of a long sweep, e.g.
+    under a shared lock); the finished ones persist in the parts, `out` is written only
+    once every cell is done, and the returned context says `complete`."""
     from twin.profile import load_profile
 
     parts = parts_dir(out)
     cells = spec.cells()
-    sha = profile_digest(load_profile(profile))
+    sha = profile_digest(load_profile(profile), simulator)
     done = done_keys(out, sha)
     todo = [c for c in cells if c.key not in done]
+    cfg0 = serving_config(load_profile(profile), cells[0]).to_dict() if cells else {}
     context = {
         "profile": profile,
+        # What every cell ran with besides the swept max_loras / max_cpu_loras / rank.
+        "serving": {k: v for k, v in cfg0.items() if k not in ("max_loras", "max_cpu_loras", "max_lora_rank")},
         "spec": spec.to_dict(),
         "simulator": simulator,
         "profile_sha": sha,
@@ -212,6 +267,7 @@ def sweep(
     session = uuid.uuid4().hex[:8]
     buf: list[dict[str, Any]] = []
     n_part = 0
+    n_run = 0
     last_flush = time.monotonic()
     t0 = time.perf_counter()
 
@@ -248,10 +304,13 @@ def sweep(
         task = bar.add_task("cells", total=len(cells), completed=len(cells) - len(todo))
         try:
             for row in it:
-                buf.append(row)
+                buf.append({**row, "profile_sha": sha})
+                n_run += 1
                 bar.advance(task)
                 if len(buf) >= FLUSH_EVERY_ROWS or time.monotonic() - last_flush > FLUSH_EVERY_S:
                     flush()
+                if time_budget_s is not None and time.perf_counter() - t0 > time_budget_s:
+                    break
         finally:
             # Interrupted or failed: keep every finished cell for the next run.
             flush()
@@ -264,13 +323,16 @@ def sweep(
     df = label(df, slo_ttft_p99_s)
     context.update(
         cells=len(cells),
-        cells_run=len(todo),
+        cells_run=n_run,
         sweep_wall_s=elapsed,
-        runs_per_min=(len(todo) / elapsed * 60.0) if todo and elapsed > 0 else None,
+        runs_per_min=(n_run / elapsed * 60.0) if n_run and elapsed > 0 else None,
         executor=executor,
         jobs=jobs,
         slo_ttft_p99_s=slo_ttft_p99_s,
+        complete=len(df) == len(cells),
     )
+    if not context["complete"]:
+        return df, context
     pio.write(out, df.sort("workload", "max_loras", "max_cpu_loras"), context)
     if len(df) == len(cells):
         # Every cell is in OUT now: the parts are redundant (a rerun reads OUT).
@@ -297,6 +359,18 @@ def label(df: pl.DataFrame, slo_ttft_p99_s: float | None = None) -> pl.DataFrame
     if slo_ttft_p99_s is not None:
         cols.append(mark(ok & (pl.col("p99_ttft_ms") <= slo_ttft_p99_s * 1e3), "is_best_slo"))
     return df.with_columns(cols).drop("_i")
+
+
+def labels_summary(df: pl.DataFrame, context: dict[str, Any], out: Path) -> dict[str, Any]:
+    """The sweep's summary as `--json` prints it: each workload's best configuration."""
+    best = df.filter(pl.col("is_best")).sort("workload")
+    keep = ("cells_run", "sweep_wall_s", "runs_per_min", "executor", "jobs")
+    return {
+        "out": str(out), "cells": df.height, "workloads": df["workload_key"].n_unique(),
+        "starving_everywhere": df["workload_key"].n_unique() - best.height,
+        "best": best.select("workload", "max_loras", "max_cpu_loras", "throughput_tok_s", "served_frac").to_dicts(),
+        **{k: context[k] for k in keep if k in context},
+    }
 
 
 def print_labels(df: pl.DataFrame, context: dict[str, Any], out: Path) -> None:
@@ -328,8 +402,10 @@ def print_labels(df: pl.DataFrame, context: dict[str, Any], out: Path) -> None:
 @click.option("--ray-address", default=None, help="Ray cluster address (default: start a local Ray).")
 @click.option("--slo-ttft-p99", "slo", type=float, default=None, help="Also label the best config whose p99 TTFT <= S seconds.")
 @click.option("--simulator", default=DEFAULT_SIMULATOR, hidden=True, help="module:function with twin.api.simulate's signature.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object (progress on stderr).")
 @user_errors
-def dataset_cmd(profile: str, workloads: str, out: Path, executor: str, jobs: int, ray_address: str | None, slo: float | None, simulator: str) -> None:
+def dataset_cmd(profile: str, workloads: str, out: Path, executor: str, jobs: int, ray_address: str | None, slo: float | None,
+                simulator: str, as_json: bool = False) -> None:
     """Sweep the twin over workloads x (max_loras, max_cpu_loras) and label the best configs.
 
     SPEC is a JSON file, inline JSON, or a one-line grid (`;` between items, `,` between
@@ -354,5 +430,8 @@ def dataset_cmd(profile: str, workloads: str, out: Path, executor: str, jobs: in
     load_profile(profile)  # fail early on a bad name
     spec = specmod.load(workloads)
     df, ctx = sweep(spec, profile, out, executor=executor, jobs=jobs, ray_address=ray_address,
-                    simulator=simulator, slo_ttft_p99_s=slo)
-    print_labels(df, ctx, out)
+                    simulator=simulator, slo_ttft_p99_s=slo, progress=not as_json)
+    if as_json:
+        click.echo(json.dumps(labels_summary(df, ctx, out), indent=2, default=str))
+    else:
+        print_labels(df, ctx, out)

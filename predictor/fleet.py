@@ -21,7 +21,8 @@ How the plan is built:
    G is bisected (today's plan, when it passes, bounds it), running only each
    candidate's critical GPUs (most loaded, most crowded, busiest adapter): a failure
    there fails the plan; the packing with fewer critical GPUs is screened first, the
-   other only when it fails. The answer is then run on every GPU, one more GPU while it fails.
+   other only when it fails. The answer is then run on every GPU, one more GPU while it
+   fails (both packings at once).
    The search shows one GPU fewer failing, which is what makes G the fewest found.
 
 Starving adapters are judged as the fleet twin judges them (`twin.fleet`): served < 90%
@@ -44,8 +45,24 @@ import polars as pl
 from tracekit.cliutil import console, user_errors
 from tracekit.schema import TracekitError
 
-# The engine limits the shipped models and recommend assume (the paper's servers).
-ENGINE = {"max_num_seqs": 2048, "max_num_batched_tokens": 2048}
+# The engine limits a plan's GPUs state: those `predictor recommend` answered at (the
+# profile's server's, `ServingConfig.for_profile`), so that a GPU runs as it assumed.
+ENGINE_KEYS = ("max_num_seqs", "max_num_batched_tokens")
+
+
+def engine_of(rec: Mapping[str, Any]) -> dict[str, Any]:
+    """The engine limits of a `recommend` answer (its `serving`)."""
+    return {k: rec["serving"][k] for k in ENGINE_KEYS}
+
+
+def recommend_answer(trace_path: Path, profile: str) -> dict[str, Any]:
+    """`predictor recommend` as a plan uses it: the model alone where the profile has a
+    trained one (milliseconds: a plan asks once per rank class), else the twin search."""
+    from predictor.recommend import find_model, recommend
+    from twin.profile import load_profile
+
+    model, _ = find_model(None, load_profile(profile))
+    return recommend(trace_path, profile, fast=model is not None)
 MAX_SEARCH_STEPS = 8
 MAX_FULL_STEPS = 6
 RANK_GROUPED, RECOMMEND_SPLIT, TODAY = "rank-grouped", "recommend's split", "today's recommend plan"
@@ -173,7 +190,6 @@ def class_slots(trace_path: Path, trace: pl.DataFrame, context: dict[str, Any], 
                 profile: str) -> dict[int, dict[str, Any]]:
     """`predictor recommend` on each rank class's adapters (ranks <= r): its max_loras
     and predicted capacity for GPUs of that class."""
-    from predictor.recommend import recommend
     from tracekit.schema import write
 
     out: dict[int, dict[str, Any]] = {}
@@ -183,13 +199,14 @@ def class_slots(trace_path: Path, trace: pl.DataFrame, context: dict[str, Any], 
             sub = trace.filter(pl.col("adapter").is_in(names))
             ctx = dict(context, adapters={a: (context.get("adapters") or {}).get(a, {"rank": r}) for a in names})
             path = write(Path(tmp) / f"rank{r}.parquet", sub, "trace", ctx)
-            rec = recommend(path, profile)
+            rec = recommend_answer(path, profile)
             out[r] = {"max_loras": int(rec["max_loras"]), "capacity_tok_s": float(rec["capacity_tok_s"]),
-                      "max_cpu_loras": int(rec["max_cpu_loras"])}
+                      "max_cpu_loras": int(rec["serving"]["max_cpu_loras"])}
     return out
 
 
-def make_plan(bins: list[dict[str, Any]], max_loras: int, profile: str, ranks: Mapping[str, int]) -> Any:
+def make_plan(bins: list[dict[str, Any]], max_loras: int, profile: str, ranks: Mapping[str, int],
+              engine: Mapping[str, Any]) -> Any:
     """GPUs from packed bins: max_lora_rank from their largest adapter, max_loras the
     predictor's (capped at the adapters held), max_cpu_loras every adapter held."""
     from twin.fleet_plan import FleetPlan, GpuPlan
@@ -200,7 +217,8 @@ def make_plan(bins: list[dict[str, Any]], max_loras: int, profile: str, ranks: M
         rank = max(ranks.get(a, 16) for a in b["adapters"])
         ml = min(len(b["adapters"]), max_loras)
         gpus.append(GpuPlan(name=f"gpu-{i:0{width}d}", adapters=tuple(b["adapters"]),
-                            settings={"max_loras": ml, "max_cpu_loras": len(b["adapters"]), "max_lora_rank": rank, **ENGINE}))
+                            settings={"max_loras": ml, "max_cpu_loras": len(b["adapters"]), "max_lora_rank": rank,
+                                      **engine}))
     return FleetPlan(gpus=tuple(gpus), profile=profile, router="placement", meta={"packing": "rank-grouped"})
 
 
@@ -216,7 +234,7 @@ def recommend_split(load_of: Mapping[str, float], gpus: int, rec: Mapping[str, A
     out = []
     for i, g in enumerate(groups):
         settings = {"max_loras": min(int(rec["max_loras"]), len(g)), "max_cpu_loras": len(g),
-                    "max_lora_rank": int(rec["max_lora_rank"]), **ENGINE}
+                    "max_lora_rank": int(rec["max_lora_rank"]), **engine_of(rec)}
         out.append(GpuPlan(name=f"gpu-{i:0{width}d}", adapters=tuple(g), settings=settings))
     return FleetPlan(gpus=tuple(out), profile=profile, router="placement", meta={"packing": "recommend's split"})
 
@@ -226,10 +244,10 @@ def today_plan(rec: Mapping[str, Any], profile: str) -> Any:
     GPUs, every GPU with its max_loras, max_cpu_loras and the fleet's largest rank."""
     from twin.fleet_plan import FleetPlan, GpuPlan
 
-    groups = rec["_gpus"]
+    groups = rec["gpu_adapters"]
     width = max(2, len(str(len(groups) - 1)))
-    settings = {"max_loras": rec["max_loras"], "max_cpu_loras": rec["max_cpu_loras"],
-                "max_lora_rank": rec["max_lora_rank"], **ENGINE}
+    settings = {"max_loras": rec["max_loras"], "max_cpu_loras": rec["serving"]["max_cpu_loras"],
+                "max_lora_rank": rec["max_lora_rank"], **engine_of(rec)}
     gpus = tuple(GpuPlan(name=f"gpu-{i:0{width}d}", adapters=tuple(g), settings=dict(settings)) for i, g in enumerate(groups))
     return FleetPlan(gpus=gpus, profile=profile, router="placement",
                      meta={"made_by": "predictor recommend", "explanation": rec.get("explanation")})
@@ -327,7 +345,6 @@ def explain_gpu(gpu: Any, row: Mapping[str, Any], loads: Mapping[str, float], ra
 def plan_fleet(trace_path: Path, profile_name: str, *, slo_ttft_p99_s: float | None = None, executor: str = "local",
                jobs: int | None = None, ray_address: str | None = None, progress: bool = True) -> dict[str, Any]:
     """The plan (and today's, both checked in the twin) as a dict; see the module doc."""
-    from predictor.recommend import recommend
     from tracekit import parallel
     from tracekit.schema import adapter_ranks, read_trace
     from twin.fleet import default_jobs
@@ -348,7 +365,7 @@ def plan_fleet(trace_path: Path, profile_name: str, *, slo_ttft_p99_s: float | N
         raise TracekitError(f"{trace_path}: no request uses an adapter; a plan places adapters")
     load_of = dict(zip(loads["adapter"].to_list(), loads["load"].to_list(), strict=True))
     rank_of = dict(zip(loads["adapter"].to_list(), loads["rank"].to_list(), strict=True))
-    rec = recommend(trace_path, profile_name)
+    rec = recommend_answer(trace_path, profile_name)
     today = today_plan(rec, profile.name)
     slots = class_slots(trace_path, trace, context, loads, profile_name)
     t_model = time.perf_counter() - t0
@@ -357,7 +374,8 @@ def plan_fleet(trace_path: Path, profile_name: str, *, slo_ttft_p99_s: float | N
 
     def candidate(g: int, kind: str) -> FleetPlan:
         if (g, kind) not in candidates:
-            candidates[(g, kind)] = (make_plan(pack(loads, g, slots), int(rec["max_loras"]), profile.name, ranks)
+            candidates[(g, kind)] = (make_plan(pack(loads, g, slots), int(rec["max_loras"]), profile.name, ranks,
+                                               engine_of(rec))
                                      if kind == RANK_GROUPED else recommend_split(load_of, g, rec, profile.name))
         return candidates[(g, kind)]
 
@@ -451,7 +469,7 @@ def plan_fleet(trace_path: Path, profile_name: str, *, slo_ttft_p99_s: float | N
     for gpu, row in zip(plan.gpus, verdict["per_gpu"], strict=True):
         kv_top = int(profile.kv_capacity_tokens(ServingConfig.for_profile(
             profile, max_loras=gpu.settings["max_loras"], max_cpu_loras=gpu.settings["max_cpu_loras"],
-            max_lora_rank=fleet_rank, **ENGINE)))
+            max_lora_rank=fleet_rank, **engine_of(rec))))
         explanations.append(explain_gpu(gpu, row, load_of, rank_of, int(rec["max_loras"]), kv_top, fleet_rank, copies))
     from twin.fleet_plan import GpuPlan
 
@@ -480,14 +498,14 @@ def plan_fleet(trace_path: Path, profile_name: str, *, slo_ttft_p99_s: float | N
     return {
         "plan": plan, "today": today, "verdict": verdict, "today_verdict": today_check, "search": search,
         "summary": summary, "explanations": explanations, "elapsed_s": elapsed, "model_s": t_model, "twin_s": twin_s,
-        "twin_plan_runs": runs, "recommend": {k: v for k, v in rec.items() if k != "_gpus"}, "class_slots": slots,
+        "twin_plan_runs": runs, "recommend": {k: v for k, v in rec.items() if k != "gpu_adapters"}, "class_slots": slots,
     }
 
 
 def _compact(v: Mapping[str, Any]) -> dict[str, Any]:
     keep = ("name", "adapters", "requests", "offered_tok_s", "throughput_tok_s", "served_frac", "starving_adapters",
             "min_adapter_served_frac", "p99_ttft_ms", "mean_itl_ms", "max_loras", "max_cpu_loras", "max_lora_rank",
-            "kv_capacity_tokens")
+            "kv_capacity_tokens", "twin_wall_s")
     out = {k: x for k, x in v.items() if k != "per_gpu"}
     out["per_gpu"] = [{k: g.get(k) for k in keep} for g in v.get("per_gpu", [])]
     return out

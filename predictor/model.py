@@ -2,11 +2,13 @@
 
 Why capacity: below saturation a GPU serves what it is offered; above, it serves its
 capacity and the rest queues until it starves. So served throughput ~ min(offered,
-capacity), and the best adapters-per-GPU is the most adapters whose offered load fits
-the capacity. Capacity (tokens/s one GPU sustains for a workload's shape and a given
-max_loras / max_lora_rank) varies little and smoothly, so a shallow tree or a linear
-model on log capacity predicts it well, and `max_cpu_loras` follows by division; a model
-that predicted adapter counts directly would have to learn that division itself.
+capacity), and the best adapters-per-GPU is the most adapters whose offered load the GPU
+still serves. The model predicts the *starving load* (the offered tokens/s at which one
+GPU's served share falls to 90%, the paper's starving rule) for a workload's shape and a
+given max_loras / max_lora_rank. It varies little and smoothly, so a shallow tree or a
+linear model on its log predicts it well, and the starving point in adapters follows by
+division (the quantity the twin search finds too, see `predictor.safety`); a model that
+predicted adapter counts directly would have to learn that division itself.
 
 Models are stored as plain JSON (tree arrays or linear coefficients), evaluated with
 numpy: no pickle, no scikit-learn import at recommend time (it costs ~0.5 s).
@@ -57,10 +59,9 @@ def derived(adapter_tok_s: float, tokens_per_req: float, max_loras: float, kv_to
     }
 # The paper's baseline inputs: summary statistics of the adapters' rates and sizes.
 PAPER_FEATURES = ["rate_mean", "rate_std", "rate_min", "rate_max", "rank_mean", "rank_std", "rank_min", "rank_max"]
-MODEL_SCHEMA = 1
-# The capacity the model predicts is the highest offered load one GPU serves at least
-# this fraction of (starving, the paper's rule, is below 90%).
-SUSTAINED_SERVED = 0.97
+# Schema 2: the target is the starving load (served 90%); schema 1 models (the load at
+# 97% served, with a load factor) are refused.
+MODEL_SCHEMA = 2
 
 
 def describe(name: str) -> str:
@@ -69,14 +70,12 @@ def describe(name: str) -> str:
 
 @dataclass
 class CapacityModel:
-    """log(capacity tok/s) = f(features); `kind` is `tree` or `linear`."""
+    """log(starving load tok/s) = f(features); `kind` is `tree` or `linear`."""
 
     kind: str
     features: list[str]
     params: dict[str, Any]
-    # Safety: recommend an offered load of `load_factor` x predicted capacity.
-    load_factor: float = 1.0
-    # Held-out log(true / predicted) capacity residuals, for the starving risk.
+    # Held-out log(true / predicted) residuals of cross-validation.
     residuals: list[float] | None = None
     meta: dict[str, Any] | None = None
 
@@ -112,7 +111,7 @@ class CapacityModel:
 
     # --- explanation --------------------------------------------------------------
     def explain(self, x: np.ndarray) -> list[str]:
-        """Why this capacity, in words: the tree path, or the main linear contributions."""
+        """Why this starving load, in words: the tree path, or the main linear contributions."""
         x = np.asarray(x, dtype=np.float64).ravel()
         p = self.params
         if self.kind == "tree":
@@ -128,14 +127,14 @@ class CapacityModel:
                     out.append(f"{describe(name)} = {x[f]:,.4g} > {thr:,.4g}")
                     node = right[node]
             out.append(
-                f"-> capacity {math.exp(p['value'][node]):,.0f} tok/s "
+                f"-> starving load {math.exp(p['value'][node]):,.0f} tok/s "
                 f"(leaf of {p['n_samples'][node]} training cases)"
             )
             return out
         z = (x - np.asarray(p["mean"])) / np.asarray(p["scale"])
         contrib = z * np.asarray(p["coef"])
         order = np.argsort(-np.abs(contrib))[:3]
-        out = [f"baseline capacity {math.exp(p['intercept']):,.0f} tok/s (the training mean)"]
+        out = [f"baseline starving load {math.exp(p['intercept']):,.0f} tok/s (the training mean)"]
         for i in order:
             out.append(f"{describe(self.features[i])} = {x[i]:,.4g}: {math.expm1(contrib[i]):+.1%}")
         return out
@@ -147,7 +146,6 @@ class CapacityModel:
             "kind": self.kind,
             "features": self.features,
             "params": self.params,
-            "load_factor": self.load_factor,
             "residuals": self.residuals,
             "meta": self.meta or {},
         }
@@ -172,12 +170,13 @@ class CapacityModel:
             raise TracekitError(f"--model {p}: not a predictor model (JSON): {e}") from None
         if not isinstance(d, dict) or d.get("kind") not in ("tree", "linear") or "params" not in d:
             raise TracekitError(f"--model {p}: not a predictor model (no kind/params)")
-        if int(d.get("schema", 1)) > MODEL_SCHEMA:
+        schema = int(d.get("schema", 1))
+        if schema > MODEL_SCHEMA:
             raise TracekitError(f"--model {p}: model schema is newer than this tool; upgrade lora-tracekit")
-        return cls(
-            kind=d["kind"], features=list(d["features"]), params=d["params"],
-            load_factor=float(d.get("load_factor", 1.0)), residuals=d.get("residuals"), meta=d.get("meta"),
-        )
+        if schema < MODEL_SCHEMA:
+            raise TracekitError(f"--model {p}: an older model (schema {schema}, another target); retrain it with `predictor train`")
+        return cls(kind=d["kind"], features=list(d["features"]), params=d["params"],
+                   residuals=d.get("residuals"), meta=d.get("meta"))
 
 
 def from_sklearn_tree(est: Any, features: list[str]) -> CapacityModel:

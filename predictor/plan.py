@@ -1,5 +1,6 @@
-"""From a capacity model to a configuration: shared by `recommend`, training's
-cross-validation and the benchmarks, so all three judge the same decision."""
+"""From a starving-load model to a configuration, and from one GPU to a fleet: shared by
+`recommend --fast`, the search's first guesses, training's cross-validation and the
+benchmarks, so all of them judge the same decision."""
 
 from __future__ import annotations
 
@@ -10,20 +11,19 @@ from typing import Any
 
 import numpy as np
 
-from predictor.model import SUSTAINED_SERVED, CapacityModel, derived
-from tracekit.metrics import STARVING_THRESHOLD
+from predictor.model import CapacityModel, derived
 
 
 @dataclass
 class Plan:
     max_loras: int
-    max_cpu_loras: int
+    adapters: int  # adapters per GPU (vLLM's --max-cpu-loras is set to this)
     max_lora_rank: int
-    capacity_tok_s: float  # predicted capacity of one GPU at this config
-    gpu_load_tok_s: float  # offered load per GPU at max_cpu_loras adapters
-    throughput_tok_s: float  # expected served throughput per GPU
+    starving_point: float  # predicted adapters at which the GPU's served share falls to 90%
+    starving_load_tok_s: float  # the same, as offered tok/s
     kv_capacity_tokens: int
     x: np.ndarray  # model input row (for the explanation)
+    starving_max_loras: int = 0  # the max_loras the starving point is for (max_loras may be cut to adapters)
     candidates: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -33,78 +33,66 @@ def model_row(model: CapacityModel, wf: Mapping[str, float], max_loras: int, max
     return [float(cfg[f]) if f in cfg else float(wf[f]) for f in model.features]
 
 
+def model_starving_points(
+    model: CapacityModel, wf: Mapping[str, float], kv_tokens: Callable[[int, int], int], max_loras_grid: list[int],
+) -> list[dict[str, Any]]:
+    """For each max_loras the memory allows (kv > 0): the model's starving load and
+    starving point (adapters of this mix at that load)."""
+    rank = int(wf["rank_max"])
+    per_adapter = float(wf["adapter_tok_s"])
+    out, rows = [], []
+    for ml in sorted(set(int(m) for m in max_loras_grid)):
+        kv = int(kv_tokens(ml, rank))
+        if kv <= 0:
+            continue
+        out.append({"max_loras": ml, "kv_capacity_tokens": kv})
+        rows.append(model_row(model, wf, ml, rank, kv))
+    if not out:
+        return []
+    X = np.asarray(rows, dtype=np.float64)
+    loads = model.predict(X)
+    for o, load, x in zip(out, loads, X, strict=True):
+        o["starving_load_tok_s"] = float(load)
+        o["starving_point"] = float(load / per_adapter) if per_adapter > 0 else math.inf
+        o["x"] = x
+    return out
+
+
+def best_of(points: list[dict[str, Any]]) -> dict[str, Any]:
+    """The max_loras with the largest starving point (the most adapters and throughput
+    per GPU); within 1% of it, the fewest GPU slots (less memory reserved)."""
+    top = max(p["starving_point"] for p in points)
+    near = [p for p in points if p["starving_point"] >= top * 0.99]
+    return min(near, key=lambda p: p["max_loras"])
+
+
 def plan(
     model: CapacityModel,
     wf: Mapping[str, float],
     kv_tokens: Callable[[int, int], int],
     n_fleet: int,
     max_loras_grid: list[int],
-    margin: float = 1.0,
+    below: Callable[[float], int],
 ) -> Plan | None:
-    """The best (max_loras, max_cpu_loras) for a workload with features `wf` and
-    `n_fleet` adapters. `kv_tokens(max_loras, max_lora_rank)` is the profile's KV capacity
-    (0 = OOM). `margin` scales the load put on a GPU further down (e.g. for the twin's
-    own error against real hardware). Returns None when every max_loras runs out of memory."""
-    rank = int(wf["rank_max"])
-    per_adapter = float(wf["adapter_tok_s"])
-    cands, rows = [], []
-    for ml in sorted(set(int(m) for m in max_loras_grid)):
-        kv = int(kv_tokens(ml, rank))
-        if kv <= 0:
-            continue
-        cands.append((ml, kv))
-        rows.append(model_row(model, wf, ml, rank, kv))
-    if not cands:
+    """The model-only configuration for a workload with features `wf` and `n_fleet`
+    adapters: the max_loras with the largest predicted starving point, filled to
+    `below(starving point)` adapters (the safety rule, `predictor.safety`), at most the
+    fleet. `kv_tokens(max_loras, max_lora_rank)` is the profile's KV capacity (0 = OOM).
+    None when every max_loras runs out of memory."""
+    points = model_starving_points(model, wf, kv_tokens, max_loras_grid)
+    if not points:
         return None
-    X = np.asarray(rows, dtype=np.float64)
-    caps = model.predict(X)
-
-    def adapters_for(cap: float) -> int:
-        """Adapters whose load fills load_factor x margin of `cap`, within 1..n_fleet."""
-        n = int(math.floor(model.load_factor * margin * cap / per_adapter)) if per_adapter > 0 else n_fleet
-        return max(1, min(n, n_fleet))
-
-    options = []
-    for (ml, kv), cap, x in zip(cands, caps, X, strict=True):
-        n = adapters_for(cap)
-        if n < ml:
-            # vLLM needs max_cpu_loras >= max_loras; fewer slots than this only when
-            # no larger n fits, handled below.
-            continue
-        load = n * per_adapter
-        options.append(dict(max_loras=ml, max_cpu_loras=n, capacity_tok_s=float(cap), gpu_load_tok_s=load,
-                            throughput_tok_s=min(load, float(cap)), kv_capacity_tokens=kv, x=x))
-    if not options:
-        ml, kv = cands[0]
-        cap = float(caps[0])
-        n = adapters_for(cap)
-        options = [dict(max_loras=min(ml, n), max_cpu_loras=n, capacity_tok_s=cap, gpu_load_tok_s=n * per_adapter,
-                        throughput_tok_s=min(n * per_adapter, cap), kv_capacity_tokens=kv, x=X[0])]
-    top = max(o["throughput_tok_s"] for o in options)
-    # Within 0.5% of the best throughput, prefer the most headroom (capacity / load).
-    near = [o for o in options if o["throughput_tok_s"] >= top * 0.995]
-    best = max(near, key=lambda o: (o["capacity_tok_s"] / max(o["gpu_load_tok_s"], 1e-9), -o["max_loras"]))
+    # A max_loras above its own answer is not a configuration vLLM takes (max_cpu_loras
+    # >= max_loras); keep those only when nothing else is left.
+    usable = [p for p in points if min(n_fleet, below(p["starving_point"])) >= p["max_loras"]] or points[:1]
+    b = best_of(usable)
+    n = max(1, min(n_fleet, below(b["starving_point"])))
     return Plan(
-        max_loras=int(best["max_loras"]), max_cpu_loras=int(best["max_cpu_loras"]), max_lora_rank=rank,
-        capacity_tok_s=float(best["capacity_tok_s"]), gpu_load_tok_s=float(best["gpu_load_tok_s"]),
-        throughput_tok_s=float(best["throughput_tok_s"]), kv_capacity_tokens=int(best["kv_capacity_tokens"]),
-        x=best["x"], candidates=[{k: v for k, v in o.items() if k != "x"} for o in options],
+        max_loras=min(int(b["max_loras"]), n), adapters=n, max_lora_rank=int(wf["rank_max"]),
+        starving_point=float(b["starving_point"]), starving_load_tok_s=float(b["starving_load_tok_s"]),
+        kv_capacity_tokens=int(b["kv_capacity_tokens"]), x=b["x"], starving_max_loras=int(b["max_loras"]),
+        candidates=[{k: v for k, v in p.items() if k != "x"} for p in points],
     )
-
-
-def starving_risk(model: CapacityModel, capacity_hat: float, gpu_load: float) -> float:
-    """P(the GPU starves), with the true capacity drawn from the model's held-out errors
-    (true / predicted). A GPU serves >= 97% of loads up to its capacity and, past it,
-    about capacity x 0.97 / load: starving (< 90%) starts near 0.97 / 0.9 x capacity."""
-    if gpu_load <= 0:
-        return 0.0
-    res = np.asarray(model.residuals or [0.0], dtype=np.float64)
-    true_cap = capacity_hat * np.exp(res)
-    return float(np.mean(true_cap * SUSTAINED_SERVED / (1.0 - STARVING_THRESHOLD) < gpu_load))
-
-
-def risk_level(p: float) -> str:
-    return "low" if p < 0.05 else ("medium" if p < 0.25 else "high")
 
 
 def split_fleet(loads: Mapping[str, float], per_gpu: int) -> list[list[str]]:
@@ -123,51 +111,9 @@ def split_fleet(loads: Mapping[str, float], per_gpu: int) -> list[list[str]]:
     return gpus
 
 
-def nearest_cell(cells: Any, max_loras: int, max_cpu_loras: int) -> dict[str, Any] | None:
-    """The measured/simulated cell nearest a recommendation: nearest max_cpu_loras on a
-    log scale (ties to fewer adapters), then nearest max_loras at that max_cpu_loras."""
-    import polars as pl
-
-    if cells.height == 0:
-        return None
-    ns = np.array(sorted(set(cells["max_cpu_loras"].to_list())), dtype=np.float64)
-    n = ns[np.argmin(np.abs(np.log(ns) - math.log(max(max_cpu_loras, 1))) + 1e-9 * ns)]
-    at = cells.filter(pl.col("max_cpu_loras") == n)
-    mls = np.array(sorted(set(at["max_loras"].to_list())), dtype=np.float64)
-    ml = mls[np.argmin(np.abs(np.log(mls) - math.log(max(max_loras, 1))) + 1e-9 * mls)]
-    return at.filter(pl.col("max_loras") == ml).row(0, named=True)
-
-
-def interpolate_cell(cells: Any, max_loras: int, max_cpu_loras: int) -> dict[str, Any] | None:
-    """What a sweep says about a recommendation between its grid points, at the nearest
-    max_loras: offered load interpolated linearly in max_cpu_loras, served fraction
-    min(served of the swept cell below, plateau / offered) with the plateau the most the
-    GPU served anywhere in the group (served ~ min(offered, capacity)). Outside the swept
-    range: the nearest cell."""
-    import polars as pl
-
-    if cells.height == 0:
-        return None
-    mls = np.array(sorted(set(cells["max_loras"].to_list())), dtype=np.float64)
-    ml = mls[np.argmin(np.abs(np.log(mls) - math.log(max(max_loras, 1))) + 1e-9 * mls)]
-    at = cells.filter((pl.col("max_loras") == ml) & (pl.col("status") == "ok")).sort("max_cpu_loras")
-    if at.height == 0:
-        return nearest_cell(cells, max_loras, max_cpu_loras)
-    ns = at["max_cpu_loras"].to_numpy().astype(np.float64)
-    n = float(max_cpu_loras)
-    if n <= ns[0] or n >= ns[-1]:
-        return nearest_cell(at, int(ml), max_cpu_loras)
-    i = int(np.searchsorted(ns, n, side="right") - 1)
-    off = float(np.interp(n, ns, at["offered_tok_s"].to_numpy()))
-    plateau = float(at["throughput_tok_s"].max())
-    served = min(float(at["served_frac"][i]), plateau / off if off > 0 else 1.0)
-    return {"max_loras": int(ml), "max_cpu_loras": int(max_cpu_loras), "status": "ok",
-            "throughput_tok_s": off * served, "offered_tok_s": off, "served_frac": served}
-
-
 def representative(loads: Mapping[str, float], n: int) -> list[str]:
-    """`n` adapters with the fleet's mix of loads (evenly spaced in load order): one GPU
-    filled to max_cpu_loras, as the model sees it."""
+    """`n` adapters with the fleet's mix of loads (evenly spaced in load order): one GPU's
+    share of the fleet, as the twin search simulates it."""
     names = sorted(loads, key=lambda a: (loads[a], a))
     if n >= len(names):
         return names

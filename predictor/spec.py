@@ -10,9 +10,12 @@ A SPEC is given to `predictor dataset --workloads SPEC` as one of
                      "arrivals": "poisson", "seed": 0, "name": "w0"}],
       "random": {"n": 50, "seed": 0, "rate_min": 0.003, "rate_max": 3.2,
                  "ranks": [8, 16, 32], "arrivals": ["poisson", "gamma:2"]},
-      "configs": {"max_loras": [16, 32, 64], "max_cpu_loras": [16, 32, 64, 96, 128]}}
+      "configs": {"max_loras": [16, 32, 64], "max_cpu_loras": [16, 32, 64, 96, 128]},
+      "serving": {"max_num_seqs": 256}}
 
-   (`workloads` and `random` may be combined; at least one is needed.)
+   (`workloads` and `random` may be combined; at least one is needed. `serving` sets
+   other serving flags by vLLM's names for every cell; unset ones are the profile's
+   server's, as in `twin run`.)
 
 2. a one-line grid: `key=value` items separated by `;`, lists by `,`, and the values of
    one workload's rates or ranks by `/`. Every combination of `rates` x `ranks` is a
@@ -84,6 +87,7 @@ class Cell:
     max_cpu_loras: int
     duration_s: float
     max_requests: int
+    serving: tuple[tuple[str, Any], ...] = ()  # other serving flags (vLLM names), sorted
 
     @property
     def max_lora_rank(self) -> int:
@@ -91,7 +95,10 @@ class Cell:
 
     @property
     def key(self) -> str:
-        return f"{self.workload.key}:{self.max_loras}:{self.max_cpu_loras}:{self.duration_s:g}:{self.max_requests}"
+        k = f"{self.workload.key}:{self.max_loras}:{self.max_cpu_loras}:{self.duration_s:g}:{self.max_requests}"
+        if self.serving:
+            k += ":" + hashlib.sha1(json.dumps(list(self.serving)).encode()).hexdigest()[:8]
+        return k
 
     def cell_duration(self) -> float:
         """The simulated window: `duration_s`, shortened to hold ~max_requests requests."""
@@ -112,24 +119,29 @@ class Spec:
     # Skip cells offered more than this many req/s per GPU (n x mean rate): far past any
     # GPU's capacity they only confirm starvation, at the highest simulation cost.
     max_load_req_s: float = 80.0
+    serving: dict[str, Any] = field(default_factory=dict)
 
     def cells(self) -> list[Cell]:
         out = []
+        serving = tuple(sorted(self.serving.items()))
         for w in self.workloads:
             mean_rate = float(np.mean(w.rates))
             for ml, n in itertools.product(self.max_loras, self.max_cpu_loras):
                 if ml <= n and n * mean_rate <= self.max_load_req_s:
-                    out.append(Cell(w, int(ml), int(n), self.duration_s, self.max_requests))
+                    out.append(Cell(w, int(ml), int(n), self.duration_s, self.max_requests, serving))
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "workloads": [asdict(w) for w in self.workloads],
             "configs": {"max_loras": self.max_loras, "max_cpu_loras": self.max_cpu_loras},
             "duration_s": self.duration_s,
             "max_requests": self.max_requests,
             "max_load_req_s": self.max_load_req_s,
         }
+        if self.serving:
+            d["serving"] = dict(self.serving)
+        return d
 
 
 def random_workloads(n: int, seed: int = 0, **opts: Any) -> list[Workload]:
@@ -202,10 +214,26 @@ def _workload(d: dict[str, Any], i: int) -> Workload:
     )
 
 
+# Swept per cell, or set by the workload: not serving settings a spec may fix.
+_SWEPT = {"max_loras", "max_cpu_loras", "max_lora_rank"}
+
+
+def _serving(d: Any) -> dict[str, Any]:
+    from twin.options import SERVING_FLAG_NAMES
+
+    if not isinstance(d, dict):
+        raise TracekitError("workload spec: serving must be an object of vLLM flag names")
+    bad = set(d) - (set(SERVING_FLAG_NAMES) - _SWEPT)
+    if bad:
+        raise TracekitError(f"workload spec: serving: unknown or swept flag(s) {', '.join(sorted(bad))}")
+    return dict(d)
+
+
 def from_dict(d: dict[str, Any]) -> Spec:
     if not isinstance(d, dict):
         raise TracekitError("workload spec: expected a JSON object")
-    unknown = set(d) - {"workloads", "random", "configs", "duration_s", "max_requests", "max_load_req_s", "seed"}
+    unknown = set(d) - {"workloads", "random", "configs", "duration_s", "max_requests", "max_load_req_s", "seed",
+                        "serving"}
     if unknown:
         raise TracekitError(f"workload spec: unknown key(s) {', '.join(sorted(unknown))}")
     ws = [_workload(w, i) for i, w in enumerate(d.get("workloads") or [])]
@@ -223,6 +251,7 @@ def from_dict(d: dict[str, Any]) -> Spec:
         duration_s=float(d.get("duration_s", 300.0)),
         max_requests=int(d.get("max_requests", 12000)),
         max_load_req_s=float(d.get("max_load_req_s", 80.0)),
+        serving=_serving(d.get("serving") or {}),
     )
     if not spec.duration_s > 0:
         raise TracekitError("workload spec: duration_s must be positive")

@@ -1,17 +1,18 @@
-"""`predictor train`: fit the capacity model on a twin sweep, cross-validated on held-out
-workloads (GroupKFold), and compare with the paper's models.
+"""`predictor train`: fit the starving-load model on a twin sweep, cross-validated on
+held-out workloads (GroupKFold), and compare with the paper's models.
 
 Training table: one row per (workload, max_loras) of the sweep whose load reached its
-limit (some cell served < 97% of its offered load); the target is the sustainable load,
-the highest offered load one GPU serves at >= 97% (compute- or adapter-churn-limited). Workload
-features come from the workload's cell with the most adapters (the best estimate).
+limit (some cell starved: served <= 90% of its offered load); the target is the starving
+load, the offered load at which the GPU's served share falls to 90% (whether compute or
+adapter churn is the limit). Workload features come from the workload's cell with the
+most adapters (the best estimate).
 
-Cross-validation scores both the capacity error and the decision: for every held-out
-workload, the recommendation is looked up at the nearest swept cell, which tells
-whether it starves and how far its throughput falls short of the workload's best
-non-starving cell. The paper's baselines (one decision tree and a random forest on the
-paper's 8 features, predicting the best max_cpu_loras and max_loras directly) are scored
-the same way.
+Cross-validation scores both the model's error (its held-out MAPE is the `model error`
+of the safety rule, `predictor.safety`) and the decision: every held-out workload's
+model-only recommendation is scored on its own swept cells (`predictor.score`, both
+scores), against its best non-starving cell. The paper's baselines (one decision tree and
+a random forest on the paper's 8 features, predicting the best max_cpu_loras and
+max_loras directly) are scored the same way.
 """
 
 from __future__ import annotations
@@ -26,24 +27,20 @@ import numpy as np
 import polars as pl
 
 from predictor import pio
+from predictor import score as scoring
 from predictor.model import (
     MODEL_FEATURES,
     PAPER_FEATURES,
-    SUSTAINED_SERVED,
     CapacityModel,
     derived,
     from_sklearn_linear,
     from_sklearn_tree,
 )
-from predictor.plan import interpolate_cell, plan
+from predictor.plan import plan
 from tracekit.cliutil import console, user_errors
 from tracekit.metrics import STARVING_THRESHOLD
 from tracekit.schema import TracekitError
 
-SATURATED_BELOW = SUSTAINED_SERVED
-# Offered load per GPU as a fraction of predicted capacity, tried in cross-validation.
-LOAD_FACTORS = (1.0, 0.97, 0.94, 0.91, 0.88, 0.85, 0.8)
-STARVED_LOSS = 0.3
 TREE_DEPTH = 5
 MIN_LEAF = 3
 
@@ -66,30 +63,30 @@ def workload_table(df: pl.DataFrame) -> pl.DataFrame:
     return feats.join(best, on="workload_key", how="left").sort("workload_key")
 
 
-def sustainable_load(off: np.ndarray, thr: np.ndarray, served: np.ndarray) -> float | None:
-    """The highest offered load (tok/s) one GPU serves at >= SATURATED_BELOW, from one
-    (workload, max_loras) group's cells sorted by offered load; None when no cell fell
-    below (the sweep never found the limit: a lower bound only).
+def starving_load(off: np.ndarray, thr: np.ndarray, served: np.ndarray) -> float | None:
+    """The offered load (tok/s) at which one GPU's served share falls to 90%, from one
+    (workload, max_loras) group's cells sorted by offered load; None when no cell starved
+    (the sweep never found the limit: a lower bound only).
 
-    Between the last cell above and the first below, served ~ min(1, C / offered) with
-    C the throughput the cell below reached; this also holds when the limit is adapter
-    churn (many adapters per slot) rather than compute, where served falls gradually."""
-    below = np.flatnonzero(served < SATURATED_BELOW)
-    if below.size == 0:
+    Between the last cell that does not starve and the first that does, a saturated GPU
+    serves its capacity whatever it is offered (served ~ C / offered), with C the
+    throughput the starving cell reached; the point is kept between the two cells."""
+    starved = np.flatnonzero(1.0 - served >= STARVING_THRESHOLD)
+    if starved.size == 0:
         return None
-    j = int(below[0])
+    j = int(starved[0])
     lo = float(off[j - 1]) if j > 0 else 0.0
-    return float(np.clip(thr[j] / SATURATED_BELOW, lo, off[j]))
+    return float(np.clip(thr[j] / (1.0 - STARVING_THRESHOLD), lo, off[j]))
 
 
 def capacity_table(df: pl.DataFrame) -> pl.DataFrame:
-    """Per (workload, max_loras): `capacity_tok_s`, the sustainable offered load (see
-    `sustainable_load`), and `saturated`: whether the sweep found it (else censored)."""
+    """Per (workload, max_loras): `capacity_tok_s`, the starving load (see
+    `starving_load`), and `saturated`: whether the sweep found it (else censored)."""
     wt = workload_table(df).drop("workload", "best_max_loras", "best_max_cpu_loras", "best_throughput_tok_s")
     rows = []
     ok = df.filter(pl.col("status") == "ok").sort("offered_tok_s")
     for (wk, ml), g in ok.group_by("workload_key", "max_loras"):
-        cap = sustainable_load(g["offered_tok_s"].to_numpy(), g["throughput_tok_s"].to_numpy(), g["served_frac"].to_numpy())
+        cap = starving_load(g["offered_tok_s"].to_numpy(), g["throughput_tok_s"].to_numpy(), g["served_frac"].to_numpy())
         rows.append({"workload_key": wk, "max_loras": ml,
                      "capacity_tok_s": cap if cap is not None else float(g["offered_tok_s"].max()),
                      "saturated": cap is not None, "max_lora_rank": g["max_lora_rank"][0],
@@ -137,25 +134,22 @@ def _kv_lookup(df: pl.DataFrame) -> dict[tuple[int, int], int]:
     }
 
 
-def _score(cells: pl.DataFrame, best_thr: float | None, ml: int, n: int) -> dict[str, Any]:
-    # Judged between grid points by interpolation: a nearest-grid lookup would mostly
-    # measure how coarse the sweep's grid is, not how good the decision is.
-    c = interpolate_cell(cells, ml, n)
-    if c is None:
-        return {"starved": True, "shortfall": None}
-    starved = c["status"] != "ok" or c["served_frac"] <= 1.0 - STARVING_THRESHOLD
-    thr = float(c["throughput_tok_s"] or 0.0)
-    return {
-        "cell_max_loras": c["max_loras"], "cell_max_cpu_loras": c["max_cpu_loras"],
-        "starved": bool(starved), "throughput_tok_s": thr,
-        "shortfall": (1.0 - thr / best_thr) if best_thr else None,
-    }
+def _decision(cells: pl.DataFrame, ml: int, n: int, workload: str, best_n: int | None) -> dict[str, Any]:
+    sc = scoring.score(cells, ml, n)
+    return {"workload": workload, "max_loras": ml, "adapters": n, "best_adapters": best_n,
+            "strict": sc["strict"], "interpolated": sc["interpolated"]}
 
 
-def cross_validate(df: pl.DataFrame, kinds: tuple[str, ...] = ("tree", "linear"), folds: int = 5, baselines: bool = True) -> dict[str, Any]:
-    """GroupKFold over workloads. Returns per-method metrics and held-out residuals."""
+def cross_validate(df: pl.DataFrame, kinds: tuple[str, ...] = ("tree", "linear"), folds: int = 5,
+                   baselines: bool = True, safety_z: float | None = None) -> dict[str, Any]:
+    """GroupKFold over workloads. Per model kind: the held-out error of the starving load
+    (MAPE, bias, residuals) and the held-out workloads' model-only decisions, taken with
+    the safety rule at sigma = this MAPE (the twin is the truth here: no twin error)."""
     from sklearn.model_selection import GroupKFold
 
+    from predictor.safety import load_rule
+
+    z = load_rule().safety_z if safety_z is None else safety_z
     ct = capacity_table(df)
     train_t = ct.filter(pl.col("saturated"))
     wt = workload_table(df)
@@ -168,41 +162,44 @@ def cross_validate(df: pl.DataFrame, kinds: tuple[str, ...] = ("tree", "linear")
     n_max = int(df["max_cpu_loras"].max())
     cells_by_w = {key: g for (key,), g in df.group_by("workload_key")}
     wrows = {r["workload_key"]: r for r in wt.iter_rows(named=True)}
+    widx = np.arange(len(wkeys))
+    splits = list(GroupKFold(n_splits=k).split(widx, groups=widx))
 
     out: dict[str, Any] = {}
-    gkf = GroupKFold(n_splits=k)
-    widx = np.arange(len(wkeys))
     for kind in kinds:
         res: list[float] = []
-        decisions: dict[float, list[dict[str, Any]]] = {lf: [] for lf in LOAD_FACTORS}
-        for tr, te in gkf.split(widx, groups=widx):
+        models = []
+        for tr, _ in splits:
             tr_keys = {wkeys[i] for i in tr}
             tr_t = train_t.filter(pl.col("workload_key").is_in(list(tr_keys)))
             if tr_t.height < 2:
+                models.append(None)
                 continue
             m = fit(kind, tr_t)
+            models.append(m)
             te_t = train_t.filter(~pl.col("workload_key").is_in(list(tr_keys)))
             if te_t.height:
                 X, y = _xy(te_t, m.features)
                 res += (y - m.predict_log(X)).tolist()
-            for lf in LOAD_FACTORS:
-                m.load_factor = lf
-                for i in te:
-                    wk = wkeys[i]
-                    w = wrows[wk]
-                    if w["best_max_cpu_loras"] is None:
-                        continue  # starves in every swept config: no decision to judge
-                    p = plan(m, w, lambda ml, r: kv.get((ml, r), 0), n_max, ml_grid)
-                    if p is None:
-                        continue
-                    s = _score(cells_by_w[wk], w["best_throughput_tok_s"], p.max_loras, p.max_cpu_loras)
-                    decisions[lf].append({"workload": w["workload"], "max_loras": p.max_loras,
-                                          "max_cpu_loras": p.max_cpu_loras,
-                                          "best_max_cpu_loras": w["best_max_cpu_loras"], **s})
-        by_lf = {lf: _summarise(res, d) for lf, d in decisions.items()}
-        # The load factor is chosen on held-out decisions (see `_summarise`'s loss).
-        lf = min(LOAD_FACTORS, key=lambda f: by_lf[f]["loss"] if by_lf[f]["loss"] is not None else 1.0)
-        out[kind] = dict(by_lf[lf], load_factor=lf)
+        r = np.asarray(res, dtype=np.float64)
+        mape = float(np.mean(np.abs(np.expm1(-r)))) if r.size else None
+        step = min(0.9, z * (mape or 0.0))
+        decisions = []
+        for (_, te), m in zip(splits, models, strict=True):
+            if m is None:
+                continue
+            for i in te:
+                w = wrows[wkeys[i]]
+                if w["best_max_cpu_loras"] is None:
+                    continue  # starves in every swept config: no decision to judge
+                p = plan(m, w, lambda ml, rk: kv.get((ml, rk), 0), n_max, ml_grid,
+                         below=lambda sp, f=1.0 - step: max(1, int(sp * f)))
+                if p is None:
+                    continue
+                decisions.append(_decision(cells_by_w[wkeys[i]], p.max_loras, p.adapters, w["workload"],
+                                           w["best_max_cpu_loras"]))
+        out[kind] = _summarise(res, decisions)
+        out[kind]["safety_step"] = step
     if baselines:
         out.update(_paper_baselines(wt, cells_by_w, k))
     infeasible = int(wt["best_max_cpu_loras"].is_null().sum())
@@ -213,19 +210,17 @@ def cross_validate(df: pl.DataFrame, kinds: tuple[str, ...] = ("tree", "linear")
 
 def _summarise(res: list[float], decisions: list[dict[str, Any]]) -> dict[str, Any]:
     r = np.asarray(res, dtype=np.float64)
-    sf = [d["shortfall"] for d in decisions if d["shortfall"] is not None]
-    n_err = [abs(d["max_cpu_loras"] - d["best_max_cpu_loras"]) / d["best_max_cpu_loras"]
-             for d in decisions if d.get("best_max_cpu_loras")]
-    # Decision loss: the shortfall, or 0.3 for a GPU that starves (a starving GPU also
-    # fails its users: as bad as leaving 30% of the throughput on the table).
-    loss = [STARVED_LOSS if d["starved"] else (d["shortfall"] or 0.0) for d in decisions]
+    n_err = [abs(d["adapters"] - d["best_adapters"]) / d["best_adapters"] for d in decisions if d.get("best_adapters")]
+    interp = scoring.summarise(decisions, "interpolated")
+    strict = scoring.summarise(decisions, "strict")
     return {
-        "loss": float(np.mean(loss)) if loss else None,
         "capacity_mape": float(np.mean(np.abs(np.expm1(-r)))) if r.size else None,
         "capacity_bias": float(np.mean(np.expm1(-r))) if r.size else None,
-        "max_cpu_loras_mape": float(np.mean(n_err)) if n_err else None,
-        "mean_shortfall": float(np.mean(sf)) if sf else None,
-        "starved_frac": float(np.mean([d["starved"] for d in decisions])) if decisions else None,
+        "adapters_mape": float(np.mean(n_err)) if n_err else None,
+        "mean_shortfall": interp["mean_shortfall"],
+        "starved_frac": (interp["starved"] / interp["workloads"]) if interp["workloads"] else None,
+        "strict_mean_shortfall": strict["mean_shortfall"],
+        "strict_starved_frac": (strict["starved"] / strict["workloads"]) if strict["workloads"] else None,
         "workloads": len(decisions),
         "residuals": r.tolist(),
         "decisions": decisions,
@@ -256,9 +251,8 @@ def _paper_baselines(wt: pl.DataFrame, cells_by_w: dict[str, pl.DataFrame], k: i
             for i, (n_hat, ml_hat) in zip(te, est.predict(X[te]), strict=True):
                 w = lab.row(int(i), named=True)
                 n, ml = max(1, int(round(n_hat))), max(1, int(round(ml_hat)))
-                s = _score(cells_by_w[w["workload_key"]], w["best_throughput_tok_s"], min(ml, n), n)
-                decisions.append({"workload": w["workload"], "max_loras": min(ml, n), "max_cpu_loras": n,
-                                  "best_max_cpu_loras": w["best_max_cpu_loras"], **s})
+                decisions.append(_decision(cells_by_w[w["workload_key"]], min(ml, n), n, w["workload"],
+                                           w["best_max_cpu_loras"]))
         out[name] = _summarise([], decisions)
     return out
 
@@ -269,14 +263,12 @@ def train(dataset: Path, kind: str = "auto", folds: int = 5) -> tuple[CapacityMo
         raise TracekitError(f"{dataset}: no labels (is it a finished `predictor dataset` output?)")
     cv = cross_validate(df, kinds=("tree", "linear") if kind == "auto" else (kind,), folds=folds)
 
-    def badness(m: dict[str, Any]) -> float:
-        return (m["loss"] if m["loss"] is not None else 1.0) + (m["capacity_mape"] or 0.0)
-
-    chosen = kind if kind != "auto" else min(("tree", "linear"), key=lambda k: badness(cv[k]))
+    # The held-out error is the model's part of the safety step: the smaller, the closer
+    # a model-only answer may go to the starving point.
+    chosen = kind if kind != "auto" else min(("tree", "linear"), key=lambda k: cv[k]["capacity_mape"] or 1.0)
     t = capacity_table(df).filter(pl.col("saturated"))
     model = fit(chosen, t)
     model.residuals = [round(x, 5) for x in cv[chosen]["residuals"]]
-    model.load_factor = float(cv[chosen]["load_factor"])
     digest = hashlib.sha256(Path(dataset).read_bytes()).hexdigest()[:16] if Path(dataset).is_file() else None
     model.meta = {
         "profile": ctx.get("profile"),
@@ -286,7 +278,10 @@ def train(dataset: Path, kind: str = "auto", folds: int = 5) -> tuple[CapacityMo
                     "spec": ctx.get("spec"), "simulator": ctx.get("simulator")},
         "max_loras_grid": sorted(set(df["max_loras"].to_list())),
         "max_cpu_loras_range": [int(df["max_cpu_loras"].min()), int(df["max_cpu_loras"].max())],
-        "target": "log capacity_tok_s per (workload, max_loras)",
+        "target": "log starving load (tok/s at 90% served) per (workload, max_loras)",
+        # What the sweep's twin ran with besides max_loras / max_cpu_loras / max_lora_rank:
+        # a model-only answer for other settings is outside what it learned.
+        "serving": ctx.get("serving"),
         "cv": {name: {k: v for k, v in m.items() if k not in ("residuals", "decisions")} for name, m in cv.items()},
         "cv_folds": folds,
     }
@@ -297,7 +292,8 @@ def print_cv(cv: dict[str, Any], chosen: str | None = None) -> None:
     from rich.table import Table
 
     t = Table(title="cross-validation on held-out workloads (GroupKFold)")
-    for c in ("model", "capacity MAPE", "capacity bias", "max_cpu_loras MAPE", "mean shortfall", "starved", "workloads"):
+    for c in ("model", "starving-load MAPE", "bias", "adapters MAPE", "mean shortfall (interp.)", "strict",
+              "starved", "workloads"):
         t.add_column(c, justify="right" if c != "model" else "left")
 
     def pct(v: float | None) -> str:
@@ -305,8 +301,8 @@ def print_cv(cv: dict[str, Any], chosen: str | None = None) -> None:
 
     for name, m in cv.items():
         label = name + (" (shipped)" if name == chosen else "")
-        t.add_row(label, pct(m["capacity_mape"]), pct(m["capacity_bias"]), pct(m["max_cpu_loras_mape"]),
-                  pct(m["mean_shortfall"]), pct(m["starved_frac"]), str(m["workloads"]))
+        t.add_row(label, pct(m["capacity_mape"]), pct(m["capacity_bias"]), pct(m["adapters_mape"]),
+                  pct(m["mean_shortfall"]), pct(m["strict_mean_shortfall"]), pct(m["starved_frac"]), str(m["workloads"]))
     console.print(t)
 
 
@@ -314,16 +310,22 @@ def print_cv(cv: dict[str, Any], chosen: str | None = None) -> None:
 @click.argument("dataset", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Model file (JSON).")
 @click.option("--kind", type=click.Choice(["auto", "tree", "linear"]), default="auto", show_default=True,
-              help="Shallow tree or linear model on log capacity; auto picks the better in CV.")
+              help="Shallow tree or linear model on the log starving load; auto picks the smaller CV error.")
 @click.option("--folds", type=int, default=5, show_default=True, help="GroupKFold folds over workloads.")
+@click.option("--json", "as_json", is_flag=True, help="Print the saved model and its cross-validation as one JSON object.")
 @user_errors
-def train_cmd(dataset: Path, out: Path, kind: str, folds: int) -> None:
-    """Train the capacity model on DATASET (from `predictor dataset`), report CV error."""
+def train_cmd(dataset: Path, out: Path, kind: str, folds: int, as_json: bool = False) -> None:
+    """Train the starving-load model on DATASET (from `predictor dataset`), report CV error."""
     if folds < 2:
         raise TracekitError("--folds must be at least 2")
     model, cv = train(dataset, kind, folds)
     if out.suffix == "":
         out = out.with_suffix(".json")
     model.save(out)
+    if as_json:
+        import json
+
+        click.echo(json.dumps({"model": str(out), "kind": model.kind, "cv": cv}, indent=2, default=str))
+        return
     print_cv(cv, model.kind)
-    console.print(f"saved {model.kind} model -> {out} (load factor {model.load_factor:.2f} of predicted capacity)")
+    console.print(f"saved {model.kind} model -> {out} (held-out error {model.meta['cv'][model.kind]['capacity_mape']:.1%})")

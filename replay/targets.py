@@ -29,7 +29,13 @@ from replay.runner import (
     new_event_loop_policy,
     run_open_loop,
 )
-from tracekit.schema import KIND_RESULTS, TracekitError, conform, full_schema
+from tracekit.schema import (
+    CTX_PREFIX_BLOCK_TOKENS,
+    KIND_RESULTS,
+    TracekitError,
+    conform,
+    full_schema,
+)
 
 
 @dataclass
@@ -129,7 +135,8 @@ class VllmTarget:
             paths = resolve_adapters(needed, info.known, trace_context, self.lora_dir)
             await load_adapters(session, url, paths)
             sender = VllmSender(session, url, trace, info.base_model,
-                                PromptSource(trace, self.seed, self.token_id_range),
+                                PromptSource(trace, self.seed, self.token_id_range,
+                                             trace_context.get(CTX_PREFIX_BLOCK_TOKENS)),
                                 self.request_timeout_s, time.perf_counter)
             opts = RunOptions(max_concurrency=self.max_concurrency, cut_s=cut_s,
                               drain_timeout_s=self.drain_timeout_s, progress=self.progress,

@@ -126,15 +126,34 @@ async def load_adapters(session: aiohttp.ClientSession, url: str, paths: Mapping
 
 
 class PromptSource:
-    """Exactly `prompt_tokens` ids per request: the captured ones when the trace has them
-    (and they are of the right length), else ids drawn from one seeded generator in
-    request order (requests start in trace order, so a run is reproducible)."""
+    """Exactly `prompt_tokens` ids per request, in this order of preference:
+    - the captured ids (`prompt_token_ids`, when of the right length);
+    - ids rebuilt from `prefix_hashes` (a capture's, `block_tokens` per hash, from the
+      trace's context): equal hash chains give equal token prefixes, so the server's
+      prefix cache hits where it hit on the captured traffic (`tracekit.prefix`);
+    - ids drawn from one seeded generator in request order (requests start in trace
+      order, so a run is reproducible)."""
 
-    def __init__(self, trace: pl.DataFrame, seed: int, id_range: tuple[int, int] = DEFAULT_TOKEN_ID_RANGE):
+    def __init__(self, trace: pl.DataFrame, seed: int, id_range: tuple[int, int] = DEFAULT_TOKEN_ID_RANGE,
+                 block_tokens: int | None = None):
         self.lengths = trace["prompt_tokens"].to_numpy()
         self.captured: list[list[int] | None] | None = None
         if "prompt_token_ids" in trace.columns:
             self.captured = trace["prompt_token_ids"].to_list()
+        self.block_tokens = int(block_tokens) if block_tokens else None
+        self.hash_valid: np.ndarray | None = None
+        if "prefix_hashes" in trace.columns and self.block_tokens:
+            import pyarrow as pa
+
+            arr = trace["prefix_hashes"].to_arrow()
+            if isinstance(arr, pa.ChunkedArray):
+                arr = arr.combine_chunks()
+            # Offsets and values, not Python lists: a long capture holds millions of hashes.
+            self.hash_valid = arr.is_valid().to_numpy(zero_copy_only=False)
+            counts = arr.value_lengths().fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+            self.hash_off = np.zeros(counts.size + 1, np.int64)
+            np.cumsum(counts, out=self.hash_off[1:])
+            self.hash_val = arr.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
         # One generator: building one per request costs more than the rest of a send.
         self.rng = np.random.default_rng(seed)
         self.lo, self.hi = id_range
@@ -145,6 +164,15 @@ class PromptSource:
             got = self.captured[i]
             if got is not None and len(got) == n:
                 return got
+        if self.hash_valid is not None and self.hash_valid[i]:
+            from tracekit.prefix import tokens_from_block_hashes
+
+            a, b = self.hash_off[i], self.hash_off[i + 1]
+            _, values = tokens_from_block_hashes(
+                np.array([n]), np.array([0, b - a]), self.hash_val[a:b], self.block_tokens,  # type: ignore[arg-type]
+                id_range=(self.lo, self.hi), first_request=i,
+            )
+            return values.tolist()
         return self.rng.integers(self.lo, self.hi, size=n).tolist()
 
 

@@ -1,7 +1,10 @@
 """Train the predictor models shipped in predictor/models/ (one per twin profile).
 
-    .venv/bin/python scripts/train_shipped_models.py [--profiles h100-llama-3.1-8b,...]
-        [--workloads 36] [--jobs 2] [--duration 3600]
+    flock /tmp/tracekit-heavy.lock .venv/bin/python scripts/train_shipped_models.py
+        [--profiles h100-llama-3.1-8b,...] [--workloads 36] [--jobs 2] [--duration 3600] [--budget-s 540]
+
+With --budget-s the sweeps stop after that long (exit 3: rerun to continue; finished cells
+persist), so a long sweep can run in chunks under the shared lock.
 
 For each profile: a twin sweep (`predictor dataset`) over random workloads shaped like
 the paper's (three per-adapter rates from 3.2 .. 0.003125 req/s, three ranks from 8/16/32,
@@ -18,7 +21,8 @@ Choices:
   simulates more than 100,000 requests (a window is shortened to hold that many), which
   keeps every cell near a GPU's capacity at the full hour. A few minutes per profile on
   a 2-core machine.
-The dataset is kept in benchmarks/results/predictor_dataset_<profile>.parquet.
+The dataset is kept in benchmarks/results/predictor_dataset_<profile>.parquet. The models
+are first guesses of `recommend`'s twin search and the whole of `recommend --fast`.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,18 +57,25 @@ def main() -> None:
     ap.add_argument("--workloads", type=int, default=36)
     ap.add_argument("--duration", type=float, default=3600.0)
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--budget-s", type=float, default=None, help="stop sweeping after this long (exit 3)")
     args = ap.parse_args()
+    t0 = time.perf_counter()
     for prof in args.profiles.split(","):
         ds = ROOT / "benchmarks" / "results" / f"predictor_dataset_{prof}.parquet"
         sp = training_spec(args.workloads, args.duration)
         print(f"[{prof}] sweeping {len(sp.cells())} cells -> {ds}", flush=True)
-        df, ctx = dataset.sweep(sp, prof, ds, jobs=args.jobs)
+        budget = None if args.budget_s is None else max(1.0, args.budget_s - (time.perf_counter() - t0))
+        df, ctx = dataset.sweep(sp, prof, ds, jobs=args.jobs, time_budget_s=budget)
+        if not ctx["complete"]:
+            print(f"[{prof}] {df.height} of {len(sp.cells())} cells done: rerun to continue", flush=True)
+            sys.exit(3)
         dataset.print_labels(df, ctx, ds)
         model, cv = train.train(ds, kind="auto", folds=5)
         model.meta["dataset"]["path"] = str(ds.relative_to(ROOT))
         out = model.save(shipped_model_path(prof))
         train.print_cv(cv, model.kind)
-        print(f"[{prof}] saved {model.kind} model -> {out.relative_to(ROOT)} (load factor {model.load_factor})")
+        print(f"[{prof}] saved {model.kind} model -> {out.relative_to(ROOT)} "
+              f"(held-out error {model.meta['cv'][model.kind]['capacity_mape']:.1%})")
         print(json.dumps(model.meta["cv"], indent=1))
 
 

@@ -30,8 +30,13 @@ def toy_capacity(kv_tokens: float, max_loras: int, max_cpu_loras: int, tokens_pe
     return 11_000.0 * mem * churn * length
 
 
+# Every configuration simulate() was given, in order (tests check what a caller passed).
+SEEN: list[Any] = []
+
+
 def simulate(trace: pl.DataFrame, profile: Any, config: Any, *, trace_context: Any = None,
              window_s: float | None = None, record_steps: bool = False) -> SimpleNamespace:
+    SEEN.append(config)
     window = float(window_s or (trace_context or {}).get("window_s") or trace["arrival_s"].max())
     tokens = float((trace["prompt_tokens"] + trace["output_tokens"]).sum())
     offered = tokens / window

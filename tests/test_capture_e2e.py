@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 import polars as pl
 import pytest
-from vllm_support import VllmServer, free_port
+from vllm_support import VllmServer, free_port, measure_speed
 
 from tracekit import schema
 
@@ -32,12 +32,12 @@ N_REQUESTS = 320
 TRACEKIT = [sys.executable, "-c", "from tracekit.cli import main; main()"]
 
 
-def make_requests(n: int, adapters: list[str], seed: int = 0) -> list[dict[str, Any]]:
+def make_requests(n: int, adapters: list[str], seed: int = 0, rate: float = 30.0) -> list[dict[str, Any]]:
     rng = random.Random(seed)
     t = 0.0
     out = []
     for i in range(n):
-        t += rng.expovariate(30.0)  # Poisson arrivals, 30 req/s
+        t += rng.expovariate(rate)  # Poisson arrivals
         adapter = None if rng.random() < 0.1 else rng.choice(adapters)
         plen = rng.randint(4, 120)
         out.append({
@@ -98,10 +98,16 @@ def read_steps(d: Path) -> pl.DataFrame:
 def test_capture_end_to_end(tmp_path: Path, tiny_model: Path, tiny_adapters: dict[str, Path]) -> None:
     steps_dir = tmp_path / "steps"
     cap1, cap2 = tmp_path / "capture", tmp_path / "recapture"
-    reqs = make_requests(N_REQUESTS, sorted(tiny_adapters))
     env = {"TRACEKIT_STEPS_DIR": str(steps_dir), "TRACEKIT_STEPS_FLUSH_S": "1"}
     with VllmServer(tiny_model, tiny_adapters, max_loras=MAX_LORAS, max_cpu_loras=3, max_num_seqs=16,
                     env=env, extra_args=["--no-enable-prefix-caching"]) as srv:
+        # 30 req/s of about 13 output tokens, or less where the server is slower: at most
+        # about half of what its 16 seats serve (a CPU without AVX-512 is ~10x slower).
+        speed = measure_speed(srv.url, srv.served_model_name, batch=16)
+        rate = min(30.0, 0.5 * 16 / (13 * speed.batch_decode_s))
+        reqs = make_requests(N_REQUESTS, sorted(tiny_adapters), rate=rate)
+        time.sleep(2.5)  # the speed probe's steps reach the disk before the traffic's
+        probe_steps = read_steps(steps_dir).height if list(steps_dir.glob("*.parquet")) else 0
         # 1. Traffic through the proxy.
         proxy, url = start_proxy(srv.url, cap1)
         try:
@@ -109,7 +115,7 @@ def test_capture_end_to_end(tmp_path: Path, tiny_model: Path, tiny_adapters: dic
         finally:
             stop_proxy(proxy)
         time.sleep(2.5)  # > TRACEKIT_STEPS_FLUSH_S: the plugin's parts are on disk
-        steps1 = read_steps(steps_dir)
+        steps1 = read_steps(steps_dir).filter(pl.col("step") >= probe_steps)
 
         # 2. The captured trace replays again (through a second proxy) to the same requests.
         trace, _ = schema.read_trace(cap1)
@@ -119,7 +125,7 @@ def test_capture_end_to_end(tmp_path: Path, tiny_model: Path, tiny_adapters: dic
         finally:
             stop_proxy(proxy2)
         # No wait here: the steps of the replay reach the disk through the flush at shutdown.
-    steps_all = read_steps(steps_dir)
+    steps_all = read_steps(steps_dir).filter(pl.col("step") >= probe_steps)
 
     # One captured row per request sent, with its adapter and token counts.
     cap, meta = schema.read(cap1, "results")
@@ -195,33 +201,40 @@ def test_stat_logger_fallback(tmp_path: Path, tiny_model: Path, tiny_adapters: d
     assert not (steps_dir / "_tracekit_engine_hook.json").exists()
 
 
-@pytest.mark.parametrize("mode", ["abort", "drain"])
+@pytest.mark.parametrize("mode", ["abort", "interrupt", "drain"])
 def test_steps_of_a_running_burst_survive_a_server_stop(
     tmp_path: Path, tiny_model: Path, tiny_adapters: dict[str, Path], mode: str
 ) -> None:
     """Stopping the server (SIGTERM) in the middle of a burst: the steps buffered in the
     EngineCore are flushed before it exits. The periodic flush is set far beyond the
-    test, so any row on disk came from the flushes at shutdown.
+    test, so any row of the burst on disk came from the flushes at shutdown (the speed
+    probe's rows, written when the engine fell idle after it, are left out).
 
     abort: vLLM's default (`--shutdown-timeout 0`), SIGTERM to the whole process group as
     systemd sends it; vLLM would kill the EngineCore right after, so the plugin asks for
     a grace window; the workers stop too, so the running step fails and the EngineCore
-    leaves through its error path. drain: `--shutdown-timeout 120`, SIGTERM to the API
+    leaves through its error path. interrupt: the same with SIGINT (Ctrl-C in the server's
+    terminal). drain: `--shutdown-timeout 120`, SIGTERM to the API
     server only (as `docker stop` sends it); the engine keeps stepping until the burst is
     done, and those steps are written as they come."""
     steps_dir = tmp_path / "steps"
     rng = random.Random(5)
     adapters = sorted(tiny_adapters)
-    # Long requests (440 tokens) two at a time keep the engine busy for about 10 s, so
-    # the stop below comes mid-burst: the API server, starved of CPU by the engine on
-    # this 2-core machine, hands responses out in bunches seconds apart.
-    reqs = [{"adapter": rng.choice(adapters), "prompt": [rng.randint(10, 2000) for _ in range(rng.randint(4, 60))],
-             "max_tokens": rng.choice([4, 8, 440])} for _ in range(32)]  # fmt: skip
     drain = ["--shutdown-timeout", "120"] if mode == "drain" else []
     srv = VllmServer(tiny_model, tiny_adapters, max_loras=MAX_LORAS, max_cpu_loras=4, max_num_seqs=2,
                      env={"TRACEKIT_STEPS_DIR": str(steps_dir), "TRACEKIT_STEPS_FLUSH_S": "3600"},
                      extra_args=["--no-enable-prefix-caching", *drain], log_path=tmp_path / "server.log").start()  # fmt: skip
     try:
+        # Long requests, two at a time (about five rounds of them), keep the engine busy for
+        # about 15 s (440 tokens at most: the model length), so the stop below comes
+        # mid-burst: the API server, starved of CPU by the engine on a 2-core machine,
+        # hands responses out in bunches seconds apart.
+        speed = measure_speed(srv.url, "a1", batch=2)
+        long = max(32, min(440, int(16.0 / (5 * speed.batch_decode_s))))
+        reqs = [{"adapter": rng.choice(adapters), "prompt": [rng.randint(10, 2000) for _ in range(rng.randint(4, 60))],
+                 "max_tokens": rng.choice([4, 8, long])} for _ in range(32)]  # fmt: skip
+        time.sleep(1.5)  # the probe's steps reach the disk (idle flush) and are left out below
+        probe_steps = read_steps(steps_dir).height if list(steps_dir.glob("*.parquet")) else 0
         async def burst() -> list[Any]:
             async with aiohttp.ClientSession() as s:
 
@@ -236,7 +249,8 @@ def test_steps_of_a_running_burst_survive_a_server_stop(
                 while sum(t.done() for t in tasks) < 4:
                     await asyncio.sleep(0.05)
                 assert not all(t.done() for t in tasks)
-                stop = functools.partial(srv.stop, timeout=150, group=mode == "abort")
+                stop = functools.partial(srv.stop, timeout=150, group=mode != "drain",
+                                         sig=signal.SIGINT if mode == "interrupt" else signal.SIGTERM)
                 await asyncio.get_running_loop().run_in_executor(None, stop)
                 return await asyncio.gather(*tasks, return_exceptions=True)
 
@@ -249,7 +263,7 @@ def test_steps_of_a_running_burst_survive_a_server_stop(
     finished = [x for x in served if x["choices"][0]["finish_reason"] == "length"]
     assert len(finished) >= 4
     log = (tmp_path / "server.log").read_text(errors="replace")
-    steps = read_steps(steps_dir)
+    steps = read_steps(steps_dir).filter(pl.col("step") >= probe_steps)
     assert "tracekit: ERROR" not in log, log[-3000:]
     # Every token a client received has its step on disk: the prompt of every request that
     # produced a token, and every output token after the first (the prefill step makes

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from vllm_support import VllmServer, build_model
+from vllm_support import VllmServer, build_model, native_dtype
 
 
 def test_server_command_follows_the_cpu_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -17,7 +17,7 @@ def test_server_command_follows_the_cpu_recipe(tmp_path: Path, monkeypatch: pyte
     assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
     joined = " ".join(cmd)
     for flag in ("--enable-lora", "--max-loras 1", "--max-cpu-loras 2", "--max-lora-rank 16", "--max-num-seqs 4",
-                 "--port 12345", "--dtype bfloat16", "--enforce-eager", "--no-enable-prefix-caching",
+                 "--port 12345", f"--dtype {native_dtype()}", "--enforce-eager", "--no-enable-prefix-caching",
                  f"a1={tmp_path / 'l1'}"):
         assert flag in joined
     env = srv.environment()
@@ -34,3 +34,14 @@ def test_server_command_follows_the_cpu_recipe(tmp_path: Path, monkeypatch: pyte
 def test_build_model_rejects_unknown_size(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="size must be one of"):
         build_model(tmp_path, size="huge")
+
+
+def test_dtype_is_bfloat16_only_with_native_bf16() -> None:
+    avx512 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_tile\n"
+    amx = "flags\t\t: fpu avx2 amx_bf16 amx_tile\n"
+    avx2 = "flags\t\t: fpu sse2 avx avx2 fma avx512f\n"  # AVX-512 without its bf16 extension
+    assert native_dtype(avx512) == native_dtype(amx) == "bfloat16"
+    assert native_dtype(avx2) == native_dtype("") == "float32"
+    srv = VllmServer("/m", dtype="float32")
+    assert "--dtype float32" in " ".join(srv.command())
+    srv.stop()

@@ -15,6 +15,7 @@ from predictor import pio
 from predictor import spec as S
 from predictor.cli import main
 from tracekit.schema import TracekitError
+from twin.profile import load_profile
 
 SIM = "predictor_toy:simulate"
 GRID = "rates=0.4/0.05/0.0125,1.6/0.4/0.1;ranks=8/16/16;max_loras=16,32;max_cpu_loras=16,32,64,128;duration=60;max_load=200"
@@ -111,6 +112,8 @@ def test_resume_after_interruption_skips_finished_cells(tmp_path, toy_profile, m
     monkeypatch.setattr(D, "FLUSH_EVERY_ROWS", 3)
     out = tmp_path / "ds.parquet"
     spec = S.load(GRID)
+    # The digest's fingerprint runs (cached per process) are not cells: take them first.
+    D.profile_digest(load_profile(toy_profile), "test_predictor_dataset:counting_simulate")
     CALLS.update(n=0, fail_after=8)
     with pytest.raises(KeyboardInterrupt):
         D.sweep(spec, toy_profile, out, simulator="test_predictor_dataset:counting_simulate", progress=False)
@@ -141,6 +144,14 @@ def test_cli_runs_and_reports_errors(tmp_path, toy_profile) -> None:
                                   "--simulator", SIM, "--jobs", "1"])
     assert r.exit_code == 0, r.output
     assert out.exists() and "runs/min" in r.output
+    # --json: one object on stdout, the same best configurations as the labelled file.
+    r = CliRunner().invoke(main, ["dataset", "--profile", toy_profile, "--workloads", GRID, "--out", str(out),
+                                  "--simulator", SIM, "--jobs", "1", "--json"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    best = pl.read_parquet(out).filter(pl.col("is_best"))
+    assert summary["out"] == str(out) and summary["cells"] == pl.read_parquet(out).height
+    assert sorted((b["workload"], b["max_loras"]) for b in summary["best"]) == sorted(best.select("workload", "max_loras").rows())
     r = CliRunner().invoke(main, ["dataset", "--profile", toy_profile, "--workloads", "rates=x", "--out", str(out)])
     assert r.exit_code == 2 and r.output.startswith("error: workload spec")
     r = CliRunner().invoke(main, ["dataset", "--profile", "no-such-profile", "--workloads", GRID, "--out", str(out)])
@@ -162,3 +173,20 @@ def test_a_changed_profile_invalidates_finished_cells(tmp_path, toy_profile) -> 
     df, ctx = D.sweep(S.load(GRID), toy_profile, out, simulator=SIM, progress=False)
     assert ctx["cells_run"] == 14 and df.height == 14
     assert df["profile_sha"].n_unique() == 1
+
+
+def test_a_twin_that_behaves_differently_invalidates_finished_cells(tmp_path, toy_profile, monkeypatch) -> None:
+    """The digest holds the twin's behaviour (a fingerprint of small saturated runs), not
+    its code: the same simulator keeps the cells, one whose numbers move redoes them."""
+    out = tmp_path / "ds.parquet"
+    _, ctx = D.sweep(S.load(GRID), toy_profile, out, simulator=SIM, progress=False)
+    _, again = D.sweep(S.load(GRID), toy_profile, out, simulator=SIM, progress=False)
+    assert again["cells_run"] == 0 and again["profile_sha"] == ctx["profile_sha"]
+    real = D.profile_digest(load_profile("h100-llama-3.1-8b"))
+    assert real == D.profile_digest(load_profile("h100-llama-3.1-8b")) != D.profile_digest(
+        load_profile("h100-qwen-2.5-7b"))
+    slower = predictor_toy.toy_capacity
+    monkeypatch.setattr(predictor_toy, "toy_capacity", lambda *a: 0.97 * slower(*a))  # a twin 3% slower
+    D._fingerprint.cache_clear()
+    df, changed = D.sweep(S.load(GRID), toy_profile, out, simulator=SIM, progress=False)
+    assert changed["cells_run"] == 14 and changed["profile_sha"] != ctx["profile_sha"] and df.height == 14

@@ -277,7 +277,6 @@ def test_fit_from_microbenches_recovers_known_coefficients() -> None:
     assert len(per_run) == len(mbs)
 
 
-@pytest.mark.slow
 def _approx_tree(a: object, b: object, rel: float = 1e-9) -> bool:
     """Equal JSON trees, floats within `rel` (ints, strings and keys exactly)."""
     if isinstance(a, dict) and isinstance(b, dict):
@@ -296,6 +295,7 @@ def test_approx_tree_tolerates_last_bits_only() -> None:
     assert not _approx_tree({"sampler_gib_per_seq": 0.0017119140624999988, "runs": 41, "rule": "x"}, old)
 
 
+@pytest.mark.slow
 def test_fit_script_reproduces_shipped_profiles(tmp_path: Path) -> None:
     import subprocess
     import sys

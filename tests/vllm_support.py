@@ -4,7 +4,11 @@
 - `build_adapters(model_dir, cache_dir, {name: rank})` makes PEFT LoRA adapters;
 - `VllmServer(...)` runs `python -m vllm.entrypoints.openai.api_server` from
   `.venv-vllm` (vLLM, torch and peft live only there), waits for /health, and always
-  stops it (SIGTERM, then SIGKILL) and removes its temporary files.
+  stops it (SIGTERM, then SIGKILL) and removes its temporary files; its `--dtype` is
+  the one this CPU runs natively (`native_dtype`);
+- `measure_speed(url, ...)` times the server at hand, so that a test sizes its load,
+  windows and timeouts from it (another CPU runs these models several times slower);
+- `gauges(url)` reads the server's request gauges from `/metrics`.
 
 Builders run in a `.venv-vllm` subprocess and cache their output: a folder holding a
 `.done` marker is reused, so a test session builds each model once.
@@ -24,6 +28,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +56,87 @@ OFFLINE_ENV = {
     "DO_NOT_TRACK": "1",
     "TOKENIZERS_PARALLELISM": "false",
 }
+
+
+def native_dtype(cpuinfo: str | None = None) -> str:
+    """bfloat16 only where the CPU has native bf16 arithmetic (AVX512_BF16 or AMX-BF16),
+    else float32: without it vLLM's CPU backend falls back from oneDNN to slow torch
+    linears ("Failed to create oneDNN linear")."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[-1].split())
+    return "bfloat16" if flags & {"avx512_bf16", "amx_bf16"} else "float32"
+
+
+@dataclass
+class ServerSpeed:
+    """How fast the server at hand is, measured once: the base for every load, window
+    and timeout of a test that uses it."""
+
+    ttft_s: float  # one request alone: time to its first token
+    decode_s: float  # one request alone: seconds per output token after the first
+    batch_decode_s: float  # with `batch` requests running: seconds per step
+    batch: int
+
+    def seconds(self, tokens: int, running: int = 1) -> float:
+        """About how long `tokens` output tokens take with `running` requests running."""
+        per = self.decode_s if running <= 1 else self.batch_decode_s * max(running / self.batch, 1.0)
+        return self.ttft_s + tokens * per
+
+
+def _stream_times(url: str, body: Mapping[str, Any], timeout: float) -> tuple[float, float, int]:
+    """(first token s, last token s, events) of one streamed completion."""
+    req = urllib.request.Request(url + "/v1/completions", data=json.dumps({**body, "stream": True}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    t0 = time.perf_counter()
+    first = last = None
+    n = 0
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        for line in r:
+            if line.startswith(b"data: {"):
+                now = time.perf_counter() - t0
+                first = now if first is None else first
+                last = now
+                n += 1
+    assert first is not None and last is not None
+    return first, last, n
+
+
+def measure_speed(url: str, model: str, tokens: int = 32, batch: int = 8, timeout: float = 600) -> ServerSpeed:
+    """Time one request alone, then `batch` at once (after a warm-up request)."""
+    import concurrent.futures
+
+    body = {"model": model, "prompt": list(range(100, 132)), "max_tokens": tokens, "ignore_eos": True}
+    _stream_times(url, {**body, "max_tokens": 2}, timeout)  # warm-up
+    first, last, n = _stream_times(url, body, timeout)
+    with concurrent.futures.ThreadPoolExecutor(batch) as pool:
+        t0 = time.perf_counter()
+        runs = list(pool.map(lambda i: _stream_times(url, {**body, "prompt": list(range(200 + i, 232 + i))}, timeout),
+                             range(batch)))
+        elapsed = time.perf_counter() - t0
+    # From the batch's whole time, not its token gaps: an API server starved of CPU hands
+    # the tokens out in bunches, and gaps within a bunch are near zero.
+    steps = max(max(k for _, _, k in runs) - 1, 1)
+    per_step = max(elapsed - first, elapsed / (steps + 1)) / steps
+    return ServerSpeed(ttft_s=first, decode_s=(last - first) / max(n - 1, 1), batch_decode_s=per_step, batch=batch)
+
+
+def gauges(url: str, timeout: float = 5) -> dict[str, float]:
+    """`vllm:num_requests_running` and `vllm:num_requests_waiting` (summed over engines)."""
+    with urllib.request.urlopen(url + "/metrics", timeout=timeout) as r:
+        text = r.read().decode()
+    out = {"running": 0.0, "waiting": 0.0}
+    for line in text.splitlines():
+        for key in out:
+            if line.startswith(f"vllm:num_requests_{key}{{") or line.startswith(f"vllm:num_requests_{key} "):
+                out[key] += float(line.rsplit(" ", 1)[1])
+    return out
 
 
 def vllm_available() -> bool:
@@ -237,6 +323,7 @@ class VllmServer:
         log_path: str | os.PathLike[str] | None = None,
         kv_cache_space_gib: int = 1,
         startup_timeout: float = 240.0,
+        dtype: str | None = None,
     ):
         self.model_dir = Path(model_dir)
         self.adapters = {k: Path(v) for k, v in (adapters or {}).items()}
@@ -252,6 +339,7 @@ class VllmServer:
         self.extra_args = list(extra_args or [])
         self.kv_cache_space_gib = kv_cache_space_gib
         self.startup_timeout = startup_timeout
+        self.dtype = dtype or native_dtype()
         self._tmp = Path(tempfile.mkdtemp(prefix="tracekit-vllm-"))
         self.log_path = Path(log_path) if log_path else self._tmp / "server.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -268,7 +356,7 @@ class VllmServer:
             "--host", "127.0.0.1", "--port", str(self.port),
             "--max-num-seqs", str(self.max_num_seqs),
             "--max-model-len", str(self.max_model_len),
-            "--dtype", "bfloat16", "--enforce-eager",
+            "--dtype", self.dtype, "--enforce-eager",
         ]  # fmt: skip
         if self.max_num_batched_tokens is not None:
             cmd += ["--max-num-batched-tokens", str(self.max_num_batched_tokens)]
@@ -337,16 +425,17 @@ class VllmServer:
         except OSError:
             return "(no log)"
 
-    def stop(self, timeout: float = 20.0, group: bool = True) -> int | None:
-        """SIGTERM the server's process group (as systemd does), or with group=False only
-        the API server (as `docker stop` does); SIGKILL what lingers; remove temp files."""
+    def stop(self, timeout: float = 20.0, group: bool = True, sig: int = signal.SIGTERM) -> int | None:
+        """SIGTERM the server's process group (as systemd does; `sig=SIGINT`: Ctrl-C in its
+        terminal), or with group=False only the API server (as `docker stop` does);
+        SIGKILL what lingers; remove temp files."""
         rc = None
         if self.proc is not None:
             if self.proc.poll() is None:
                 if group:
-                    _signal_group(self.proc.pid, signal.SIGTERM)
+                    _signal_group(self.proc.pid, sig)
                 else:
-                    self.proc.send_signal(signal.SIGTERM)
+                    self.proc.send_signal(sig)
                 try:
                     self.proc.wait(timeout=timeout)
                 except subprocess.TimeoutExpired:

@@ -14,7 +14,7 @@ from tracekit.cliutil import LazyGroup
         "synth": "tracekit.synth:synth_cmd",
         "import": "tracekit.importers:import_cmd",
         "inspect": "tracekit.inspect:inspect_cmd",
-        "proxy": "tracekit.proxy:proxy_cmd",
+        "proxy": "tracekit.capture.proxy:proxy_cmd",
     },
 )
 @click.version_option(__version__, prog_name="tracekit")

@@ -36,6 +36,7 @@ import pyarrow as pa
 
 from tracekit import schema
 from tracekit.cliutil import LazyGroup, console, err_console, parse_csv_ints, user_errors
+from tracekit.prefix import tokens_from_block_hashes
 from tracekit.schema import TracekitError
 from tracekit.synth import adapter_names, assign_round_robin, popularity_weights
 
@@ -240,45 +241,6 @@ def read_mooncake(path: Path) -> tuple[pl.DataFrame, dict[str, int]]:
         schema={"t": pl.Float64, "prompt_tokens": pl.Float64, "output_tokens": pl.Float64, "hash_ids": pl.List(pl.Int64)},
     )
     return out, {}
-
-
-def tokens_from_block_hashes(
-    prompt_tokens: np.ndarray,
-    hash_offsets: np.ndarray,
-    hash_values: np.ndarray,
-    block_tokens: int = 512,
-    vocab_size: int = 32000,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Prompt token ids that reproduce a trace's prefix sharing (Mooncake `hash_ids`).
-
-    Request i's token j lies in block j // block_tokens; tokens of a block are a fixed
-    function of the block's hash id, so two prompts share exactly the blocks whose hash
-    ids they share (and a prefix cache hits exactly there). Blocks past the listed hash
-    ids get ids unique to the request. Returns (offsets, int32 values) of a list column.
-    Ids avoid the first 1,000 of the vocabulary (special tokens live there)."""
-    lens = prompt_tokens.astype(np.int64)
-    n = lens.size
-    offsets = np.zeros(n + 1, np.int64)
-    np.cumsum(lens, out=offsets[1:])
-    req = np.repeat(np.arange(n, dtype=np.int64), lens)
-    pos = np.arange(offsets[-1], dtype=np.int64) - offsets[req]
-    block = pos // block_tokens
-    nblocks = np.diff(hash_offsets)
-    listed = block < nblocks[req]
-    flat = np.where(listed, hash_offsets[req] + block, 0)
-    h = np.where(listed, hash_values[np.minimum(flat, max(hash_values.size - 1, 0))] if hash_values.size else 0, 0)
-    # Unlisted blocks: a key no hash id can take (negative, unique per request and block).
-    h = np.where(listed, h, -(req * 1_000_003 + block) - 1)
-    key = (h.astype(np.uint64) * np.uint64(block_tokens) + (pos % block_tokens).astype(np.uint64))
-    # splitmix64 finaliser: a cheap, well-mixed hash of the key.
-    with np.errstate(over="ignore"):
-        z = key + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
-    low = 1000 if vocab_size > 2000 else 0
-    values = (z % np.uint64(vocab_size - low)).astype(np.int64) + low
-    return offsets, values.astype(np.int32)
 
 
 def _skipped_text(skipped: dict[str, int]) -> str:

@@ -73,6 +73,8 @@ def summarize(results: pl.DataFrame, context: Mapping[str, Any] | None = None) -
     out["unfinished"] = int((results["status"] == "unfinished").sum())
     out["errors"] = int(results["status"].is_in(["error", "timeout"]).sum())
     out["timeouts"] = int((results["status"] == "timeout").sum())
+    # A capture's requests whose client hung up: neither served nor the server's fault.
+    out["cancelled"] = int((results["status"] == "cancelled").sum())
     in_tok = int(ok["prompt_tokens"].sum()) if ok.height else 0
     out_tok = int(ok["generated_tokens"].fill_null(ok["output_tokens"]).sum()) if ok.height else 0
     out["total_input_tokens"] = in_tok

@@ -65,3 +65,54 @@ def block_hashes_many(
         None if ids is None else block_hashes(ids, a, block_tokens, key)
         for ids, a in zip(token_ids, adapters, strict=True)
     ]
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a cheap bijective, well-mixed hash of uint64 values."""
+    with np.errstate(over="ignore"):
+        z = z + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def tokens_from_block_hashes(
+    prompt_tokens: np.ndarray,
+    hash_offsets: np.ndarray,
+    hash_values: np.ndarray,
+    block_tokens: int = 512,
+    vocab_size: int = 32000,
+    *,
+    id_range: tuple[int, int] | None = None,
+    first_request: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Prompt token ids that reproduce a trace's prefix sharing: Mooncake `hash_ids`, or a
+    capture's `prefix_hashes` (whose chain makes equal hashes mean equal prefixes).
+
+    Request i's token j lies in block j // block_tokens; tokens of a block are a fixed
+    function of the block's hash, so two prompts share exactly the blocks whose hashes
+    they share (and a prefix cache hits exactly there). Blocks past the listed hashes get
+    ids unique to the request (`first_request + i`, so requests built one call at a time
+    stay distinct). Returns (offsets, int32 values) of a list column. Ids are drawn from
+    `id_range` [lo, hi), by default the vocabulary less its first 1,000 (special tokens
+    live there)."""
+    lens = prompt_tokens.astype(np.int64)
+    n = lens.size
+    offsets = np.zeros(n + 1, np.int64)
+    np.cumsum(lens, out=offsets[1:])
+    req = np.repeat(np.arange(n, dtype=np.int64), lens)
+    pos = np.arange(offsets[-1], dtype=np.int64) - offsets[req]
+    block = pos // block_tokens
+    nblocks = np.diff(hash_offsets)
+    listed = block < nblocks[req]
+    flat = np.where(listed, hash_offsets[req] + block, 0)
+    h = np.where(listed, hash_values[np.minimum(flat, max(hash_values.size - 1, 0))] if hash_values.size else 0, 0)
+    # Unlisted blocks: a key no hash can take in practice (negative, unique per request and block).
+    h = np.where(listed, h, -((req + first_request) * 1_000_003 + block) - 1)
+    # Mix the hash before adding the position: every bit of a 64-bit hash counts.
+    z = _mix64(_mix64(h.astype(np.uint64)) ^ (pos % block_tokens).astype(np.uint64))
+    lo, hi = id_range if id_range is not None else (1000 if vocab_size > 2000 else 0, vocab_size)
+    if not 0 <= lo < hi:
+        raise ValueError(f"id_range must satisfy 0 <= lo < hi, got {(lo, hi)}")
+    values = (z % np.uint64(hi - lo)).astype(np.int64) + lo
+    return offsets, values.astype(np.int32)

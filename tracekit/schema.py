@@ -36,7 +36,8 @@ META_KIND = b"tracekit.kind"
 META_SCHEMA = b"tracekit.schema"
 META_CONTEXT = b"tracekit.context"
 
-RESULT_STATUSES = ("ok", "error", "timeout", "unfinished")
+# cancelled: the client hung up before the answer was complete (capture only).
+RESULT_STATUSES = ("ok", "error", "timeout", "unfinished", "cancelled")
 # Context key: tokens per block of a trace's `prefix_hashes`.
 CTX_PREFIX_BLOCK_TOKENS = "prefix_block_tokens"
 
@@ -110,6 +111,8 @@ STEPS_OPTIONAL = pa.schema(
         pa.field("loaded_adapters", pa.list_(pa.string())),
         # Duration as vLLM's own iteration details report it (model output wait only).
         pa.field("engine_elapsed_s", pa.float64()),
+        # Prompt tokens that the requests entering this batch found in the prefix cache.
+        pa.field("cached_tokens", pa.int64()),
     ]
 )
 

@@ -117,6 +117,8 @@ def render_head(s: Mapping[str, Any], title: str, out: Console, twin: Mapping[st
     ]
     if s.get("timeouts"):
         rows.append(("timeouts", fmt(s["timeouts"])))
+    if s.get("cancelled"):
+        rows.append(("cancelled (client hung up)", fmt(s["cancelled"])))
     if twin and twin.get("rejected"):
         rows.append(("rejected (too long for the KV cache)", fmt(int(twin["rejected"]))))
     rows += [

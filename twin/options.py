@@ -38,11 +38,14 @@ SERVING_FLAGS: tuple[tuple[str, Any, str], ...] = (
 SERVING_FLAG_NAMES = tuple(name for name, _, _ in SERVING_FLAGS)
 
 
-def serving_options(help_prefix: str = "") -> Callable[[F], F]:
-    """Add every serving flag to a click command (values arrive as keyword arguments)."""
+def serving_options(help_prefix: str = "", exclude: tuple[str, ...] = ()) -> Callable[[F], F]:
+    """Add every serving flag to a click command (values arrive as keyword arguments);
+    `exclude`: flags a command computes itself rather than takes."""
 
     def deco(fn: F) -> F:
         for name, typ, text in reversed(SERVING_FLAGS):
+            if name in exclude:
+                continue
             flag = "--" + name.replace("_", "-")
             if typ is bool:
                 fn = click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_prefix + text)(fn)

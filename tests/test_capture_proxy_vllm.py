@@ -1,0 +1,183 @@
+"""The proxy in front of a real vLLM server (CPU): a stop with requests in flight, and
+client hang-ups while queued and mid-stream, seen from the server's own gauges.
+
+Loads, windows and timeouts are derived from the server's measured speed
+(`vllm_support.measure_speed`), so the same shapes hold on a CPU several times slower."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import polars as pl
+import pytest
+from vllm_support import VllmServer, free_port, gauges, measure_speed
+
+from tracekit import schema
+
+pytestmark = pytest.mark.vllm
+
+TRACEKIT = [sys.executable, "-c", "from tracekit.cli import main; main()"]
+STOP_AFTER_S = 3.0
+DRAIN_S = 5.0
+
+
+def start_proxy(upstream: str, out: Path, *extra: str) -> tuple[subprocess.Popen[str], str]:
+    port = free_port()
+    p = subprocess.Popen([*TRACEKIT, "proxy", "--upstream", upstream, "--listen", f"127.0.0.1:{port}",
+                          "--out", str(out), "--flush-every", "2", *extra],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url + "/health", timeout=1)
+            return p, url
+        except OSError:
+            time.sleep(0.2)
+    p.kill()
+    raise TimeoutError("proxy did not start")
+
+
+def hang_up(req: asyncio.Task[Any]) -> None:
+    """The client goes away: a request still waiting for its headers is cancelled; a
+    stream whose headers came (vLLM sends them before the first token) is closed."""
+    if req.done() and not req.cancelled() and req.exception() is None:
+        req.result().close()
+    else:
+        req.cancel()
+
+
+async def wait_gauge(url: str, key: str, want: float, timeout: float) -> float | None:
+    """Seconds until gauge `key` equals `want` (polled every 20 ms), or None."""
+    t = time.perf_counter()
+    while time.perf_counter() - t < timeout:
+        g = await asyncio.to_thread(gauges, url)
+        if g[key] == want:
+            return time.perf_counter() - t
+        await asyncio.sleep(0.02)
+    return None
+
+
+def test_stop_with_requests_in_flight_gives_each_its_row(tmp_path: Path, tiny_model: Path,
+                                                         tiny_adapters: dict[str, Path]) -> None:
+    """48 requests on 16 seats, SIGTERM mid-burst, --drain-timeout 5: every request has
+    its row, the served ones with their full token count, the others cut and marked,
+    the server idle at once afterwards, and the proxy gone within the drain + 5 s."""
+    rng = random.Random(3)
+    names = [*sorted(tiny_adapters), None]
+    with VllmServer(tiny_model, tiny_adapters, max_loras=2, max_cpu_loras=4, max_num_seqs=16,
+                    max_model_len=1024) as srv:
+        speed = measure_speed(srv.url, "a1", batch=16)
+        # The first wave of 16 ends about 60% into stop + drain; the second cannot.
+        tokens = max(16, min(900, int(0.6 * (STOP_AFTER_S + DRAIN_S) / speed.batch_decode_s)))
+        reqs = [{"model": rng.choice(names) or srv.served_model_name, "max_tokens": tokens, "ignore_eos": True,
+                 "prompt": [rng.randint(10, 2000) for _ in range(rng.randint(8, 64))], "stream": i % 2 == 0}
+                for i in range(48)]
+        proxy, url = start_proxy(srv.url, tmp_path / "cap", "--drain-timeout", str(DRAIN_S))
+
+        async def run() -> tuple[list[Any], float]:
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+
+                async def one(body: dict[str, Any]) -> Any:
+                    try:
+                        async with s.post(url + "/v1/completions", json=body) as r:
+                            return r.status, await r.read()
+                    except aiohttp.ClientError as e:
+                        return e
+
+                tasks = [asyncio.create_task(one(b)) for b in reqs]
+                await asyncio.sleep(STOP_AFTER_S)
+                t = time.perf_counter()
+                proxy.send_signal(signal.SIGTERM)
+                await asyncio.to_thread(proxy.wait, DRAIN_S + 30)
+                gone = time.perf_counter() - t
+                return await asyncio.gather(*tasks), gone
+
+        try:
+            answers, gone = asyncio.run(run())
+        finally:
+            if proxy.poll() is None:
+                proxy.kill()
+        out = proxy.stdout.read() if proxy.stdout else ""
+        idle = asyncio.run(wait_gauge(srv.url, "running", 0, timeout=5))
+    assert proxy.returncode == 0, out + (proxy.stderr.read() if proxy.stderr else "")
+    assert gone < DRAIN_S + 5, gone
+    df, _ = schema.read(tmp_path / "cap", "results")
+    assert df.height == 48 and df["request_id"].n_unique() == 48
+    ok, cut = df.filter(pl.col("status") == "ok"), df.filter(pl.col("status") == "unfinished")
+    assert ok.height + cut.height == 48, df["status"].value_counts()
+    assert ok.height >= 1 and cut.height >= 1, (ok.height, cut.height, tokens, speed)
+    assert (ok["generated_tokens"] == tokens).all() and (ok["output_tokens"] == tokens).all()
+    assert cut["error"].str.contains("drain").all() and (cut["output_tokens"] == tokens).all()
+    assert sum(1 for a in answers if isinstance(a, tuple) and a[0] == 200) >= ok.height
+    flat = " ".join(re.sub("[\u2500-\u257f]", " ", out).split())  # the summary table, unboxed
+    assert f"48 (ok {ok.height}, client hung up 0, errors 0, cut by the stop {cut.height})" in flat, out
+    assert idle is not None  # the cut requests were aborted in the server, not left running
+
+
+def test_client_hang_up_reaches_the_server_at_once(tmp_path: Path, tiny_model: Path,
+                                                   tiny_adapters: dict[str, Path]) -> None:
+    """A malformed JSON body is the server's to answer, and has its error row. Both seats
+    held: a request queued behind them (streamed, then not) whose client
+    hangs up leaves the server's queue at once; a 900-token stream whose client hangs up
+    mid-stream leaves the running set at once."""
+    with VllmServer(tiny_model, tiny_adapters, max_loras=2, max_num_seqs=2, max_model_len=2048) as srv:
+        speed = measure_speed(srv.url, "a1", batch=2)
+        hold = min(1900, max(64, math.ceil(10.0 / speed.batch_decode_s)))  # seats held ~10 s at most
+        proxy, url = start_proxy(srv.url, tmp_path / "cap")
+        body = {"model": "a1", "prompt": list(range(100, 140)), "ignore_eos": True}
+
+        async def run() -> dict[str, float | None]:
+            out: dict[str, float | None] = {}
+            async with aiohttp.ClientSession() as s:
+                # A malformed JSON body: forwarded, answered by the server, recorded.
+                async with s.post(url + "/v1/completions", data=b'{"model": "a1", "prompt": [1',
+                                  headers={"Content-Type": "application/json"}) as r:
+                    out["bad_json_status"] = r.status
+
+                async def blocker() -> None:
+                    async with s.post(srv.url + "/v1/completions", json={**body, "max_tokens": hold}) as r:
+                        await r.read()
+
+                for stream in (True, False):
+                    blockers = [asyncio.create_task(blocker()) for _ in range(2)]  # both seats taken
+                    assert await wait_gauge(srv.url, "running", 2, timeout=30) is not None
+                    req = asyncio.create_task(s.post(url + "/v1/completions",
+                                                     json={**body, "max_tokens": 8, "stream": stream}))
+                    assert await wait_gauge(srv.url, "waiting", 1, timeout=30) is not None
+                    hang_up(req)  # while its request is queued
+                    out[f"queued_stream={stream}"] = await wait_gauge(srv.url, "waiting", 0, timeout=10)
+                    for b in blockers:
+                        b.cancel()
+                    assert await wait_gauge(srv.url, "running", 0, timeout=30) is not None
+                async with s.post(url + "/v1/completions", json={**body, "max_tokens": 900, "stream": True}) as r:
+                    for _ in range(5):
+                        await r.content.readline()
+                    r.close()  # hang up mid-stream
+                out["mid_stream"] = await wait_gauge(srv.url, "running", 0, timeout=10)
+            return out
+
+        try:
+            took = asyncio.run(run())
+        finally:
+            proxy.send_signal(signal.SIGTERM)
+            proxy.wait(timeout=60)
+    bad = took.pop("bad_json_status")
+    assert bad is not None and 400 <= bad < 500, bad
+    assert all(v is not None and v < 1.0 for v in took.values()), took
+    df, _ = schema.read(tmp_path / "cap", "results")
+    assert df["status"].to_list() == ["error"] + ["cancelled"] * 3, df.select("status", "error").rows()
+    errors = df["error"].to_list()
+    assert "not a JSON object" in errors[0] and f"HTTP {bad}" in errors[0], errors[0]
+    assert "before the first token" in errors[1] and "before the answer" in errors[2] and "mid-stream" in errors[3]
