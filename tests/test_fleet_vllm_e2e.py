@@ -103,12 +103,16 @@ def test_two_real_servers_behind_a_router_then_the_fleet_twin(tmp_path: Path, ti
     assert (real["generated_tokens"] == real["want"]).all()
     assert [g["name"] for g in meta.context["fleet"]["gpus"]] == ["left", "right"]
 
-    # least-loaded over all servers: each server registered the adapters it lacked, and
-    # both took a share (neither is saturated, so ties send requests in turn).
+    # least-loaded over all servers: each server registered the adapters it lacked, both
+    # took requests, and every request went to a server with the fewest outstanding ones.
+    # The share each gets depends on the servers' speed on this machine, so the rule is
+    # checked instead: outstanding counts rebuilt from the results (sent at dispatch_s,
+    # done at end_s), with events within 50 ms of a send counted either way.
     ll, meta_ll = read(tmp_path / "real-least-loaded.parquet", "results")
     assert (ll["status"] == "ok").all()
     counts = dict(ll["replica"].value_counts().iter_rows())
-    assert set(counts) == {"left", "right"} and min(counts.values()) >= 0.25 * ll.height, counts
+    assert set(counts) == {"left", "right"}, counts
+    assert _least_loaded_violations(ll) == [], counts
     assert set(meta_ll.context["fleet"]["gpus"][0]["adapters_loaded"]) == {"a3", "a4"}
 
     res = CliRunner().invoke(replay_main, ["run", str(tmp_path / "trace.parquet"), "--target", "twin",
@@ -123,3 +127,22 @@ def test_two_real_servers_behind_a_router_then_the_fleet_twin(tmp_path: Path, ti
     assert [r["replica"] for r in pr["replicas"]] == ["left", "right"] and pr["same_replica_frac"] == 1.0
     for r in pr["replicas"]:
         assert r["completed_a"] == r["completed_b"] == r["requests_a"]
+
+
+def _least_loaded_violations(res: pl.DataFrame, slack_s: float = 0.05) -> list[str]:
+    """Requests sent to a replica that surely had more outstanding requests than another."""
+    sent = res["dispatch_s"].to_numpy()
+    done = res["end_s"].to_numpy()
+    rep = res["replica"].to_list()
+    names = sorted(set(rep))
+    bad = []
+    for i, t in enumerate(sent):
+        lo, hi = {}, {}
+        for r in names:
+            mine = [j for j in range(len(rep)) if rep[j] == r and j != i]
+            # surely outstanding: sent before and done after, both clear of the slack
+            lo[r] = sum(1 for j in mine if sent[j] < t - slack_s and done[j] > t + slack_s)
+            hi[r] = sum(1 for j in mine if sent[j] < t + slack_s and done[j] > t - slack_s)
+        if lo[rep[i]] > min(hi[r] for r in names if r != rep[i]):
+            bad.append(f"request {i} at {t:.3f}s -> {rep[i]} (outstanding >= {lo}, <= {hi})")
+    return bad
