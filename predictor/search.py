@@ -308,14 +308,29 @@ def _worker_search(ml: int, start: int, up: float, need: float | None) -> MlResu
     return starving_point(_WORKER, ml, start, up, need)
 
 
+def _fleet_throughput(m: MlResult) -> float | None:
+    """Throughput of `m`'s run of the whole fleet at its own rates (None if none ran)."""
+    n = max((r.adapters for r in m.runs), default=0)
+    at = [r.throughput_tok_s for r in m.runs if r.adapters == n and r.load == 1.0]
+    return max(at) if at else None
+
+
 def _better(a: MlResult, b: MlResult | None) -> bool:
     """Is `a` better than `b`: one whose runs found a served count beats one whose every
-    run starved; then a larger starving point (more adapters, or where the whole fleet
-    fits, more headroom); exact ties go to fewer GPU slots (less memory reserved)."""
+    run starved; where both serve the whole fleet, the one serving more of it; then a
+    larger starving point (more adapters, or where the whole fleet fits, more headroom);
+    exact ties go to fewer GPU slots (less memory reserved)."""
     if b is None:
         return True
     if a.feasible != b.feasible:
         return a.feasible
+    if a.fits and b.fits:
+        # Both serve the whole fleet: the goal is throughput on the user's own traffic, so
+        # the one that serves more of it wins (beyond the search's resolution); headroom
+        # past the fleet, whose bounds come from unequal probing, only breaks ties.
+        ta, tb = _fleet_throughput(a), _fleet_throughput(b)
+        if ta is not None and tb is not None and abs(ta - tb) > RESOLUTION * max(ta, tb):
+            return ta > tb
     if a.starving_point != b.starving_point:
         return a.starving_point > b.starving_point
     return a.max_loras < b.max_loras
