@@ -23,7 +23,6 @@ sequentially inside; `jobs` only runs several max_loras at once.
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -32,6 +31,7 @@ from typing import Any
 import polars as pl
 
 from tracekit.metrics import STARVING_THRESHOLD
+from tracekit.parallel import single_thread_env
 
 SERVED_OK = 1.0 - STARVING_THRESHOLD  # served above this does not starve (the paper's rule)
 RESOLUTION = 0.02  # the starving point is located within 2% (the safety step is several %)
@@ -370,21 +370,10 @@ def search(
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
-        from tracekit.parallel import SINGLE_THREAD_ENV
-
-        saved = {k: os.environ.get(k) for k in SINGLE_THREAD_ENV}
-        os.environ.update(SINGLE_THREAD_ENV)
-        try:
-            pool = ProcessPoolExecutor(
-                max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                initargs=((trials.trace, trials.context, trials.loads, trials.profile.to_dict(), trials.config,
-                           trials.window_s, trials.simulator),))
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+        pool = ProcessPoolExecutor(
+            max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+            initargs=((trials.trace, trials.context, trials.loads, trials.profile.to_dict(), trials.config,
+                       trials.window_s, trials.simulator),))
 
     def run_all(todo: list[tuple[int, int]]) -> None:
         if pool is None:
@@ -394,7 +383,9 @@ def search(
                 if on_result:
                     on_result(res)
             return
-        futs = {ml: pool.submit(_worker_search, ml, g, up, need) for ml, g in todo}
+        # The pool starts its workers at a submit, and they inherit the environment then.
+        with single_thread_env():
+            futs = {ml: pool.submit(_worker_search, ml, g, up, need) for ml, g in todo}
         for ml, _ in todo:
             res = futs[ml].result()
             done[ml] = res

@@ -12,6 +12,7 @@ oversubscribe the cores (measured: 2 workers ran slower than 1 on 2 cores).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from collections.abc import Callable, Iterator, Sequence
@@ -21,6 +22,22 @@ from tracekit.schema import TracekitError
 
 EXECUTORS = ("local", "ray")
 SINGLE_THREAD_ENV = {"POLARS_MAX_THREADS": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@contextlib.contextmanager
+def single_thread_env() -> Iterator[None]:
+    """SINGLE_THREAD_ENV set in this process while worker processes start (they inherit
+    it), the caller's own values back afterwards."""
+    saved = {k: os.environ.get(k) for k in SINGLE_THREAD_ENV}
+    os.environ.update(SINGLE_THREAD_ENV)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def check_reachable(address: str, flag: str = "--ray-address") -> None:
@@ -111,16 +128,8 @@ class Pool:
         ex = self._executor()
         with self._lock:
             # The workers inherit the environment when they start (at the first submit).
-            saved = {k: os.environ.get(k) for k in SINGLE_THREAD_ENV}
-            os.environ.update(SINGLE_THREAD_ENV)
-            try:
+            with single_thread_env():
                 futs = {ex.submit(fn, *t): i for i, t in enumerate(tasks)}
-            finally:
-                for k, v in saved.items():
-                    if v is None:
-                        os.environ.pop(k, None)
-                    else:
-                        os.environ[k] = v
         try:
             for f in as_completed(futs):
                 yield futs[f], f.result()
