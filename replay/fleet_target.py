@@ -32,7 +32,7 @@ import polars as pl
 import pyarrow as pa
 
 from replay.runner import Recorder, RunOptions, new_event_loop_policy, run_open_loop
-from replay.targets import Replayed, results_from_recorder
+from replay.targets import Replayed, results_from_recorder, server_replay_context
 from tracekit.schema import KIND_RESULTS, TracekitError, conform
 from twin.fleet_plan import FleetPlan, check_covers
 from twin.routing import Router
@@ -210,28 +210,15 @@ class VllmFleetTarget:
         gpu_names = self.plan.names
         rep = [gpu_names[r] if r >= 0 else None for r in fleet.replica.tolist()]
         table = conform(table.append_column("replica", pa.array(rep, type=pa.string())), KIND_RESULTS, source="fleet replay")
-        window = cut_s
-        if outcome.interrupted:
-            window = outcome.stopped_s if window is None else min(window, outcome.stopped_s or window)
-        ctx: dict[str, Any] = {
-            "url": ",".join(self.urls),
-            "served_model": infos[0].base_model,
-            "fleet": {
-                "router": self.router,
-                "plan": self.plan.to_dict(),
-                "gpus": [{"name": g.name, "url": u, "adapters_loaded": loaded[g.name], "router_slots": s}
-                         for g, u, s in zip(self.plan.gpus, self.urls, slots, strict=True)],
-                "residency": "the router's own record of the adapters it sent, max_loras deep per server",
-            },
-            "max_concurrency": self.max_concurrency,
-            "request_timeout_s": self.request_timeout_s,
-            "interrupted": outcome.interrupted,
-            "replayer_cpu_s": outcome.cpu_s,
-            "replayer_wall_s": outcome.wall_s,
-            "prompt_seed": self.seed,
+        fleet_ctx = {
+            "router": self.router,
+            "plan": self.plan.to_dict(),
+            "gpus": [{"name": g.name, "url": u, "adapters_loaded": loaded[g.name], "router_slots": s}
+                     for g, u, s in zip(self.plan.gpus, self.urls, slots, strict=True)],
+            "residency": "the router's own record of the adapters it sent, max_loras deep per server",
         }
-        if window is not None:
-            ctx["window_s"] = float(window)
+        ctx = server_replay_context(self, outcome, cut_s, url=",".join(self.urls), served_model=infos[0].base_model,
+                                    fleet=fleet_ctx)
         return Replayed(table, ctx)
 
 

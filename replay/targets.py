@@ -45,6 +45,27 @@ class Replayed:
     context: dict[str, Any] = field(default_factory=dict)
 
 
+def server_replay_context(target: Any, outcome: Any, cut_s: float | None, **server: Any) -> dict[str, Any]:
+    """The results' context of a replay against real servers: `server` (which servers,
+    what they loaded), then the client's settings and how the run went, and the window:
+    the cut, or where an interrupted run stopped if that came first."""
+    window = cut_s
+    if outcome.interrupted:
+        window = outcome.stopped_s if window is None else min(window, outcome.stopped_s or window)
+    ctx: dict[str, Any] = {
+        **server,
+        "max_concurrency": target.max_concurrency,
+        "request_timeout_s": target.request_timeout_s,
+        "interrupted": outcome.interrupted,
+        "replayer_cpu_s": outcome.cpu_s,
+        "replayer_wall_s": outcome.wall_s,
+        "prompt_seed": target.seed,
+    }
+    if window is not None:
+        ctx["window_s"] = float(window)
+    return ctx
+
+
 class Target(Protocol):
     name: str
 
@@ -143,22 +164,8 @@ class VllmTarget:
                               handle_signals=self.handle_signals)
             outcome = await run_open_loop(trace["arrival_s"].to_numpy(), sender, opts)
         table = results_from_recorder(trace, outcome.recorder, self.name)
-        window = cut_s
-        if outcome.interrupted:
-            window = outcome.stopped_s if window is None else min(window, outcome.stopped_s or window)
-        ctx: dict[str, Any] = {
-            "url": url,
-            "served_model": info.base_model,
-            "adapters_loaded": {k: v for k, v in paths.items()},
-            "max_concurrency": self.max_concurrency,
-            "request_timeout_s": self.request_timeout_s,
-            "interrupted": outcome.interrupted,
-            "replayer_cpu_s": outcome.cpu_s,
-            "replayer_wall_s": outcome.wall_s,
-            "prompt_seed": self.seed,
-        }
-        if window is not None:
-            ctx["window_s"] = float(window)
+        ctx = server_replay_context(self, outcome, cut_s, url=url, served_model=info.base_model,
+                                    adapters_loaded=dict(paths))
         return Replayed(table, ctx)
 
 
