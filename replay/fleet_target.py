@@ -33,7 +33,7 @@ import pyarrow as pa
 
 from replay.runner import Recorder, RunOptions, new_event_loop_policy, run_open_loop
 from replay.targets import Replayed, results_from_recorder, server_replay_context
-from tracekit.schema import KIND_RESULTS, TracekitError, conform
+from tracekit.schema import CTX_PREFIX_BLOCK_TOKENS, KIND_RESULTS, TracekitError, conform
 from twin.fleet_plan import FleetPlan, check_covers
 from twin.routing import Router
 
@@ -198,7 +198,8 @@ class VllmFleetTarget:
                 loaded[gpu.name] = dict(paths)
                 ml = gpu.settings.get("max_loras") or await server_max_lora(session, url) or 1
                 slots.append(int(ml))
-            prompts = PromptSource(trace, self.seed, self.token_id_range)
+            # Captured prefix hashes become shared token prefixes, as a single-server replay does.
+            prompts = PromptSource(trace, self.seed, self.token_id_range, trace_context.get(CTX_PREFIX_BLOCK_TOKENS))
             senders = [VllmSender(session, url, trace, info.base_model, prompts, self.request_timeout_s, time.perf_counter)
                        for url, info in zip(self.urls, infos, strict=True)]
             shared = len({info.base_model for info in infos}) == 1
