@@ -14,7 +14,7 @@ from rich.table import Table
 
 from tracekit.cliutil import console
 from tracekit.schema import KIND_RESULTS, KIND_STEPS, TracekitError, read_trace, write
-from twin.options import SERVING_FLAG_NAMES
+from twin.options import SERVING_FLAG_NAMES, run_window
 
 
 def _f(v: Any, digits: int = 0) -> str:
@@ -87,15 +87,7 @@ def run_fleet(
     if plan.profile and Path(plan.profile).stem != Path(profile.name).stem and plan.profile != profile_name:
         click.echo(f"warning: {plan_path}: made for profile {plan.profile}, run with {profile.name}", err=True)
     df, meta = read_trace(trace)
-    if df.height == 0:
-        raise TracekitError(f"{trace}: the trace has no requests")
-    if window is not None and not window > 0:
-        raise TracekitError(f"--window must be positive, got {window}")
-    if drain and window is not None:
-        raise TracekitError("--drain never cuts the run: give --window or --drain, not both")
-    context = {k: v for k, v in meta.context.items() if k != "parts"}
-    if drain:  # the engines cut at the trace's window unless it has none
-        context["trace_window_s"] = context.pop("window_s", None)
+    context = run_window(trace, df.height, window, drain, meta.context)
     from tracekit.schema import adapter_ranks
 
     _, names = adapter_codes(df)

@@ -120,3 +120,20 @@ def describe_config(profile: Any, config: ServingConfig, options: Mapping[str, A
     }
     out["from"] = {k: source(k) for k in out if k != "profile"}
     return out
+
+
+def run_window(trace: str, num_requests: int, window: float | None, drain: bool,
+               trace_context: Mapping[str, Any]) -> dict[str, Any]:
+    """Checks a twin run's trace size and `--window`/`--drain`, and returns the context
+    the run starts from: the trace's, where `--drain` moves its window aside (the engine
+    cuts at the trace's window unless told to drain)."""
+    if num_requests == 0:
+        raise TracekitError(f"{trace}: the trace has no requests")
+    if window is not None and not window > 0:
+        raise TracekitError(f"--window must be positive, got {window}")
+    if drain and window is not None:
+        raise TracekitError("--drain never cuts the run: give --window or --drain, not both")
+    context = {k: v for k, v in trace_context.items() if k != "parts"}
+    if drain:
+        context["trace_window_s"] = context.pop("window_s", None)
+    return context

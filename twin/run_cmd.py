@@ -30,7 +30,7 @@ from tracekit.summary import (
     starving_reason,
 )
 from twin.config import TWIN_COUNTERS
-from twin.options import config_from_options, describe_config, serving_options
+from twin.options import config_from_options, describe_config, run_window, serving_options
 from twin.routing import ROUTERS
 
 
@@ -119,16 +119,8 @@ def run_cmd(
     started = time.perf_counter()
     profile = load_profile(profile_name)
     df, meta = read_trace_arrow(trace, dictionary=["adapter"])
-    if df.num_rows == 0:
-        raise TracekitError(f"{trace}: the trace has no requests")
-    if window is not None and not window > 0:
-        raise TracekitError(f"--window must be positive, got {window}")
-    if drain and window is not None:
-        raise TracekitError("--drain never cuts the run: give --window or --drain, not both")
+    context = run_window(trace, df.num_rows, window, drain, meta.context)
     config = config_from_options(profile, df, meta.context, serving)
-    context = {k: v for k, v in meta.context.items() if k != "parts"}
-    if drain:  # the engine cuts at the trace's window unless it has none
-        context["trace_window_s"] = context.pop("window_s", None)
     res = simulate(
         df,
         profile,
