@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -67,7 +68,7 @@ def _resolve_adapters(
     codes (a million names cost nothing more)."""
     n = len(col)
     if not config.enable_lora:
-        return np.full(n, BASE, dtype=np.int64), [], []
+        return np.full(n, BASE, dtype=np.int32), [], []
     if not pa.types.is_dictionary(col.type):
         import pyarrow.compute as pc
 
@@ -75,15 +76,16 @@ def _resolve_adapters(
     d = col.unify_dictionaries().combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     ind = d.indices
     # The codes from their buffer (a null's slot holds some code; masked below).
-    codes = np.frombuffer(ind.buffers()[1], dtype=ind.type.to_pandas_dtype())[ind.offset : ind.offset + n].astype(np.int64)
+    codes = np.frombuffer(ind.buffers()[1], dtype=ind.type.to_pandas_dtype())[ind.offset : ind.offset + n]
     null = _nulls(d) if d.null_count else None
     if null is not None:
+        codes = codes.copy()
         codes[null] = 0
     dictionary = d.dictionary.to_pylist()
     used = np.flatnonzero(np.bincount(codes[~null] if null is not None else codes, minlength=len(dictionary)))
     names = sorted(dictionary[i] for i in used)
     where = {name: i for i, name in enumerate(names)}
-    remap = np.array([where.get(v, BASE) for v in dictionary] or [BASE], dtype=np.int64)
+    remap = np.array([where.get(v, BASE) for v in dictionary] or [BASE], dtype=np.int32)
     idx = remap[codes]
     if null is not None:
         idx[null] = BASE
@@ -217,8 +219,9 @@ def simulate(
         table = table.take(pa.array(np.argsort(table.column("arrival_s").to_numpy(), kind="stable")))
     # The numbers straight from Arrow (no polars frame of the whole trace).
     arrival = _numpy(table.column("arrival_s"), np.float64)
-    prompt_np = _numpy(table.column("prompt_tokens"), np.int64)
-    output_np = _numpy(table.column("output_tokens"), np.int64)
+    # The conformed trace's int32 (the scheduler reads them in place).
+    prompt_np = _numpy(table.column("prompt_tokens"), np.int32)
+    output_np = _numpy(table.column("output_tokens"), np.int32)
     adapter_idx, names, ranks = _resolve_adapters(table.column("adapter"), ctx_in, config)
 
     kv_tokens = int(prof.kv_capacity_tokens(config))
@@ -232,7 +235,7 @@ def simulate(
     # vLLM rejects a request longer than max_model_len; one that can never fit in the
     # KV cache would block the queue forever, so it is rejected too.
     max_len = min(config.max_model_len or 1 << 62, num_blocks * config.block_size + 1)
-    too_long = (prompt_np + output_np) > max_len
+    too_long = np.add(prompt_np, output_np, dtype=np.int64) > max_len
     valid = ~too_long & ~oom
 
     prefix = None
@@ -685,15 +688,51 @@ def _decode_plan(n_dec: int, na: int):  # type: ignore[no-untyped-def]
 STATUS_LABELS = ["ok", "unfinished", "error"]
 
 
-def _strings(codes: np.ndarray, labels: list[str]) -> pa.Array:
-    """A string column from label codes (a million rows in ~10 ms; one label: its buffers
-    directly, ten times less)."""
-    raw = labels[0].encode()
-    if len(labels) == 1 and len(codes) * len(raw) < 2**31:
-        offsets = np.arange(len(codes) + 1, dtype=np.int32) * len(raw)
-        return pa.StringArray.from_buffers(len(codes), pa.py_buffer(offsets), pa.py_buffer(raw * len(codes)))
-    # A dictionary array cast to strings: six times faster than `take` on the labels.
-    return pa.DictionaryArray.from_arrays(_primitive(codes, pa.int8()), pa.array(labels, type=pa.string())).cast(pa.string())
+def _strings(codes: np.ndarray, labels: Sequence[str], null: np.ndarray | None = None) -> pa.Array:
+    """A string column from codes into a few `labels` (`null`: True where null), built as
+    Arrow's buffers with numpy: each row's bytes gathered from a fixed-width table of the
+    labels (one numpy item per label), padding dropped. A million rows in a few ms, with
+    no Arrow compute kernel (importing them alone costs 70 ms); very long labels go
+    through Arrow's dictionary cast instead."""
+    n = len(codes)
+    enc = [label.encode() for label in labels]
+    bits, null_count = None, 0
+    if null is not None and null.any():
+        bits, null_count = pa.py_buffer(np.packbits(~null, bitorder="little")), int(null.sum())
+        enc.append(b"")  # a null's slot: no bytes (its code may be anything)
+        codes = np.where(null, len(enc) - 1, codes)
+    lens = np.array([len(b) for b in enc], dtype=np.int64)
+    width = int(lens.max()) if enc else 0
+    if width == 0:
+        return pa.StringArray.from_buffers(n, pa.py_buffer(np.zeros(n + 1, dtype=np.int32)), pa.py_buffer(b""), bits, null_count)
+    row_len = lens[codes]
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(row_len, out=offsets[1:])
+    total = int(offsets[-1])
+    if total >= 2**31 or n * width > 4 * total + (1 << 20):
+        values = pa.array(labels, type=pa.string())
+        return pa.DictionaryArray.from_arrays(_primitive(codes, pa.int32(), null), values).cast(pa.string())
+    table = np.zeros((len(enc), width), dtype=np.uint8)
+    for i, b in enumerate(enc):
+        table[i, : len(b)] = np.frombuffer(b, dtype=np.uint8)
+    item = f"V{width}"  # a label's padded bytes as one item: a 1-d gather, not a 2-d one
+    data = table.view(item).ravel()[codes].view(np.uint8)
+    if (lens != width).any():
+        keep = np.ascontiguousarray(np.arange(width) < lens[:, None]).view(item).ravel()
+        data = data[keep[codes].view(np.bool_)]
+    return pa.StringArray.from_buffers(n, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(data), bits, null_count)
+
+
+def _decoded(col: pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """A dictionary-encoded string column as plain strings (`_strings`); others as they are."""
+    if not pa.types.is_dictionary(col.type):
+        return col
+    d = col.unify_dictionaries().combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if not pa.types.is_string(d.type.value_type) or d.dictionary.null_count:
+        return col.cast(pa.string())
+    ind = d.indices
+    codes = np.frombuffer(ind.buffers()[1], dtype=ind.type.to_pandas_dtype())[ind.offset : ind.offset + len(d)]
+    return _strings(codes, d.dictionary.to_pylist(), _nulls(d) if d.null_count else None)
 
 
 def _nulls(arr: pa.Array) -> np.ndarray:
@@ -742,32 +781,40 @@ def _results(
     n = table.num_rows
     step_end = np.asarray(loop.step_end + [np.nan], dtype=np.float64)  # index -1 -> nan
     out = sched.columns()
-    first_step = out["first_token_step"].astype(np.int64)
-    end_step = out["end_step"].astype(np.int64)
-    first = step_end[first_step]
+    end_step = out["end_step"]
+    # Whole columns, computed in place where that gives the same floats: most of a
+    # saturated hour's requests are never admitted, and every 10 MB temporary costs
+    # more in fresh pages than its arithmetic.
+    first = step_end[out["first_token_step"]]
     end = step_end[end_step]
-    gen = out["gen"].copy()
+    gen = out["gen"].astype(np.int32)
     # Requests still decoding when the loop stopped: tokens generated by then.
     last = loop.step
     for r in sched.running:
         if sched.in_decode[r]:
             gen[r] = last - sched.dbase[r]
-    ok = (end_step >= 0) & (end <= window)
+    ok = end_step >= 0
+    ok &= end <= window
     if np.isfinite(window):
-        first = np.where(first <= window, first, np.nan)
-    end = np.where(ok, end, np.nan)
-    status = np.where(ok, 0, 1).astype(np.int64)  # index into STATUS_LABELS
+        first[~(first <= window)] = np.nan
+    not_ok = ~ok
+    end[not_ok] = np.nan
+    status = not_ok.view(np.int8).copy()  # index into STATUS_LABELS: ok 0, unfinished 1
     error: pa.Array = pa.nulls(n, pa.string())
     if too_long.any() and not oom:
         status[too_long] = 2
         msg = f"prompt + output tokens exceed the model length ({max_len - 1} tokens)"
         error = pa.array(np.where(too_long, msg, None).astype(object), type=pa.string())
         gen[too_long] = 0
-    dispatch = np.where(arrival <= window, arrival, np.nan)
+    # The arrival itself when every request arrived inside the window (no copy).
+    dispatch = arrival if bool((arrival <= window).all()) else np.where(arrival <= window, arrival, np.nan)
     ttft = first - arrival
     e2e = end - arrival
+    tpot = end - first
     with np.errstate(invalid="ignore", divide="ignore"):
-        tpot = np.where(ok & (gen > 1), (end - first) / (gen - 1), np.nan)
+        np.divide(tpot, gen - 1, out=tpot)
+    ok &= gen > 1
+    tpot[~ok] = np.nan
 
     def f64(x: np.ndarray) -> pa.Array:
         # NaN -> null, with the validity bitmap packed by numpy (8x cheaper than a mask).
@@ -777,7 +824,7 @@ def _results(
         return pa.Array.from_buffers(pa.float64(), len(x), [bits, pa.py_buffer(x)], null_count=len(x) - int(valid.sum()))
 
     extra = {
-        "target": _strings(np.zeros(n, dtype=np.int64), ["twin"]),
+        "target": _strings(np.zeros(n, dtype=np.int8), ["twin"]),
         "status": _strings(status, STATUS_LABELS),
         "dispatch_s": f64(dispatch),
         "first_token_s": f64(first),
@@ -791,9 +838,8 @@ def _results(
         "cached_tokens": _primitive(out["cached_tokens"], pa.int32(), out["cached_tokens"] < 0),
     }
     table = table.drop_columns([c for c in extra if c in table.column_names])
-    if pa.types.is_dictionary(table.schema.field("adapter").type):
-        i = table.schema.get_field_index("adapter")
-        table = table.set_column(i, "adapter", table.column("adapter").cast(pa.string()))
+    i = table.schema.get_field_index("adapter")
+    table = table.set_column(i, "adapter", _decoded(table.column("adapter")))
     for name, col in extra.items():
         table = table.append_column(name, col)
-    return conform(table, "results", source="twin"), status.astype(np.int8)
+    return conform(table, "results", source="twin"), status

@@ -96,11 +96,36 @@ def cdiv(a: int, b: int) -> int:
 
 
 def int_array(values: Sequence[int] | np.ndarray) -> array:
-    """Per-request integers as an `array.array`: built from numpy in one copy (a list of
-    a million ints costs ten times more), and read back as plain ints in the loop."""
+    """Per-request integers as an `array.array` (one that grows: `add_request`): built
+    from numpy in one copy (a list of a million ints costs ten times more), and read back
+    as plain ints in the loop."""
     if isinstance(values, np.ndarray):
         return array("q", values.astype(np.int64, copy=False).tobytes())
     return array("q", values)
+
+
+# Per-request integers of a fixed-size run: a memoryview of a numpy array, read and
+# written as plain ints as fast as an `array.array`, but sharing the caller's array
+# (no copy) and, for state, allocated as numpy does (zero pages left untouched until a
+# request is admitted, huge pages): a million requests' set-up cost a tenth of a second
+# of page faults as arrays. A coupled fleet's engine, which appends, keeps arrays.
+IntColumn = array | memoryview
+
+
+def int_view(values: Sequence[int] | np.ndarray, dtype: type = np.int64) -> memoryview:
+    """`values` as a memoryview of integers (the caller's array when it has an integer
+    dtype and is contiguous)."""
+    a = np.asarray(values)
+    if a.dtype.kind not in "iu" or a.dtype.itemsize > 8:
+        a = a.astype(dtype)
+    return memoryview(np.ascontiguousarray(a))
+
+
+def _column(n: int, fill: int, dtype: type, growable: bool) -> IntColumn:
+    """A per-request state column of `n` entries equal to `fill`."""
+    if growable:
+        return array("q" if dtype is np.int64 else "i", [fill]) * n
+    return memoryview(np.zeros(n, dtype) if fill == 0 else np.full(n, fill, dtype))
 
 
 class WaitingQueue:
@@ -121,16 +146,19 @@ class WaitingQueue:
         # Queue `num_adapters` holds base-model requests (BASE); it is always admissible.
         self.num_queues = num_adapters + 1
         self.base_queue = num_adapters
-        queue_of = np.where(adapter_idx < 0, num_adapters, adapter_idx)
-        idx = np.flatnonzero(valid)
-        keys = queue_of[idx]
-        if self.num_queues < 2**15:
-            keys = keys.astype(np.int16)  # numpy's stable sort is a radix sort on 16 bits
-        order = idx[np.argsort(keys, kind="stable")]
-        counts = np.bincount(queue_of[idx], minlength=self.num_queues)
+        # numpy's stable sort is a radix sort on 16 bits.
+        small = np.int16 if self.num_queues < 2**15 else np.int64
+        keys = np.where(adapter_idx < 0, num_adapters, adapter_idx).astype(small)
+        if valid.all():
+            order = np.argsort(keys, kind="stable")
+        else:
+            idx = np.flatnonzero(valid)
+            keys = keys[idx]
+            order = idx[np.argsort(keys, kind="stable")]
+        counts = np.bincount(keys, minlength=self.num_queues)
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        # Request ids grouped by queue, in arrival order (an array: no Python int per request).
-        self._setup(int_array(order), starts, counts)
+        # Request ids grouped by queue, in arrival order (a view: no Python int per request).
+        self._setup(memoryview(order), starts, counts)
 
     @classmethod
     def for_arrivals(cls, capacity: np.ndarray) -> WaitingQueue:
@@ -153,7 +181,7 @@ class WaitingQueue:
         if not self._front[q] and self._head[q] == e:  # the queue's new head
             heapq.heappush(self._heaps[self._admissible[q]], (r, q))
 
-    def _setup(self, reqs: array, starts: np.ndarray, counts: np.ndarray) -> None:
+    def _setup(self, reqs: IntColumn, starts: np.ndarray, counts: np.ndarray) -> None:
         self._reqs = reqs
         self._head: list[int] = starts.tolist()
         self._end: list[int] = (starts + counts).tolist()
@@ -515,10 +543,13 @@ class Scheduler:
         waiting_capacity: np.ndarray | None = None,
     ):
         n = len(prompt)
-        self.prompt = int_array(prompt)
-        self.output = int_array(output)
+        # `waiting_capacity` (per queue): requests are added as they arrive (`add_request`).
+        growable = waiting_capacity is not None
+        ints = int_array if growable else int_view
+        self.prompt: IntColumn = ints(prompt)
+        self.output: IntColumn = ints(output)
         self.arrival = np.zeros(n) if arrival is None else arrival
-        self.adapter = int_array(adapter_idx)
+        self.adapter: IntColumn = ints(adapter_idx)
         self.num_adapters = len(adapter_rank)
         self.adapter_rank = adapter_rank
         self.adapter_load_cost = adapter_load_s
@@ -532,27 +563,24 @@ class Scheduler:
         self.reserve_full_isl = scheduler_reserve_full_isl
         self.async_scheduling = async_scheduling
 
-        zeros = bytes(8 * n)
-        self.gen = array("q", zeros)
-        self.computed = array("q", zeros)
-        self.dbase = array("q", zeros)
-        self.in_decode = bytearray(n)  # 0/1
+        self.gen = _column(n, 0, np.int64, growable)
+        self.computed = _column(n, 0, np.int64, growable)
+        self.dbase = _column(n, 0, np.int64, growable)
+        self.in_decode: bytearray | memoryview = bytearray(n) if growable else memoryview(np.zeros(n, np.uint8))  # 0/1
         # Step whose end produced the first token / the last one (-1: not yet), written
         # once per request, read as whole columns for the results (`columns`).
-        unset = array("i", [-1]) * n
-        self.first_token_step = unset
-        self.end_step = array("i", unset)
+        self.first_token_step = _column(n, -1, np.int32, growable)
+        self.end_step = _column(n, -1, np.int32, growable)
         # vLLM's num_cached_tokens: the prefix-cache hit at the first admission (-1: never admitted).
-        self.cached_tokens = array("i", unset)
+        self.cached_tokens = _column(n, -1, np.int32, growable)
 
-        # `waiting_capacity` (per queue): requests are added as they arrive (`add_request`).
         # `waiting_capacity` also turns on the finish log (the step of each finish, for a
         # router's count of outstanding requests).
-        self.waiting = (WaitingQueue(adapter_idx, valid, self.num_adapters) if waiting_capacity is None
-                        else WaitingQueue.for_arrivals(waiting_capacity))
-        self.finish_log: list[int] | None = None if waiting_capacity is None else []
+        self.waiting = (WaitingQueue.for_arrivals(waiting_capacity) if growable
+                        else WaitingQueue(adapter_idx, valid, self.num_adapters))
+        self.finish_log: list[int] | None = [] if growable else None
         # Valid requests among the first k (None: all are): how many have arrived.
-        self._valid_upto = None if valid.all() else int_array(np.concatenate([[0], np.cumsum(valid)]))
+        self._valid_upto: IntColumn | None = None if valid.all() else ints(np.concatenate([[0], np.cumsum(valid)]))
         self.running: dict[int, None] = {}  # running order = admission order
         self.prefilling: dict[int, None] = {}  # running requests still in prefill, same order
         self.num_decoding = 0
@@ -635,10 +663,10 @@ class Scheduler:
         (-1: not reached), generated tokens of requests no longer decoding, cached_tokens
         (-1: never admitted)."""
         return {
-            "first_token_step": np.frombuffer(self.first_token_step, dtype=np.int32),
-            "end_step": np.frombuffer(self.end_step, dtype=np.int32),
-            "gen": np.frombuffer(self.gen, dtype=np.int64),
-            "cached_tokens": np.frombuffer(self.cached_tokens, dtype=np.int32),
+            "first_token_step": np.asarray(memoryview(self.first_token_step)),
+            "end_step": np.asarray(memoryview(self.end_step)),
+            "gen": np.asarray(memoryview(self.gen)),
+            "cached_tokens": np.asarray(memoryview(self.cached_tokens)),
         }
 
     @property
