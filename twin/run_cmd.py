@@ -10,7 +10,7 @@ from typing import Any
 import click
 import polars as pl
 
-from tracekit.cliutil import console, user_errors
+from tracekit.cliutil import user_errors
 from tracekit.metrics import per_adapter
 from tracekit.schema import (
     KIND_RESULTS,
@@ -39,6 +39,8 @@ def render(summary: dict[str, Any], title: str, context: dict[str, Any] | None =
     """The summary as `vllm bench serve` users read it: the configuration it ran, counts
     and verdict (with the limit a starving run hit), latency with its coverage, the twin's
     counters and the busiest adapters."""
+    from tracekit.cliutil import console
+
     ctx = context or {}
     cfg = ctx.get("configuration")
     render_config(cfg, console)
@@ -146,6 +148,8 @@ def run_cmd(
     if as_json:
         click.echo(json.dumps(dict(res.summary, configuration=res.context["configuration"]), indent=2, default=str))
     else:
+        from tracekit.cliutil import console
+
         # The per-adapter table reads no identifiers nor lists: a million request ids
         # converted to polars for nothing cost a tenth of a second.
         unread = ("request_id", "target", "error", "tenant", "session_id", "prompt_token_ids", "prefix_hashes", "itl_s")
