@@ -177,6 +177,46 @@ def test_fast_forward_and_vectorized_preemption_are_bit_identical(
         assert fast.steps.equals(other.steps)
 
 
+@pytest.mark.parametrize("prefix_caching", [False, True])
+def test_budget_cut_running_loop_in_closed_form_is_bit_identical(prefix_caching: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Long prompts chunked behind many decodes: the token budget cuts the running loop
+    # most steps, which `_schedule_budget_cut` schedules in closed form; vLLM's loop
+    # request by request must give the same schedule (KV invariants checked every step).
+    rng = np.random.default_rng(7)
+    n = 200
+    tr = trace([(float(t), f"lora-{a}", int(p), int(o)) for t, a, p, o in zip(
+        np.sort(rng.uniform(0, 20, n)), rng.integers(0, 4, n), rng.integers(200, 900, n), rng.integers(20, 200, n),
+        strict=True)])  # fmt: skip
+    # Prefix sharing as Mooncake writes it: a few system prompts of 16-token blocks, then
+    # blocks of the request's own (ids: one per distinct prefix block).
+    sys_blocks = rng.integers(2, 12, 3)
+    hashes = [[int(s) * 100 + j for j in range(min(int(sys_blocks[s]), p // 16))]
+              + [10_000 + i * 100 + j for j in range(p // 16 - min(int(sys_blocks[s]), p // 16))]
+              for i, (s, p) in enumerate(zip(rng.integers(0, 3, n), tr["prompt_tokens"].to_list(), strict=True))]
+    tr = tr.with_columns(prefix_hashes=pl.Series(hashes, dtype=pl.List(pl.Int64)))
+    ctx = {"prefix_block_tokens": 16}
+    prof = profile(kv_tokens=12000, step_s=0.01, **LINEAR)
+    cfg = ServingConfig(max_loras=2, max_cpu_loras=4, max_num_seqs=64, max_num_batched_tokens=256, max_lora_rank=16,
+                        enable_prefix_caching=prefix_caching)  # fmt: skip
+    taken = []
+    cut = sched_mod.Scheduler._schedule_budget_cut
+
+    def spy(self: sched_mod.Scheduler, step: int, plan: sched_mod.StepPlan) -> int | None:
+        left = cut(self, step, plan)
+        taken.append(left is not None)
+        return left
+
+    monkeypatch.setattr(sched_mod.Scheduler, "_schedule_budget_cut", spy)
+    fast = simulate(tr, prof, cfg, trace_context=ctx, record_steps=True, check_invariants=True)
+    assert sum(taken) > 100 and not all(taken)  # both ways are taken
+    if prefix_caching:
+        assert fast.summary["cached_prompt_tokens"] > 0
+    monkeypatch.setattr(sched_mod, "FAST_PREEMPT_MIN_RUNNING", 10**9)
+    loop = simulate(tr, prof, cfg, trace_context=ctx, record_steps=True, fast_forward=False)
+    assert fast.results.equals(loop.results)
+    assert fast.steps.equals(loop.steps)
+
+
 def test_twin_run_cli_writes_results_and_steps(tmp_path: Path) -> None:
     tr = random_trace(5, n=120)
     ctx = {"adapters": {f"lora-{i}": {"rank": 8 if i % 2 else 16} for i in range(6)}, "window_s": 10.0}

@@ -234,3 +234,11 @@ def test_prefix_cache_invariants(scenario: Scenario) -> None:
     plain = simulate(tr, profile, config, trace_context=context, window_s=window, record_steps=True, fast_forward=False)
     assert res.results.equals(plain.results) and res.steps.equals(plain.steps)
     assert res.summary["admission_blocked"] == plain.summary["admission_blocked"]
+    # Nor does the closed-form running loop (a budget-cut step): vLLM's loop request by request.
+    saved = sched_mod.FAST_PREEMPT_MIN_RUNNING
+    sched_mod.FAST_PREEMPT_MIN_RUNNING = 10**9
+    try:
+        loop = simulate(tr, profile, config, trace_context=context, window_s=window, record_steps=True, fast_forward=False)
+    finally:
+        sched_mod.FAST_PREEMPT_MIN_RUNNING = saved
+    assert res.results.equals(loop.results) and res.steps.equals(loop.steps)

@@ -1038,7 +1038,75 @@ class Scheduler:
 
     def _schedule_running_exact(self, step: int, plan: StepPlan) -> int:
         """vLLM's running loop when not everything fits. Returns the token budget left."""
+        if len(self.running) >= FAST_PREEMPT_MIN_RUNNING:
+            left = self._schedule_budget_cut(step, plan)
+            if left is not None:
+                return left
         return self._schedule_running_loop(step, plan)
+
+    def _schedule_budget_cut(self, step: int, plan: StepPlan) -> int | None:
+        """vLLM's running loop in closed form when the token budget cuts it and every
+        request still in prefill comes after every decoding one in running order (long
+        prompts chunked behind the decodes: a prefix-cached server's common step):
+        each decode gets its token, the prefills the rest of the budget in order, and
+        nothing is preempted when the blocks of all that fit the free blocks -- the
+        same schedule as the loop, in O(prefills). Returns the token budget left; None
+        when this is not such a step (the loop decides)."""
+        prefilling, running = self.prefilling, self.running
+        n_dec = self.num_decoding
+        left = self.max_num_batched_tokens - n_dec
+        if left < 0 or not all(a == b for a, b in zip(reversed(prefilling), reversed(running), strict=False)):
+            return None
+        bs = self.block_size
+        prompt, gen, computed = self.prompt, self.gen, self.computed
+        decode_blocks = self.block_phase[(-step) % bs]
+        blocks = decode_blocks
+        chunks: list[tuple[int, int, int]] = []  # (request, tokens, new blocks)
+        for r in prefilling:
+            if left <= 0:
+                break
+            c = computed[r]
+            n = prompt[r] + gen[r] - c
+            if n > left:
+                n = left
+            nb = -(-(c + n) // bs) - -(-c // bs)
+            blocks += nb
+            chunks.append((r, n, nb))
+            left -= n
+        if blocks > self.num_blocks - self.used_blocks:
+            return None  # the loop preempts
+        # Commit as the loop does: the decodes' blocks, then each prefill's chunk (its
+        # blocks taken from the pool before its full blocks are cached).
+        pool = self.pool
+        self.used_blocks += blocks
+        pending = decode_blocks
+        for r, n, nb in chunks:
+            pending += nb
+            plan.prefills.append((r, n))
+            plan.prefill_tokens += n
+            plan.context_tokens += computed[r] + n
+            if pool is not None:
+                pool.take(pending)
+                pending = 0
+                self._cache_units(r, (computed[r] + n) // bs)
+        if pending and pool is not None:
+            pool.take(pending)
+        plan.num_decodes = n_dec
+        plan.context_tokens += self.decode_ctx_base + n_dec * step
+        if len(chunks) < len(prefilling):
+            # The batch is a strict subset of running: count its own adapters (those
+            # with a request other than the prefills left out).
+            adapter = self.adapter
+            out: dict[int, int] = {}
+            for r in list(prefilling)[len(chunks) :]:
+                a = adapter[r]
+                out[a] = out.get(a, 0) + 1
+            batch = sorted(a for a, count in self.running_adapters.items() if count > out.get(a, 0))
+            plan.batch_adapters = tuple(batch)
+            plan.num_adapters = len(batch)
+            plan.rank_sum = sum(self.adapter_rank[a] for a in batch)
+            self.adapters_version += 1
+        return left
 
     def _preempt_for_blocks(self, step: int, plan: StepPlan, deficit: int) -> None:
         """vLLM's running loop when every running request fits the token budget and only
