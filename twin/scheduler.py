@@ -74,6 +74,7 @@ from array import array
 from collections import deque
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 
 import numpy as np
 
@@ -330,16 +331,11 @@ class AdapterSlots:
         self.gpu: dict[int, None] = {}
         self.cpu: dict[int, None] = {}
         self.last_used: dict[int, int] = {}
-        self._order = order
-        self._keys: dict[int, int] = {}
+        # Set order key per adapter, filled on first use (`keys[a]`: a dict lookup, no call).
+        self.keys = _OrderKeys(order)
 
     def key(self, a: int) -> int:
-        if self._order is not None:
-            return int(self._order[a])
-        k = self._keys.get(a)
-        if k is None:
-            k = self._keys[a] = set_order_key(a)
-        return k
+        return self.keys[a]
 
     def preload(self, adapters: Sequence[int]) -> None:
         """Adapters registered while no step runs, in this order (`/v1/load_lora_adapter`,
@@ -365,8 +361,8 @@ class AdapterSlots:
         does them: (adapter, 1) for a CPU -> GPU slot load, (adapter, 2) when it was read
         from disk first. An adapter may appear after a new one: evicted by it and loaded
         again in the same step."""
-        gpu, cpu, key = self.gpu, self.cpu, self.key
-        pending = [(key(a), a) for a in joined if a not in gpu]
+        gpu, cpu, keys = self.gpu, self.cpu, self.keys
+        pending = [(keys[a], a) for a in joined if a not in gpu]
         if not pending:
             return []  # hits only: the walk just touches them (implicit)
         heapq.heapify(pending)
@@ -389,7 +385,7 @@ class AdapterSlots:
                     del cpu[victim]
                     gpu.pop(victim, None)  # vLLM's remove_adapter deactivates it too
                     if victim in batch:
-                        heapq.heappush(pending, (key(victim), victim))
+                        heapq.heappush(pending, (keys[victim], victim))
                 cpu[a] = None
             if len(gpu) >= self.max_loras:
                 if ev is None:
@@ -397,10 +393,22 @@ class AdapterSlots:
                 victim = ev.pop(gpu, here)
                 del gpu[victim]
                 if victim in batch:
-                    heapq.heappush(pending, (key(victim), victim))
+                    heapq.heappush(pending, (keys[victim], victim))
             gpu[a] = None
             loads.append((a, miss))
         return loads
+
+
+class _OrderKeys(dict[int, int]):
+    """Adapter -> set order key (`set_order_key`, or a given `order`), made on first lookup."""
+
+    def __init__(self, order: Sequence[int] | None):
+        super().__init__()
+        self.order = order
+
+    def __missing__(self, a: int) -> int:
+        k = self[a] = set_order_key(a) if self.order is None else int(self.order[a])
+        return k
 
 
 class _Evictions:
@@ -414,10 +422,11 @@ class _Evictions:
     def __init__(self, slots: AdapterSlots, batch: Collection[int], joined: Sequence[int], step: int):
         self.slots = slots
         self.batch = batch
-        joined_set = set(joined)
-        self.before_set = {a for a in batch if a not in joined_set}
-        key = slots.key
-        self.before = sorted((key(a), a) for a in self.before_set)
+        # Set operations and map/zip in C, not generator expressions: a step of a fleet
+        # GPU with many adapters and few slots evicts nearly every step.
+        self.before_set = set(batch).difference(joined)
+        before = self.before_set
+        self.before = sorted(zip(map(slots.keys.__getitem__, before), before, strict=True))
         self.prev = step - 1
         # Per cache (keyed by id): [the others by (last use, key), position in them,
         # position in `before`].
@@ -427,8 +436,9 @@ class _Evictions:
         """The adapter to evict from `cache` (the caller deletes it)."""
         st = self.state.get(id(cache))
         if st is None:
-            key, last, before = self.slots.key, self.slots.last_used, self.before_set
-            others = sorted((last.get(a, _NEVER), key(a), a) for a in cache if a not in before)
+            keys, last = self.slots.keys, self.slots.last_used
+            rest = cache.keys() - self.before_set
+            others = sorted(zip(map(last.get, rest, repeat(_NEVER)), map(keys.__getitem__, rest), rest, strict=True))
             st = self.state[id(cache)] = [others, 0, 0]
         others, i, j = st
         batch = self.batch
