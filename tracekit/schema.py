@@ -291,11 +291,14 @@ def conform(
     source: str = "<data>",
     parts: list[tuple[str, int]] | None = None,
     keep_dictionary: bool = False,
+    check_values: bool = True,
 ) -> pa.Table:
     """Check columns, types and values, cast to the canonical schema, drop unknown columns.
 
     `keep_dictionary`: a dictionary-encoded string column stays encoded (for readers that
-    want its codes; the default casts it to plain strings). Raises TracekitError naming
+    want its codes; the default casts it to plain strings). `check_values=False`: the
+    caller vouches for the values (a table built from checked ones), so only columns and
+    types are checked (`check_trace` over a million request ids costs 0.05 s). Raises TracekitError naming
     `source` (or, with `parts` = [(file, rows), ...] of tables concatenated in that order,
     the file holding the row) and the first problem."""
     req = required_schema(kind)
@@ -326,7 +329,9 @@ def conform(
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
             raise TracekitError(f"{source}: column {f.name!r} cannot be read as {f.type}: {e}") from None
     out = pa.Table.from_arrays(cols, schema=pa.schema(fields))
-    if kind == KIND_STEPS:
+    if not check_values:
+        pass
+    elif kind == KIND_STEPS:
         _check_steps(out, source)
     else:
         # Only the columns the checks read go to polars (converting a million adapter

@@ -131,6 +131,7 @@ def run_cmd(
         window_s=window,
         record_steps=steps_out is not None,
         fast_forward=not no_fast_forward,
+        trace_checked=True,  # read_trace_arrow checked it
     )
     res.context["trace_path"] = str(trace)
     # What ran, defaults included, and the twin's counters: a later `replay report` of

@@ -254,19 +254,29 @@ class WaitingQueue:
         self.version += 1
         front = self._front[q]
         if front:
-            front.popleft()
+            taken = front.popleft()[0]
             self.num_front -= 1
         else:
+            taken = self._reqs[self._head[q]]
             self._head[q] += 1
             self.num_taken += 1
+        heap = self._heaps[self._admissible[q]]
+        # The taken head's entry is normally its heap's top (`peek` just returned it):
+        # replace it by the new head's in one sift rather than push now and pop it stale.
+        top = bool(heap) and heap[0][1] == q and heap[0][0] == taken
         if front:
             key = front[0][0]
         else:
             h = self._head[q]
             if h >= self._end[q]:
+                if top:
+                    heapq.heappop(heap)
                 return
             key = self._reqs[h]
-        heapq.heappush(self._heaps[self._admissible[q]], (key, q))
+        if top:
+            heapq.heapreplace(heap, (key, q))
+        else:
+            heapq.heappush(heap, (key, q))
 
     def prepend(self, q: int, req: int) -> None:
         """A preempted request goes back to the front of `waiting`."""
@@ -576,7 +586,7 @@ class Scheduler:
         self.gen = _column(n, 0, np.int64, growable)
         self.computed = _column(n, 0, np.int64, growable)
         self.dbase = _column(n, 0, np.int64, growable)
-        self.in_decode: bytearray | memoryview = bytearray(n) if growable else memoryview(np.zeros(n, np.uint8))  # 0/1
+        self.in_decode = bytearray(n)  # 0/1 (read most: a bytearray's items are the cheapest)
         # Step whose end produced the first token / the last one (-1: not yet), written
         # once per request, read as whole columns for the results (`columns`).
         self.first_token_step = _column(n, -1, np.int32, growable)
@@ -959,11 +969,13 @@ class Scheduler:
         decode_blocks = self.block_phase[(-step) % bs]
         prefill_need = 0
         prefill_blocks = 0
+        chunks = []  # (request, tokens it still needs): the plan's prefills if all fits
         for r in self.prefilling:
             c = computed[r]
             need = prompt[r] + gen[r] - c
             prefill_need += need
-            prefill_blocks += cdiv(c + need, bs) - cdiv(c, bs)
+            prefill_blocks += -(-(c + need) // bs) - -(-c // bs)
+            chunks.append((r, need))
         fits_budget = self.num_decoding + prefill_need <= token_budget
         if (
             fits_budget
@@ -976,16 +988,17 @@ class Scheduler:
             free_blocks = self.num_blocks - self.used_blocks
             decode_blocks = self.block_phase[(-step) % bs]
             prefill_need = prefill_blocks = 0
+            chunks = []
             for r in self.prefilling:
                 c = computed[r]
                 need = prompt[r] + gen[r] - c
                 prefill_need += need
-                prefill_blocks += cdiv(c + need, bs) - cdiv(c, bs)
+                prefill_blocks += -(-(c + need) // bs) - -(-c // bs)
+                chunks.append((r, need))
         if fits_budget and decode_blocks + prefill_blocks <= free_blocks:
-            for r in self.prefilling:
-                need = prompt[r] + gen[r] - computed[r]
-                plan.prefills.append((r, need))
-                plan.context_tokens += prompt[r] + gen[r]
+            plan.prefills = chunks
+            for r, need in chunks:
+                plan.context_tokens += computed[r] + need
             plan.num_decodes = self.num_decoding
             plan.prefill_tokens = prefill_need
             plan.context_tokens += self.decode_ctx_base + self.num_decoding * step
