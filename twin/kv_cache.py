@@ -37,6 +37,7 @@ differs from vLLM, and why (the trace carries no more than this):
 
 from __future__ import annotations
 
+import bisect
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -55,13 +56,18 @@ class PrefixKeys:
     prompt blocks); the engine's units are those that end an engine block
     (`engine_blocks_covered`), unit j ending at engine block `end` (cumulative from the
     prompt's start). The flat arrays may be views of the trace's own column (no copy of a
-    million lists). Keys compare for equality within one adapter only (the scheduler keeps
-    one map per adapter)."""
+    million lists): `keys` is one array, or the column's chunks' values one after another
+    (offsets count across them, a row's keys lie within one chunk). Keys compare for
+    equality within one adapter only (the scheduler keeps one map per adapter)."""
 
-    def __init__(self, offsets: np.ndarray, usable: np.ndarray, keys: np.ndarray, trace_block: int, block_size: int):
+    def __init__(self, offsets: np.ndarray, usable: np.ndarray, keys: np.ndarray | Sequence[np.ndarray],
+                 trace_block: int, block_size: int):  # fmt: skip
         self.offsets = offsets
         self.usable = usable
-        self.keys = keys
+        chunks = [keys] if isinstance(keys, np.ndarray) else list(keys)
+        self._chunks = chunks
+        self._bases = np.cumsum([0] + [len(c) for c in chunks[:-1]]).tolist()  # first offset of each chunk
+        self.keys = chunks[0] if len(chunks) == 1 else None
         most = int(usable.max()) if len(usable) else 0
         pos = np.arange(most, dtype=np.int64)
         ends = engine_blocks_covered(pos + 1, trace_block, block_size)
@@ -74,10 +80,14 @@ class PrefixKeys:
     def of(self, r: int) -> tuple[list[int], list[int]]:
         """Request r's (unit keys, engine-block ends)."""
         a, m = int(self.offsets[r]), int(self.usable[r])
+        keys = self.keys
+        if keys is None:
+            c = bisect.bisect_right(self._bases, a) - 1
+            keys, a = self._chunks[c], a - self._bases[c]
         if self._all:
-            return self.keys[a : a + m].tolist(), self._ends[:m]
+            return keys[a : a + m].tolist(), self._ends[:m]
         k = int(self._kept_below[m])
-        return self.keys[a : a + m][self._kept[:k]].tolist(), self._ends[:k]
+        return keys[a : a + m][self._kept[:k]].tolist(), self._ends[:k]
 
 
 def engine_blocks_covered(num_trace_blocks: Any, trace_block_tokens: int, block_size: int) -> Any:
@@ -107,7 +117,7 @@ def prefix_keys(
     if isinstance(trace, pl.DataFrame):
         trace = trace.to_arrow()
     n = trace.num_rows
-    prompt = trace.column("prompt_tokens").to_numpy().astype(np.int64)
+    prompt = trace.column("prompt_tokens").to_numpy()
     if "prefix_hashes" in trace.column_names and trace.column("prefix_hashes").null_count < n:
         raw = context.get(CTX_PREFIX_BLOCK_TOKENS)
         if isinstance(raw, bool) or not isinstance(raw, int) or raw < 1:
@@ -132,21 +142,31 @@ def prefix_keys(
     return None
 
 
-def _list_buffers(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(start, length, flat values) of a list<int64> column's rows, without copying the
-    values where Arrow allows it (a null row counts as an empty list)."""
-    arr = col
-    if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks()
-    offsets = np.asarray(arr.offsets).astype(np.int64)
-    values = arr.values
-    if values.null_count:
-        values = values.fill_null(0)
-    flat = values.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
-    lens = np.diff(offsets)
-    if arr.null_count:
-        lens = np.where(np.asarray(arr.is_null()), 0, lens)
-    return offsets[:-1], lens, flat
+def _list_buffers(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """(start, length, flat values per chunk) of a list<int64> column's rows, without
+    copying the values where Arrow allows it (a null row counts as an empty list). Chunks
+    stay apart: concatenating a million rows' hashes (a trace read from several row
+    groups) cost a third of a second of fresh pages; starts count across the chunks."""
+    chunks = col.chunks if isinstance(col, pa.ChunkedArray) else [col]
+    starts, lens, flats = [], [], []
+    base = 0
+    for arr in chunks:
+        offsets = np.asarray(arr.offsets)
+        values = arr.values
+        if values.null_count:
+            values = values.fill_null(0)
+        flats.append(values.to_numpy(zero_copy_only=False).astype(np.int64, copy=False))
+        n = np.diff(offsets)
+        if arr.null_count:
+            n = np.where(np.asarray(arr.is_null()), 0, n)
+        starts.append(np.add(offsets[:-1], base, dtype=np.int64))
+        lens.append(n)
+        base += len(values)
+    if not chunks:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), [np.zeros(0, np.int64)]
+    if len(chunks) == 1:
+        return starts[0], lens[0], flats
+    return np.concatenate(starts), np.concatenate(lens), flats
 
 
 class BlockPool:
