@@ -57,6 +57,7 @@ CASES = {
                  "flags": ["--max-loras", "64", "--max-cpu-loras", "384", "--enable-prefix-caching"]},
 }
 COMMON = ["--max-num-seqs", "2048", "--max-num-batched-tokens", "2048"]
+BASELINE_CASES = ("heavy", "mooncake")  # the cases `--baseline` runs too
 
 
 def run_once(trace: Path, out_dir: Path, flags: list[str], fast: bool, checkout: str | None = None) -> tuple[float, dict]:
@@ -209,8 +210,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--baseline", default=None,
-                    help="another checkout (e.g. `git worktree add /tmp/main main`) whose twin runs the heavy case "
-                         "interleaved with this one, for a before/after in the same conditions")
+                    help="another checkout (e.g. `git worktree add /tmp/main main`) whose twin runs the heavy and "
+                         "mooncake cases interleaved with this one, for a before/after in the same conditions")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     from tracekit import schema
@@ -240,11 +241,14 @@ def main() -> None:
             rss: dict[bool, list[float]] = {True: [], False: []}
             base_walls: list[float] = []
             base_cpus: list[float] = []
+            base_rss: list[float] = []
             for _ in range(args.repeats):
-                if args.baseline and name == "heavy":
+                if args.baseline and name in BASELINE_CASES:
                     wall, summ = run_once(trace, tmpdir, case["flags"], True, args.baseline)
                     base_walls.append(wall)
                     base_cpus.append(summ["cpu_s"])
+                    base_rss.append(summ["peak_rss_gib"])
+                    base_same = {k: summ[k] for k in ("completed", "steps", "preemptions", "throughput_tok_s")}
                 # Interleaved, so load from other processes hits both alike.
                 for fast in (True, False):
                     wall, summ = run_once(trace, tmpdir, case["flags"], fast)
@@ -270,7 +274,8 @@ def main() -> None:
                 "same_results": same, "peak_rss_gib": max(rss[True]), "peak_rss_gib_plain": max(rss[False]),
                 "prefix_caching": "--enable-prefix-caching" in case["flags"],
                 "baseline": {"checkout": args.baseline, "wall_s": statistics.median(base_walls), "walls": base_walls,
-                             "cpu_s": statistics.median(base_cpus)} if base_walls else None,
+                             "cpu_s": statistics.median(base_cpus), "peak_rss_gib": max(base_rss),
+                             "same_results": base_same == {k: s[k] for k in base_same}} if base_walls else None,
                 "cached_prompt_tokens": s.get("cached_prompt_tokens"), "prefill_tokens_computed": s.get("prefill_tokens_computed"),
             })
             print(json.dumps(rows[-1]))
@@ -314,8 +319,10 @@ def main() -> None:
             b = r["baseline"]
             lines += ["", f"Baseline in the same run (`--baseline {b['checkout']}`, its `twin run` interleaved with this "
                       f"one's on the {r['case']} case): {b['wall_s']:.2f} s wall, {b['cpu_s']:.2f} s CPU (medians of "
-                      f"{len(b['walls'])}); this checkout {r['wall_s_fast_forward']:.2f} s / {r['cpu_s_fast_forward']:.2f} s: "
-                      f"{b['wall_s'] / r['wall_s_fast_forward']:.2f}x."]
+                      f"{len(b['walls'])}), peak memory {b['peak_rss_gib']:.2f} GiB; this checkout "
+                      f"{r['wall_s_fast_forward']:.2f} s / {r['cpu_s_fast_forward']:.2f} s, {r['peak_rss_gib']:.2f} GiB: "
+                      f"{b['wall_s'] / r['wall_s_fast_forward']:.2f}x wall, {b['cpu_s'] / r['cpu_s_fast_forward']:.2f}x CPU; "
+                      f"same results: {'yes' if b['same_results'] else 'NO'}."]
     if breakdown:
         lines += ["", "Where the heavy case's time goes (CPU seconds; start and imports: a process importing what "
                   "`twin run` imports, median of 5; the rest: one run in the benchmark's own process, on `twin run`'s "
