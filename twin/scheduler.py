@@ -117,7 +117,7 @@ def int_view(values: Sequence[int] | np.ndarray, dtype: type = np.int64) -> memo
     """`values` as a memoryview of integers (the caller's array when it has an integer
     dtype and is contiguous)."""
     a = np.asarray(values)
-    if a.dtype.kind not in "iu" or a.dtype.itemsize > 8:
+    if a.dtype.kind not in "iu":
         a = a.astype(dtype)
     return memoryview(np.ascontiguousarray(a))
 
