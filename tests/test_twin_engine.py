@@ -7,10 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import pytest
 from click.testing import CliRunner
 
 from tracekit import schema
+from twin import engine
 from twin import scheduler as sched_mod
 from twin.api import ServingConfig
 from twin.cli import main
@@ -337,3 +339,22 @@ def test_request_intake_is_charged_to_the_step_after_each_arrival() -> None:
     assert np.allclose(st["duration_s"].to_numpy(), 0.01 + c * charged, rtol=0, atol=1e-12)
     # Intake makes the same work take longer.
     assert res.summary["simulated_s"] > base.summary["simulated_s"]
+
+
+def test_string_columns_from_codes_match_arrow() -> None:
+    # The results' string columns are built from codes with numpy (`engine._strings`):
+    # equal and unequal label lengths, empty labels, nulls, and labels too long for the
+    # fixed-width table (Arrow's cast) must all give Arrow's own strings.
+    rng = np.random.default_rng(3)
+    n = 5000
+    for labels in (["ok", "unfinished", "error"], ["twin"], ["a", "", "ccc"], ["lora-01", "lora-02"], ["x" * 3000, "y"]):
+        for with_null in (False, True):
+            codes = rng.integers(0, len(labels), n).astype(np.int8)
+            null = rng.random(n) < 0.3 if with_null else None
+            got = engine._strings(codes, labels, null)
+            got.validate(full=True)
+            want = pa.array([None if null is not None and null[i] else labels[codes[i]] for i in range(n)], pa.string())
+            assert got.equals(want), (labels, with_null)
+    assert engine._strings(np.zeros(3, np.int8), [], np.ones(3, bool)).null_count == 3
+    col = pa.chunked_array([pa.array(["b", None, "a"]).dictionary_encode(), pa.array(["c", "a"]).dictionary_encode()])
+    assert engine._decoded(col).to_pylist() == ["b", None, "a", "c", "a"]

@@ -707,26 +707,33 @@ def _strings(codes: np.ndarray, labels: Sequence[str], null: np.ndarray | None =
         bits, null_count = pa.py_buffer(np.packbits(~null, bitorder="little")), int(null.sum())
         enc.append(b"")  # a null's slot: no bytes (its code may be anything)
         codes = np.where(null, len(enc) - 1, codes)
-    lens = np.array([len(b) for b in enc], dtype=np.int64)
+    lens = np.array([len(b) for b in enc], dtype=np.int32)
     width = int(lens.max()) if enc else 0
     if width == 0:
         return pa.StringArray.from_buffers(n, pa.py_buffer(np.zeros(n + 1, dtype=np.int32)), pa.py_buffer(b""), bits, null_count)
-    row_len = lens[codes]
-    offsets = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(row_len, out=offsets[1:])
-    total = int(offsets[-1])
+    equal = bool((lens == width).all())
+    if equal:
+        total = n * width
+        offsets = np.arange(0, total + 1, width, dtype=np.int32) if total < 2**31 else None
+    else:
+        row_len = lens[codes]
+        total = int(row_len.sum(dtype=np.int64))
+        offsets = None
     if total >= 2**31 or n * width > 4 * total + (1 << 20):
         values = pa.array(labels, type=pa.string())
         return pa.DictionaryArray.from_arrays(_primitive(codes, pa.int32(), null), values).cast(pa.string())
+    if offsets is None:
+        offsets = np.zeros(n + 1, dtype=np.int32)
+        np.cumsum(row_len, out=offsets[1:])
     table = np.zeros((len(enc), width), dtype=np.uint8)
     for i, b in enumerate(enc):
         table[i, : len(b)] = np.frombuffer(b, dtype=np.uint8)
     item = f"V{width}"  # a label's padded bytes as one item: a 1-d gather, not a 2-d one
     data = table.view(item).ravel()[codes].view(np.uint8)
-    if (lens != width).any():
+    if not equal:
         keep = np.ascontiguousarray(np.arange(width) < lens[:, None]).view(item).ravel()
         data = data[keep[codes].view(np.bool_)]
-    return pa.StringArray.from_buffers(n, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(data), bits, null_count)
+    return pa.StringArray.from_buffers(n, pa.py_buffer(offsets.astype(np.int32, copy=False)), pa.py_buffer(data), bits, null_count)
 
 
 def _decoded(col: pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
