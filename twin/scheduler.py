@@ -943,7 +943,7 @@ class Scheduler:
     # --- schedule -----------------------------------------------------------------------
     def schedule(self, step: int, num_arrived: int) -> StepPlan:
         plan = self._schedule(step, num_arrived)
-        if plan.num_scheduled == 0 and self.pending:
+        if self.pending and plan.num_scheduled == 0:
             # Async scheduling: only last step's finished requests (their seats, their
             # blocks) stood in the way. vLLM runs no batch for an empty schedule; it
             # waits for the step in flight, frees them and schedules again.
