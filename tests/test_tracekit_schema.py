@@ -119,6 +119,38 @@ def test_write_casts_to_canonical_types_and_drops_unknown_columns(tmp_path: Path
     assert "junk" not in s.names
 
 
+def test_dictionary_encoded_strings_write_the_file_of_their_decoded_table(tmp_path: Path) -> None:
+    # A conformed table may keep string columns dictionary-encoded (the twin's adapter,
+    # target and status): the file must be the one the plain strings give -- the same
+    # key-value metadata (the stored Arrow schema included), Parquet schema and data, for
+    # pyarrow and polars readers alike.
+    rng = np.random.default_rng(0)
+    n = 3000
+    names = pa.array(["lora-a", "lora-b", None, "lora-c"])
+    plain = pa.table({
+        "request_id": pa.array([f"r{i:05d}" for i in range(n)]),
+        "arrival_s": pa.array(np.sort(rng.uniform(0, 100, n))),
+        "adapter": names.take(pa.array(rng.integers(0, 4, n))),
+        "prompt_tokens": pa.array(rng.integers(1, 500, n).astype(np.int32)),
+        "output_tokens": pa.array(rng.integers(1, 500, n).astype(np.int32)),
+        "prefix_hashes": pa.array([[int(x) for x in rng.integers(0, 9, int(k))] for k in rng.integers(0, 4, n)],
+                                  pa.list_(pa.int64())),
+    })  # fmt: skip
+    plain = schema.conform(plain, "trace")
+    parts = [plain.slice(0, 1000), plain.slice(1000)]  # two chunks, each its own dictionary
+    chunks = [t.column("adapter").combine_chunks().dictionary_encode() for t in parts]
+    encoded = plain.set_column(2, pa.field("adapter", chunks[0].type), pa.chunked_array(chunks))
+    ctx = {"source": "test"}
+    a = schema.write(tmp_path / "plain.parquet", plain, "trace", ctx, row_group_size=1200, conformed=True)
+    b = schema.write(tmp_path / "encoded.parquet", encoded, "trace", ctx, row_group_size=1200, conformed=True)
+    ma, mb = pq.read_metadata(a), pq.read_metadata(b)
+    assert ma.metadata == mb.metadata and ma.schema.equals(mb.schema)
+    assert pq.read_table(a).equals(pq.read_table(b))
+    assert pq.read_schema(b).field("adapter").type == pa.string()
+    assert pl.read_parquet(a).equals(pl.read_parquet(b)) and pl.read_parquet(b).schema["adapter"] == pl.String
+    assert schema.read_arrow(b)[0].equals(schema.read_arrow(a)[0])
+
+
 def test_directory_of_parts_reads_as_one_dataset(tmp_path: Path) -> None:
     w = schema.PartWriter(tmp_path / "cap", "trace", {"source": "test"})
     w.write_part(trace_table(3))

@@ -9,6 +9,7 @@ ignored, as every Parquet reader does.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -522,6 +523,12 @@ def write(
     p = Path(path)
     table = data if conformed and isinstance(data, pa.Table) else conform(_to_arrow(data), kind, source=str(p))
     table = table.replace_schema_metadata(_meta_bytes(kind, context or {}))
+    # The columns as the file records them: a dictionary-encoded string column (a
+    # conformed table may keep one, `conform(keep_dictionary=True)`) is written from its
+    # dictionary, with no hashing of a million values, and recorded as the plain column
+    # it stands for, so the file is the one its decoded table would give.
+    schema = pa.schema([f.with_type(f.type.value_type) if pa.types.is_dictionary(f.type) else f for f in table.schema],
+                       metadata=table.schema.metadata)  # fmt: skip
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
         tmp = p.with_name(f".{p.name}.{uuid.uuid4().hex[:8]}.tmp")
@@ -529,28 +536,37 @@ def write(
         # every value distinct, a dictionary only costs time), and min/max statistics for
         # plain numbers only (a compare per string or list value buys nothing a reader
         # filters on; on a million prefix-hash lists it costs a quarter of a second).
-        flat = [f.name for f in table.schema if not (pa.types.is_list(f.type) or pa.types.is_large_list(f.type))]
+        flat = [f.name for f in schema if not (pa.types.is_list(f.type) or pa.types.is_large_list(f.type))]
         # Nor for floats (times: nearly all distinct, so the dictionary is built, overflows
         # and is dropped; without it a million-row results file writes in half the time
         # and comes out smaller).
-        dictionary = [c for c in flat if c != "request_id" and not pa.types.is_floating(table.schema.field(c).type)]
-        stats = [f.name for f in table.schema if f.name in flat
+        dictionary = [c for c in flat if c != "request_id" and not pa.types.is_floating(schema.field(c).type)]
+        stats = [f.name for f in schema if f.name in flat
                  and not (pa.types.is_string(f.type) or pa.types.is_large_string(f.type))]
         # Lists of integers (prefix hashes, token ids): delta-encoded and lz4, which writes
         # a million prefix-hash lists in 0.6x the time of zstd and reads them back in 0.3x
         # (consecutive ids such as Mooncake's shrink too; random 64-bit hashes stay their size).
-        int_lists = [f.name for f in table.schema if f.name not in flat and pa.types.is_integer(f.type.value_type)]
+        int_lists = [f.name for f in schema if f.name not in flat and pa.types.is_integer(f.type.value_type)]
         compression: Any = "zstd"
         encoding: dict[str, str] | None = None
         if int_lists:
             leaves = [f"{c}.list.element" for c in int_lists]
             compression = {c: "zstd" for c in flat} | dict.fromkeys(leaves, "lz4")
-            for f in table.schema:  # other lists (of strings) keep zstd
+            for f in schema:  # other lists (of strings) keep zstd
                 if f.name not in flat and f.name not in int_lists:
                     compression[f"{f.name}.list.element"] = "zstd"
             encoding = dict.fromkeys(leaves, "DELTA_BINARY_PACKED")
-        pq.write_table(table, tmp, row_group_size=row_group_size, compression=compression, use_dictionary=dictionary,
-                       write_statistics=stats, column_encoding=encoding)  # fmt: skip
+        options: dict[str, Any] = dict(compression=compression, use_dictionary=dictionary, write_statistics=stats,
+                                       column_encoding=encoding)  # fmt: skip
+        if schema.equals(table.schema):
+            pq.write_table(table, tmp, row_group_size=row_group_size, **options)
+        else:
+            # Parquet's own schema is the same either way; the stored Arrow schema (what
+            # readers restore the types from) is the plain one, serialized as the writer does.
+            kv = {b"ARROW:schema": base64.b64encode(schema.serialize().to_pybytes()), **(schema.metadata or {})}
+            with pq.ParquetWriter(tmp, table.schema, store_schema=False, **options) as writer:
+                writer.write_table(table, row_group_size=row_group_size)
+                writer.add_key_value_metadata(kv)
         os.replace(tmp, p)
     except OSError as e:
         raise TracekitError(f"{p}: cannot write: {e.strerror or e}") from None

@@ -199,12 +199,15 @@ def simulate(
     fast_forward: bool = True,
     check_invariants: bool = False,
     trace_checked: bool = False,
+    dictionary_strings: bool = False,
 ) -> SimResult:
     """Simulate vLLM serving `trace` under `config`; see `twin.api.simulate`.
 
     `trace_checked`: the trace's values went through `tracekit.schema`'s checks already
     (`read_trace_arrow`), so the results, whose other columns the engine makes, are not
-    checked again.
+    checked again. `dictionary_strings`: the results' adapter (as the trace has it),
+    target and status columns stay dictionary-encoded, for a caller that writes them
+    (`tracekit.schema.write` records them as the plain strings): no million strings made.
 
     `fast_forward=False` runs the plain step loop (the speed baseline; same results).
     `check_invariants=True` checks KV blocks, batch limits and bookkeeping after every
@@ -279,18 +282,20 @@ def simulate(
         loop.run(fast_forward)
     loop_s = time.perf_counter() - loop_started
     return _finish(table, arrival, sched, loop, prof, config, ctx_in, window_s, valid, too_long, oom, window, max_len,
-                   kv_tokens, num_blocks, oom_reason, loop_s, names, record_steps, values_checked=trace_checked)
+                   kv_tokens, num_blocks, oom_reason, loop_s, names, record_steps, values_checked=trace_checked,
+                   dictionary_strings=dictionary_strings)
 
 
 def _finish(
     table: pa.Table, arrival: np.ndarray, sched: Scheduler, loop: _Loop, prof: Profile, config: ServingConfig,
     ctx_in: dict[str, Any], window_s: float | None, valid: np.ndarray, too_long: np.ndarray, oom: bool, window: float,
     max_len: int, kv_tokens: int, num_blocks: int, oom_reason: str, loop_s: float, names: list[str], record_steps: bool,
-    *, values_checked: bool = False,
+    *, values_checked: bool = False, dictionary_strings: bool = False,
 ) -> SimResult:
     """Results, summary and steps of a finished run (a whole trace's, or one engine's of
     a coupled fleet, `twin.cosim`)."""
-    results, status = _results(table, arrival, sched, loop, valid, too_long, oom, window, max_len, values_checked)
+    results, status = _results(table, arrival, sched, loop, valid, too_long, oom, window, max_len, values_checked,
+                               dictionary_strings)
     ctx = dict(ctx_in)
     ctx.update(
         target="twin",
@@ -793,6 +798,7 @@ def _results(
     window: float,
     max_len: int,
     values_checked: bool = False,
+    dictionary_strings: bool = False,
 ) -> tuple[pa.Table, np.ndarray]:
     """The results table (the trace's columns and the outcomes, built as numpy columns
     with the results schema's types) and each request's status code (STATUS_LABELS)."""
@@ -841,9 +847,14 @@ def _results(
         bits = pa.py_buffer(np.packbits(valid, bitorder="little"))
         return pa.Array.from_buffers(pa.float64(), len(x), [bits, pa.py_buffer(x)], null_count=len(x) - int(valid.sum()))
 
+    def labels(codes: np.ndarray, values: list[str]) -> pa.Array:
+        if dictionary_strings:
+            return pa.DictionaryArray.from_arrays(_primitive(codes, pa.int8()), pa.array(values, type=pa.string()))
+        return _strings(codes, values)
+
     extra = {
-        "target": _strings(np.zeros(n, dtype=np.int8), ["twin"]),
-        "status": _strings(status, STATUS_LABELS),
+        "target": labels(np.zeros(n, dtype=np.int8), ["twin"]),
+        "status": labels(status, STATUS_LABELS),
         "dispatch_s": f64(dispatch),
         "first_token_s": f64(first),
         "end_s": f64(end),
@@ -856,8 +867,10 @@ def _results(
         "cached_tokens": _primitive(out["cached_tokens"], pa.int32(), out["cached_tokens"] < 0),
     }
     table = table.drop_columns([c for c in extra if c in table.column_names])
-    i = table.schema.get_field_index("adapter")
-    table = table.set_column(i, "adapter", _decoded(table.column("adapter")))
+    if not dictionary_strings:
+        i = table.schema.get_field_index("adapter")
+        table = table.set_column(i, "adapter", _decoded(table.column("adapter")))
     for name, col in extra.items():
         table = table.append_column(name, col)
-    return conform(table, "results", source="twin", check_values=not values_checked), status
+    return conform(table, "results", source="twin", keep_dictionary=dictionary_strings,
+                   check_values=not values_checked), status  # fmt: skip

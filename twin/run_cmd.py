@@ -132,6 +132,7 @@ def run_cmd(
         record_steps=steps_out is not None,
         fast_forward=not no_fast_forward,
         trace_checked=True,  # read_trace_arrow checked it
+        dictionary_strings=True,  # written as plain strings (tracekit.schema.write)
     )
     res.context["trace_path"] = str(trace)
     # What ran, defaults included, and the twin's counters: a later `replay report` of
@@ -156,6 +157,8 @@ def run_cmd(
         unread = ("request_id", "target", "error", "tenant", "session_id", "prompt_token_ids", "prefix_hashes", "itl_s")
         results_df: pl.DataFrame = pl.from_arrow(res.results.drop_columns(  # type: ignore[assignment]
             [c for c in unread if c in res.results.column_names]))
+        # Strings as the file has them (the adapter and status came dictionary-encoded).
+        results_df = results_df.with_columns(pl.col("adapter", "status").cast(pl.String))
         rows = per_adapter(results_df, res.context).to_dicts()
         render(res.summary, f"twin run: {profile.name}, window {res.summary['window_s']:,.1f} s", res.context,
                rows, show_all)
