@@ -153,7 +153,8 @@ def mooncake_like(n: int, duration_s: float, adapters: int, ranks: list[int], se
 
 def phases(case: dict) -> dict[str, float]:
     """Where the time of one `twin run` goes, measured in this process (heavy case), on
-    the path `twin run` takes (`read_trace_arrow`, `simulate(trace_checked=True)`, `write`)."""
+    the path `twin run` takes (`read_trace_arrow`, `simulate(trace_checked=True, dictionary_strings=True)`,
+    `write`)."""
     from tracekit import schema
     from twin import engine
     from twin.api import ServingConfig
@@ -182,7 +183,7 @@ def phases(case: dict) -> dict[str, float]:
     engine._Loop.run = timed_run  # type: ignore[method-assign]
     engine._finish = timed_finish  # type: ignore[assignment]
     try:
-        res = simulate(tr, PROFILE, cfg, trace_context=meta.context, trace_checked=True)
+        res = simulate(tr, PROFILE, cfg, trace_context=meta.context, trace_checked=True, dictionary_strings=True)
     finally:
         engine._Loop.run = run  # type: ignore[method-assign]
         engine._finish = finish
