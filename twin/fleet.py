@@ -354,6 +354,7 @@ def fleet_summary(
     fleet_row.update(gpus=len(plan.gpus), adapters=int(at_cut.height),
                      starving_adapters=int(starving.height),
                      starving_adapter_names=starving.sort("served_frac")["adapter"].to_list()[:50],
+                     worst_adapter_names=service.sort(["served_frac", "adapter"])["adapter"].to_list()[:10],
                      starving_adapters_at_cut=int(at_cut["starved"].sum()),
                      judged_tail_s=tail,
                      min_adapter_served_frac=float(service["served_frac"].min()) if service.height else 1.0)
