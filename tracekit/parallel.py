@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -74,8 +75,6 @@ class Pool:
     submit to one pool."""
 
     def __init__(self, executor: str = "local", jobs: int = 1, ray_address: str | None = None):
-        import threading
-
         if executor not in EXECUTORS:
             raise TracekitError(f"--executor {executor}: expected local or ray")
         if executor == "local" and ray_address:
@@ -89,6 +88,10 @@ class Pool:
         self._ray_started = False
         self._remote: dict[Any, Any] = {}
         self._lock = threading.Lock()
+        self._starting: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._stop = threading.Event()
+        self._start_error: BaseException | None = None
 
     def __enter__(self) -> Pool:
         return self
@@ -97,6 +100,8 @@ class Pool:
         self.close()
 
     def close(self) -> None:
+        if self._starting is not None:
+            self._ready.wait()
         if self._local is not None:
             self._local.shutdown(wait=True, cancel_futures=True)
             self._local = None
@@ -105,13 +110,106 @@ class Pool:
 
             ray.shutdown()
             self._ray_started = False
+        self._stop.set()
+        if self._starting is not None:
+            self._starting.join()
 
-    def run(self, fn: Callable[..., Any], tasks: Sequence[tuple[Any, ...]]) -> Iterator[tuple[int, Any]]:
+    def start(self, warm: Sequence[str] = (), wait: bool = False) -> None:
+        """Start the workers now, in the background (spawned processes, or Ray and its
+        workers), each importing the modules `warm`, so that their start-up overlaps the
+        caller's own work (`wait`: until one of them is up). `run(..., help=True)` calls it."""
+        if self.executor == "local" and self.jobs <= 1:
+            return
+        with self._lock:
+            if self._starting is None:
+                self._starting = threading.Thread(target=self._start, args=(tuple(warm),), daemon=True)
+                self._starting.start()
+        if wait:
+            self._ready.wait()
+            if self._start_error is not None:
+                raise self._start_error
+
+    def _start(self, warm: tuple[str, ...]) -> None:
+        try:
+            if self.executor == "local":
+                from concurrent.futures import FIRST_COMPLETED, wait
+
+                ex = self._executor()
+                with self._lock, single_thread_env():
+                    futs = [ex.submit(import_modules, warm) for _ in range(self.jobs)]
+                wait(futs, return_when=FIRST_COMPLETED)
+            else:
+                import ray
+
+                remote = self._ray_remote(import_modules)
+                ray.wait([remote.remote(warm) for _ in range(self.jobs)], num_returns=1)
+        except BaseException as e:  # raised where the tasks are collected
+            self._start_error = e
+        finally:
+            self._ready.set()
         if self.executor == "ray":
-            return self._run_ray(fn, tasks)
-        if self.jobs <= 1 or len(tasks) <= 1:
+            # Ray's processes die with the thread that started them (PR_SET_PDEATHSIG
+            # follows the thread): this one lives until the pool closes.
+            self._stop.wait()
+
+    def run(self, fn: Callable[..., Any], tasks: Sequence[tuple[Any, ...]], help: bool = False,
+            warm: Sequence[str] = ()) -> Iterator[tuple[int, Any]]:
+        """`fn(*task)` for each task; yields (index, result) as they finish. `help`: while
+        the workers are still starting (spawn, imports; Ray's start-up takes seconds), the
+        calling thread runs tasks itself, in order, and the workers take the rest once
+        one of them is up (`warm`: the modules they import first)."""
+        if self.executor == "local" and (self.jobs <= 1 or len(tasks) <= 1):
             return ((i, fn(*t)) for i, t in enumerate(tasks))
-        return self._run_local(fn, tasks)
+        if help and not self._ready.is_set() and len(tasks) > 1:
+            return self._run_helping(fn, tasks, warm)
+        return self._run_backend(fn, tasks)
+
+    def _run_backend(self, fn: Callable[..., Any], tasks: Sequence[tuple[Any, ...]]) -> Iterator[tuple[int, Any]]:
+        if self._starting is not None:
+            self._ready.wait()
+            if self._start_error is not None:
+                raise self._start_error
+        return self._run_ray(fn, tasks) if self.executor == "ray" else self._run_local(fn, tasks)
+
+    def _run_helping(self, fn: Callable[..., Any], tasks: Sequence[tuple[Any, ...]],
+                     warm: Sequence[str]) -> Iterator[tuple[int, Any]]:
+        import queue
+        from collections import deque
+
+        self.start(warm)
+        todo = deque(range(len(tasks)))
+        claim = threading.Lock()
+        results: queue.Queue[tuple[str, Any]] = queue.Queue()
+
+        def feed() -> None:
+            # Once a worker is up, every task not yet claimed here goes to the workers.
+            self._ready.wait()
+            with claim:
+                idx = list(todo)
+                todo.clear()
+            try:
+                if idx:
+                    for j, out in self._run_backend(fn, [tasks[i] for i in idx]):
+                        results.put(("ok", (idx[j], out)))
+            except BaseException as e:
+                results.put(("error", e))
+            results.put(("done", None))
+
+        threading.Thread(target=feed, daemon=True).start()
+        while True:
+            with claim:
+                i = todo.popleft() if todo and not self._ready.is_set() else None
+            if i is None:
+                break
+            yield i, fn(*tasks[i])
+        while True:
+            kind, v = results.get()
+            if kind == "ok":
+                yield v
+            elif kind == "error":
+                raise v
+            else:
+                break
 
     def _executor(self) -> Any:
         with self._lock:
@@ -137,7 +235,8 @@ class Pool:
             for f in futs:
                 f.cancel()
 
-    def _run_ray(self, fn: Callable[..., Any], tasks: Sequence[tuple[Any, ...]]) -> Iterator[tuple[int, Any]]:
+    def _ray_remote(self, fn: Callable[..., Any]) -> Any:
+        """Ray started or joined (once), and `fn` as a remote function of one CPU."""
         try:
             import ray
         except ImportError:
@@ -158,12 +257,27 @@ class Pool:
             remote = self._remote.get(fn)
             if remote is None:
                 remote = self._remote[fn] = ray.remote(num_cpus=1)(fn)
+        return remote
+
+    def _run_ray(self, fn: Callable[..., Any], tasks: Sequence[tuple[Any, ...]]) -> Iterator[tuple[int, Any]]:
+        import ray
+
+        remote = self._ray_remote(fn)
         refs = {remote.remote(*t): i for i, t in enumerate(tasks)}
         pending = list(refs)
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
             for r in ready:
                 yield refs[r], ray.get(r)
+
+
+def import_modules(names: Sequence[str]) -> int:
+    """A worker's first task: import what the real tasks need (its pid back)."""
+    import importlib
+
+    for n in names:
+        importlib.import_module(n)
+    return os.getpid()
 
 
 def run_tasks(
