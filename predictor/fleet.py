@@ -476,42 +476,36 @@ def plan_fleet(trace_path: Path, profile_name: str, *, slo_ttft_p99_s: float | N
                 break
             g = (lo + hi) // 2 if hi is not None else max(g + 1, math.ceil(g * 1.25))
         best = hi if hi is not None else g
-        # 2. Every GPU of the answer; where that fails, the other candidates at that count
-        # (more slots, the rank-grouped packing), then one GPU more.
         # More slots first: at the loads measured (benchmarks/results/fleet_plan.md) a GPU
         # holding hundreds of adapters waits for slots, not for compute or KV cache.
-        others = [(RECOMMEND_SPLIT, m) for m in sorted(grid, reverse=True) if m != m0] + [(RANK_GROUPED, m0)]
+        split_cands = [(RECOMMEND_SPLIT, m) for m in sorted(grid, reverse=True)]
         win: tuple[Cand, dict[str, Any]] | None = None
-        for _ in range(MAX_FULL_STEPS):
-            for kind, m in [(RECOMMEND_SPLIT, m0), *others]:
-                v = confirmed((best, kind, m))
+
+        def first_passing(g: int, tries: list[tuple[str, int]]) -> tuple[Cand, dict[str, Any]] | None:
+            for kind, m in tries:
+                v = confirmed((g, kind, m))
                 if v is not None:
-                    win = ((best, kind, m), v)
-                    break
+                    return (g, kind, m), v
+            return None
+
+        # 2. Fewer GPUs than the bisection found, with more slots: each max_loras at one GPU
+        # fewer, and below that the one that won, while it passes (the count found is not
+        # run in full when one fewer passes).
+        g, tries = best - 1, split_cands
+        while g >= 1:
+            found = first_passing(g, tries)
+            if found is None:
+                break
+            win, tries = found, [found[0][1:]]
+            g -= 1
+        # 3. Else every GPU at the count found, each candidate (every max_loras, then the
+        # rank-grouped packing: at 2,000 adapters it never passed where recommend's split
+        # failed, and its screening runs most of its GPUs), then one GPU more.
+        for _ in range(MAX_FULL_STEPS if win is None else 0):
+            win = first_passing(best, [*split_cands, (RANK_GROUPED, m0)])
             if win is not None:
                 break
             best += 1
-        # 3. Fewer GPUs: at one GPU fewer, each other candidate (the GPUs are slot-bound at
-        # these loads, so more slots or another packing can save one); below that, the
-        # candidate that won, while it passes.
-        if win is not None:
-            g = win[0][0] - 1
-            # (The rank-grouped packing is not tried below the count found: at 2,000
-            # adapters it never passed where recommend's split failed, and its screening runs
-            # most of its GPUs.)
-            tries = [(RECOMMEND_SPLIT, m0), *others[:-1]] if win[0][1] == RECOMMEND_SPLIT else [win[0][1:]]
-            while g >= 1:
-                found = None
-                for kind, m in tries:
-                    v = confirmed((g, kind, m))
-                    if v is not None:
-                        found = ((g, kind, m), v)
-                        break
-                if found is None:
-                    break
-                win = found
-                tries = [found[0][1:]]
-                g -= 1
         if win is None:
             c = (best - 1, RECOMMEND_SPLIT, m0)
             win = (c, verdict_of(c, True))
