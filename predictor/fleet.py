@@ -15,18 +15,19 @@ How the plan is built:
    In the rank-grouped packing an adapter busier than a GPU's share of its class goes to
    several GPUs, and the placement router spreads its requests by least outstanding
    requests (the twin runs such GPUs as one coupled group).
-3. `max_loras`: `predictor recommend`'s for the trace, capped at the adapters a GPU holds
-   (then every adapter has a slot); `max_cpu_loras`: every adapter it holds.
+3. `max_loras`: `predictor recommend`'s for the trace or more (see 4), capped at the
+   adapters a GPU holds (then every adapter has a slot); `max_cpu_loras`: every adapter
+   it holds.
 4. The twin runs the plans (static placement: one independent run per GPU, in parallel).
    Today's plan is checked first; when it fails it bounds the search from below (it is
    recommend's split at its own GPU count). G is bisected with recommend's split at
    recommend's max_loras, running only each candidate's critical GPUs (most loaded, most
    crowded, busiest adapter, and those holding the worst served adapters of the full
-   checks so far): a failure there fails the plan. The answer is then run on every GPU;
-   where that fails, the other candidates at that count (more slots: `max_loras` in
-   steps up to the next value of recommend's grid, more first; then the rank-grouped
-   packing), else one GPU more. Then one GPU fewer with each of recommend's split's
-   max_loras, and below that the winner's, while they pass. Measured at 2,000 adapters
+   checks so far): a failure there fails the plan. Then one GPU fewer than that count
+   with more slots (`max_loras` in steps up to the next value of recommend's grid, more
+   first; screened, then run on every GPU), and below that the winner's, while they pass;
+   when none passes, every GPU at the count found, each max_loras and then the
+   rank-grouped packing, else one GPU more. Measured at 2,000 adapters
    (benchmarks/results/fleet_plan.md): GPUs holding hundreds of adapters are slot-bound
    (requests wait for one of max_loras slots; no preemption, so not KV-bound, and far
    from the token budget), so more slots is what saves a GPU there.
