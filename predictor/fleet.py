@@ -428,10 +428,10 @@ def plan_fleet(trace_path: Path, profile_name: str, *, slo_ttft_p99_s: float | N
             ThreadPoolExecutor(2) as threads:
         check = TwinCheck(trace, context, profile, slo_ttft_p99_s, pool)
         # Today's plan is recommend's split at its own GPU count and max_loras: its check
-        # (run first, on every worker) bounds the search from below when it fails.
-        today_future = threads.submit(check.run, today)
+        # (run first) bounds the search from below when it fails.
         verdicts: dict[tuple[Cand, bool], dict[str, Any]] = {}
         watch: list[str] = []
+        today_future = threads.submit(check.run, today)
 
         def verdict_of(c: Cand, whole: bool) -> dict[str, Any]:
             if (c, whole) in verdicts:
@@ -462,8 +462,12 @@ def plan_fleet(trace_path: Path, profile_name: str, *, slo_ttft_p99_s: float | N
             return v if v["ok"] else None
 
         # 1. Bisect the GPU count with recommend's split at recommend's max_loras, running
-        # only each candidate's critical GPUs.
+        # only each candidate's critical GPUs. The first candidate, one GPU more than
+        # today's (where today's fails, as it usually does), is screened beside today's check.
+        ahead = max(len(today.gpus) + 1, first_guess(loads, slots))
+        ahead_future = threads.submit(verdict_of, (ahead, RECOMMEND_SPLIT, m0), False)
         today_check = today_future.result()
+        ahead_future.result()
         lo, hi = 1, None
         if not today_check["ok"]:
             lo = len(today.gpus) + 1

@@ -91,6 +91,7 @@ class Pool:
         self._starting: threading.Thread | None = None
         self._ready = threading.Event()
         self._stop = threading.Event()
+        self._helping = threading.Lock()
         self._start_error: BaseException | None = None
 
     def __enter__(self) -> Pool:
@@ -160,7 +161,8 @@ class Pool:
         one of them is up (`warm`: the modules they import first)."""
         if self.executor == "local" and (self.jobs <= 1 or len(tasks) <= 1):
             return ((i, fn(*t)) for i, t in enumerate(tasks))
-        if help and not self._ready.is_set() and len(tasks) > 1:
+        # One thread helps at a time: two would share this process's one interpreter lock.
+        if help and not self._ready.is_set() and len(tasks) > 1 and self._helping.acquire(blocking=False):
             return self._run_helping(fn, tasks, warm)
         return self._run_backend(fn, tasks)
 
@@ -196,12 +198,15 @@ class Pool:
             results.put(("done", None))
 
         threading.Thread(target=feed, daemon=True).start()
-        while True:
-            with claim:
-                i = todo.popleft() if todo and not self._ready.is_set() else None
-            if i is None:
-                break
-            yield i, fn(*tasks[i])
+        try:
+            while True:
+                with claim:
+                    i = todo.popleft() if todo and not self._ready.is_set() else None
+                if i is None:
+                    break
+                yield i, fn(*tasks[i])
+        finally:
+            self._helping.release()
         while True:
             kind, v = results.get()
             if kind == "ok":
