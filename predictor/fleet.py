@@ -203,13 +203,17 @@ def critical(plan: Any, load_of: Mapping[str, float], watch: Sequence[str] = ())
     out = set(sorted(range(len(loads)), key=lambda i: -loads[i])[:2])
     watched = set(watch)
     out.update(i for i, g in enumerate(plan.gpus) if watched.intersection(g.adapters))
+    copies: dict[str, int] = {}
+    for g in plan.gpus:
+        for a in g.adapters:
+            copies[a] = copies.get(a, 0) + 1
     out.add(max(range(len(plan.gpus)), key=lambda i: max(load_of.get(a, 0.0) for a in plan.gpus[i].adapters)))
     for rank in {g.settings.get("max_lora_rank") for g in plan.gpus}:
         mine = [i for i, g in enumerate(plan.gpus) if g.settings.get("max_lora_rank") == rank]
         # Busiest by load share per adapter slot... simply: the most loaded GPU of the
         # class that holds no adapter shared with another GPU (a coupled group is
         # already in through the fleet's most loaded), and the most crowded.
-        alone = [i for i in mine if all(sum(a in h.adapters for h in plan.gpus) == 1 for a in plan.gpus[i].adapters)]
+        alone = [i for i in mine if all(copies[a] == 1 for a in plan.gpus[i].adapters)]
         if alone:
             out.add(max(alone, key=lambda i: loads[i]))
         out.add(max(mine, key=lambda i: len(plan.gpus[i].adapters)))
