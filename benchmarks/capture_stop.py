@@ -29,11 +29,9 @@ import random
 import re
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -44,40 +42,20 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
 
 from capture_proxy_overhead import machine_line  # noqa: E402
-from vllm_support import VllmServer, build_adapters, build_model, free_port, gauges, measure_speed  # noqa: E402
+from vllm_support import (  # noqa: E402
+    VllmServer,
+    build_adapters,
+    build_model,
+    gauges,
+    hang_up,
+    measure_speed,
+    start_proxy,
+)
 
 from tracekit import schema  # noqa: E402
 
 RESULTS = HERE / "results"
 ADAPTERS = {"a1": 8, "a2": 16, "a3": 8, "a4": 16}
-TRACEKIT = [sys.executable, "-c", "from tracekit.cli import main; main()"]
-
-
-def start_proxy(upstream: str, out: Path, *extra: str, log: Path | None = None) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    sink = log.open("wb") if log is not None else subprocess.DEVNULL
-    p = subprocess.Popen([*TRACEKIT, "proxy", "--upstream", upstream, "--listen", f"127.0.0.1:{port}",
-                          "--out", str(out), "--flush-every", "2", *extra],
-                         stdout=sink, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(url + "/health", timeout=1)
-            return p, url
-        except OSError:
-            time.sleep(0.1)
-    p.kill()
-    raise TimeoutError("proxy did not start")
-
-
-def hang_up(req: asyncio.Task[Any]) -> None:
-    """The client goes away: a request still waiting for its headers is cancelled; a
-    stream whose headers came (vLLM sends them before the first token) is closed."""
-    if req.done() and not req.cancelled() and req.exception() is None:
-        req.result().close()
-    else:
-        req.cancel()
 
 
 async def wait_gauge(url: str, key: str, want: float, timeout: float, every: float = 0.01) -> float | None:

@@ -5,9 +5,9 @@ when the same traffic is recorded for longer, or when the fleet grows by more ad
 of the same mix. The only features that scale with the fleet are named so:
 `n_adapters`, `total_req_s` and `offered_tok_s`.
 
-Computed with polars expressions over a lazy scan (group-by per adapter, then one
-aggregation), so a trace of millions of requests is read column by column, never as
-Python rows.
+Computed with numpy over four columns read once (adapter names as dictionary codes:
+counts and sums per adapter are bincounts), so a trace of millions of requests is
+read column by column, never as Python rows.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any
 import click
 import numpy as np
 import polars as pl
+import pyarrow as pa
 
 from tracekit import schema
 from tracekit.cliutil import console, user_errors
@@ -64,18 +65,24 @@ FEATURES: dict[str, str] = {
 FEATURE_NAMES = list(FEATURES)
 
 
+FEATURE_COLUMNS = ("arrival_s", "adapter", "prompt_tokens", "output_tokens")  # all the features read
+
+
 def window_of(lf: pl.LazyFrame, context: Mapping[str, Any]) -> float:
     """The trace's window in seconds: its context's `window_s`, else the span of arrivals."""
+    s = lf.select(pl.col("arrival_s").max().alias("mx"), pl.len().alias("n")).collect()
+    return _window(context, float(s["mx"][0] or 0.0), int(s["n"][0]))
+
+
+def _window(context: Mapping[str, Any], last_arrival: float, n: int) -> float:
     w = context.get("window_s")
     if w:
         return float(w)
-    # No declared window: the span of arrivals, with the mean gap added so that n
-    # Poisson arrivals over T give a rate of n/T rather than n/(T - one gap).
-    s = lf.select(pl.col("arrival_s").max().alias("mx"), pl.len().alias("n")).collect()
-    mx, n = float(s["mx"][0] or 0.0), int(s["n"][0])
     if n == 0:
         return 1.0
-    return max(mx * (1.0 + 1.0 / n), 1e-9)
+    # No declared window: the span of arrivals, with the mean gap added so that n
+    # Poisson arrivals over T give a rate of n/T rather than n/(T - one gap).
+    return max(last_arrival * (1.0 + 1.0 / n), 1e-9)
 
 
 def _histogram(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -90,22 +97,47 @@ def _histogram(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _p90(values: np.ndarray, counts: np.ndarray) -> float:
     """p90 as the inverted CDF (smallest length with >= 90% at or below it): unlike
-    interpolating quantiles, it does not move when the same traffic repeats."""
-    if values.size == 0:
+    interpolation it does not move when the same requests are recorded twice."""
+    if counts.size == 0:
         return 0.0
     cum = np.cumsum(counts)
     return float(values[np.searchsorted(cum, 0.9 * cum[-1] - 1e-9)])
 
 
-def compute(lf: pl.LazyFrame | pl.DataFrame, context: Mapping[str, Any] | None = None) -> dict[str, float]:
+def compute(lf: pl.LazyFrame | pl.DataFrame | pa.Table, context: Mapping[str, Any] | None = None) -> dict[str, float]:
     """Features of a trace (see `compute_with_loads`)."""
     return compute_with_loads(lf, context)[0]
 
 
+def _columns(trace: pl.LazyFrame | pl.DataFrame | pa.Table) -> tuple[np.ndarray, list[str], dict[str, np.ndarray]]:
+    """(adapter code per request, -1 for the base model; adapter names; the numeric
+    columns as numpy), from an Arrow table (adapter dictionary-encoded or not) or a
+    polars frame."""
+    if not isinstance(trace, pa.Table):
+        trace = trace.lazy().select(FEATURE_COLUMNS).collect().to_arrow()
+    adapter = trace.column("adapter")
+    if not pa.types.is_dictionary(adapter.type):
+        adapter = adapter.dictionary_encode()
+    adapter = adapter.unify_dictionaries() if adapter.num_chunks > 1 else adapter
+    if adapter.num_chunks == 0:
+        codes, names = np.zeros(0, np.int64), []
+    else:
+        codes = np.concatenate([c.indices.fill_null(-1).to_numpy().astype(np.int32, copy=False)
+                                for c in adapter.chunks])
+        names = adapter.chunk(0).dictionary.to_pylist()
+    # A literal "<base>" adapter name is the base model, as a null is.
+    if BASE in names:
+        codes[codes == names.index(BASE)] = -1
+    cols = {c: trace.column(c).to_numpy() for c in ("arrival_s", "prompt_tokens", "output_tokens")}
+    return codes, names, cols
+
+
 def compute_with_loads(
-    lf: pl.LazyFrame | pl.DataFrame, context: Mapping[str, Any] | None = None
+    trace: pl.LazyFrame | pl.DataFrame | pa.Table, context: Mapping[str, Any] | None = None
 ) -> tuple[dict[str, float], dict[str, float]]:
-    """Features of a trace given as a (lazy) frame with the trace columns, and its context.
+    """Features of a trace given as an Arrow table (`tracekit.schema.read_trace_columns`
+    of FEATURE_COLUMNS, the adapter column dictionary-encoded: the fast path) or a
+    (lazy) polars frame with the trace columns, and its context.
 
     Adapters listed in the context's `adapters` with no request count as rate 0 (they
     are served, so they occupy the CPU cache). Requests without an adapter are base-model
@@ -113,45 +145,33 @@ def compute_with_loads(
 
     Also returns each adapter's offered tokens/s (for splitting the fleet over GPUs)."""
     ctx = dict(context or {})
-    lf = lf.lazy()
-    window = window_of(lf, ctx)
     ranks = schema.adapter_ranks(ctx)
-
-    cols = lf.select("arrival_s", "adapter", "prompt_tokens", "output_tokens").with_columns(pl.col("adapter").fill_null(BASE))
-    per_q = cols.group_by("adapter").agg(
-        pl.len().alias("n"),
-        (pl.col("prompt_tokens").cast(pl.Int64) + pl.col("output_tokens")).sum().alias("tokens"),
-    )
-    # Burstiness needs every adapter's gaps in time order, the costliest part on big
-    # traces: past GAP_SAMPLE requests it is estimated on the window's first part that
-    # holds about that many (stationary traffic has the same gaps throughout; the
-    # answer stays fast on hour-long fleets of millions of requests).
-    n_total = int(lf.select(pl.len()).collect().item())  # Parquet metadata: no scan
-    gaps_lf = cols
-    if n_total > GAP_SAMPLE:  # a trace's window starts at arrival 0 (tracekit.schema)
-        gaps_lf = cols.filter(pl.col("arrival_s") < window * GAP_SAMPLE / n_total)
-    gaps_q = gaps_lf.group_by("adapter").agg(
-        pl.len().alias("gap_n"),
-        # Sorting within each adapter is cheaper than one global sort first.
-        pl.col("arrival_s").sort().diff().mean().alias("gap_mean"),
-        pl.col("arrival_s").sort().diff().std().alias("gap_std"),
-    )
-    # Lengths: the two integer columns once, then numpy (a bincount for the p90 is far
-    # cheaper than grouping or sorting millions of rows).
-    lens_q = lf.select("prompt_tokens", "output_tokens")
-    per, gaps, lens_df = pl.collect_all([per_q, gaps_q, lens_q])
-    requests = lens_df.height
+    codes, names_all, cols = _columns(trace)
+    arrival, prompt, output = cols["arrival_s"], cols["prompt_tokens"], cols["output_tokens"]
+    requests = int(codes.size)
     if requests == 0:
         raise TracekitError("trace has no requests: nothing to compute features from")
-    lens: dict[str, float] = {}
-    for col, key in (("prompt_tokens", "prompt"), ("output_tokens", "output")):
-        x = lens_df[col].to_numpy()
-        lens[f"{key}_mean"] = float(x.mean())
-        lens[f"{key}_std"] = float(x.std())
-        lens[f"{key}_p90"] = _p90(*_histogram(x))
+    window = _window(ctx, float(arrival.max()), requests)
+    k_all = len(names_all)
+    # Base-model requests (code -1) are counted in a slot of their own, the last one.
+    slot = np.where(codes >= 0, codes, k_all) if codes.min() < 0 else codes
+    n_by_code = np.bincount(slot, minlength=k_all + 1)
+    # Token sums as float64 are exact (integers far below 2**53).
+    tok_by_code = np.bincount(slot, weights=np.add(prompt, output, dtype=np.float64), minlength=k_all + 1)
+    base_n = int(n_by_code[k_all])
+    n_by_code, tok_by_code = n_by_code[:k_all], tok_by_code[:k_all]
 
-    counts = dict(zip(per["adapter"].to_list(), per["n"].to_list(), strict=True))
-    base_n = int(counts.pop(BASE, 0))
+    lens: dict[str, float] = {}
+    for x, key in ((prompt, "prompt"), (output, "output")):
+        # Mean, std and p90 from the lengths' histogram (a bincount), not three passes
+        # over millions of requests.
+        v, c = _histogram(x)
+        mean = float(np.dot(v.astype(np.float64), c) / requests)
+        lens[f"{key}_mean"] = mean
+        lens[f"{key}_std"] = float(np.sqrt(np.dot((v - mean) ** 2, c) / requests))
+        lens[f"{key}_p90"] = _p90(v, c)
+
+    counts = {names_all[i]: int(n_by_code[i]) for i in np.flatnonzero(n_by_code)}
     names = sorted(set(counts) | set(ranks))
     if not names:
         raise TracekitError("trace has no adapter traffic and its context lists no adapters")
@@ -163,15 +183,7 @@ def compute_with_loads(
     k = max(1, math.ceil(TOP_FRACTION * len(names)))
     adapter_req = n_req.sum()
     top = np.sort(n_req)[::-1][:k].sum() / adapter_req if adapter_req else 0.0
-
-    # Burstiness: CV of inter-arrival gaps per adapter, weighted by its requests; adapters
-    # with fewer than 3 requests say nothing about it.
-    g = gaps.filter((pl.col("adapter") != BASE) & (pl.col("gap_n") >= 3) & (pl.col("gap_mean") > 0))
-    if g.height:
-        cv = (g["gap_std"] / g["gap_mean"]).to_numpy()
-        burst = float(np.average(cv, weights=g["gap_n"].to_numpy()))
-    else:
-        burst = 1.0
+    burst = _burstiness(codes, arrival, k_all, window)
 
     tokens_per_req = float(lens["prompt_mean"] + lens["output_mean"])
     out: dict[str, float] = {
@@ -197,19 +209,49 @@ def compute_with_loads(
         "offered_tok_s": requests / window * tokens_per_req,
     }
     loads = {a: 0.0 for a in names}
-    for a, tok in zip(per["adapter"].to_list(), per["tokens"].to_list(), strict=True):
-        if a != BASE:
-            loads[a] = float(tok) / window
+    for i in np.flatnonzero(n_by_code):
+        loads[names_all[i]] = float(tok_by_code[i]) / window
     return {name: out[name] for name in FEATURE_NAMES}, loads
 
 
+def _burstiness(codes: np.ndarray, arrival: np.ndarray, k: int, window: float) -> float:
+    """Request-weighted CV of each adapter's inter-arrival gaps; adapters with fewer than
+    3 requests say nothing about it (1.0, Poisson, when none has more).
+
+    Burstiness needs every adapter's gaps in time order, the costliest part on big traces:
+    past GAP_SAMPLE requests it is estimated on the window's first part that holds about
+    that many (stationary traffic has the same gaps throughout; the answer stays fast on
+    hour-long fleets of millions of requests). A trace's window starts at arrival 0."""
+    sel = codes >= 0
+    if codes.size > GAP_SAMPLE:
+        sel &= arrival < window * GAP_SAMPLE / codes.size
+    c, t = codes[sel], arrival[sel]
+    if t.size > 1 and not (t[1:] >= t[:-1]).all():
+        order = np.lexsort((t, c))
+    else:  # in arrival order (the usual case): a stable sort by adapter keeps it per adapter
+        order = np.argsort(c.astype(np.int16) if k < 1 << 15 else c, kind="stable")
+    c, t = c[order], t[order]
+    same = c[1:] == c[:-1]
+    gap, gc = np.diff(t)[same], c[1:][same]
+    n = np.bincount(c, minlength=k)  # requests per adapter in the sample
+    ng = np.bincount(gc, minlength=k)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.bincount(gc, weights=gap, minlength=k) / ng
+        # Two passes (mean, then squared deviations), as exact as a library's std.
+        var = np.bincount(gc, weights=(gap - mean[gc]) ** 2, minlength=k) / (ng - 1)
+    ok = (n >= 3) & (mean > 0)
+    if not ok.any():
+        return 1.0
+    return float(np.average(np.sqrt(var[ok]) / mean[ok], weights=n[ok]))
+
+
 def from_file(path: str | os.PathLike[str]) -> tuple[dict[str, float], schema.Meta]:
-    """Features of a trace or results file (or a directory of parts), read lazily."""
-    lf, meta, _ = schema.scan_trace(path)  # the validation every command applies
+    """Features of a trace or results file (or a directory of parts): its columns read
+    once, every trace value checked (request ids too, as every command that reads a
+    whole trace does)."""
+    table, meta, _ = schema.read_trace_columns(path, ("request_id", *FEATURE_COLUMNS), dictionary=["adapter"])
     try:
-        return compute(lf, meta.context), meta
-    except pl.exceptions.PolarsError as e:
-        raise TracekitError(f"{path}: cannot read: {str(e).splitlines()[0]}") from None
+        return compute(table, meta.context), meta
     except TracekitError as e:
         raise TracekitError(f"{path}: {e}") from None
 

@@ -4,6 +4,7 @@ benchmarks, so all of them judge the same decision."""
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -102,12 +103,13 @@ def split_fleet(loads: Mapping[str, float], per_gpu: int) -> list[list[str]]:
     names = sorted(loads, key=lambda a: (-loads[a], a))
     n_gpus = max(1, math.ceil(len(names) / max(1, per_gpu)))
     gpus: list[list[str]] = [[] for _ in range(n_gpus)]
-    load = np.zeros(n_gpus)
+    # (load, GPU) of the GPUs with a free slot: the least loaded, lowest index first.
+    heap = [(0.0, i) for i in range(n_gpus)]
     for a in names:
-        free = [i for i in range(n_gpus) if len(gpus[i]) < per_gpu]
-        i = min(free, key=lambda j: load[j])
+        load, i = heapq.heappop(heap)
         gpus[i].append(a)
-        load[i] += loads[a]
+        if len(gpus[i]) < per_gpu:
+            heapq.heappush(heap, (load + loads[a], i))
     return gpus
 
 

@@ -32,6 +32,7 @@ from typing import Any
 
 import click
 import polars as pl
+import pyarrow as pa
 
 from predictor.model import CapacityModel
 from predictor.safety import Safety, safety
@@ -138,7 +139,7 @@ def _model_off_domain(model: CapacityModel, profile: Any, config: Any) -> list[s
 
 
 def recommend_gpu(
-    trace: pl.DataFrame | pl.LazyFrame,
+    trace: pl.DataFrame | pl.LazyFrame | pa.Table,
     context: Mapping[str, Any],
     profile: Any,
     settings: Mapping[str, Any] | None = None,
@@ -400,12 +401,17 @@ def recommend(
 
     t0 = time.perf_counter()
     prof = load_profile(profile)
-    lf, meta, _ = schema.scan_trace(trace_path)  # the validation every command applies
+    # The model alone needs the four feature columns (read once, checked); the twin search
+    # replays the whole trace, so it reads and checks all of it.
+    trace: pa.Table | pl.DataFrame
+    if fast:
+        trace, meta, _ = schema.read_trace_columns(trace_path, feats.FEATURE_COLUMNS, dictionary=["adapter"])
+    else:
+        trace, meta = schema.read_trace(trace_path)
     try:
-        wf, loads = feats.compute_with_loads(lf, meta.context)
+        wf, loads = feats.compute_with_loads(trace, meta.context)
     except TracekitError as e:
         raise TracekitError(f"{trace_path}: {e}") from None
-    trace: pl.DataFrame | pl.LazyFrame = lf if fast else schema.read_trace(trace_path)[0]
     a = recommend_gpu(trace, meta.context, prof, settings, fast=fast, model=model, use_model=use_model, jobs=jobs,
                       on_run=on_run, features=(wf, loads), simulator=simulator)
     gpus = split_fleet(loads, a.adapters)

@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 import polars as pl
 import pytest
-from vllm_support import VllmServer, free_port, measure_speed
+from vllm_support import VllmServer, measure_speed, start_proxy
 
 from tracekit import schema
 
@@ -29,7 +29,6 @@ pytestmark = pytest.mark.vllm
 
 MAX_LORAS = 2
 N_REQUESTS = 320
-TRACEKIT = [sys.executable, "-c", "from tracekit.cli import main; main()"]
 
 
 def make_requests(n: int, adapters: list[str], seed: int = 0, rate: float = 30.0) -> list[dict[str, Any]]:
@@ -65,24 +64,6 @@ async def send_all(url: str, reqs: list[dict[str, Any]], base: str) -> list[dict
 
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
         return await asyncio.gather(*(one(s, r) for r in reqs))
-
-
-def start_proxy(upstream: str, out: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    p = subprocess.Popen([*TRACEKIT, "proxy", "--upstream", upstream, "--listen", f"127.0.0.1:{port}",
-                          "--out", str(out), "--flush-every", "2"], stdout=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            import urllib.request
-
-            urllib.request.urlopen(url + "/health", timeout=1)
-            return p, url
-        except OSError:
-            time.sleep(0.2)
-    p.kill()
-    raise TimeoutError("proxy did not start")
 
 
 def stop_proxy(p: subprocess.Popen[bytes]) -> None:

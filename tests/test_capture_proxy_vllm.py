@@ -11,51 +11,21 @@ import math
 import random
 import re
 import signal
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import polars as pl
 import pytest
-from vllm_support import VllmServer, free_port, gauges, measure_speed
+from vllm_support import VllmServer, gauges, hang_up, measure_speed, start_proxy
 
 from tracekit import schema
 
 pytestmark = pytest.mark.vllm
 
-TRACEKIT = [sys.executable, "-c", "from tracekit.cli import main; main()"]
 STOP_AFTER_S = 3.0
 DRAIN_S = 5.0
-
-
-def start_proxy(upstream: str, out: Path, *extra: str) -> tuple[subprocess.Popen[str], str]:
-    port = free_port()
-    p = subprocess.Popen([*TRACEKIT, "proxy", "--upstream", upstream, "--listen", f"127.0.0.1:{port}",
-                          "--out", str(out), "--flush-every", "2", *extra],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(url + "/health", timeout=1)
-            return p, url
-        except OSError:
-            time.sleep(0.2)
-    p.kill()
-    raise TimeoutError("proxy did not start")
-
-
-def hang_up(req: asyncio.Task[Any]) -> None:
-    """The client goes away: a request still waiting for its headers is cancelled; a
-    stream whose headers came (vLLM sends them before the first token) is closed."""
-    if req.done() and not req.cancelled() and req.exception() is None:
-        req.result().close()
-    else:
-        req.cancel()
 
 
 async def wait_gauge(url: str, key: str, want: float, timeout: float) -> float | None:
@@ -84,7 +54,7 @@ def test_stop_with_requests_in_flight_gives_each_its_row(tmp_path: Path, tiny_mo
         reqs = [{"model": rng.choice(names) or srv.served_model_name, "max_tokens": tokens, "ignore_eos": True,
                  "prompt": [rng.randint(10, 2000) for _ in range(rng.randint(8, 64))], "stream": i % 2 == 0}
                 for i in range(48)]
-        proxy, url = start_proxy(srv.url, tmp_path / "cap", "--drain-timeout", str(DRAIN_S))
+        proxy, url = start_proxy(srv.url, tmp_path / "cap", "--drain-timeout", str(DRAIN_S), capture=True)
 
         async def run() -> tuple[list[Any], float]:
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:

@@ -100,6 +100,21 @@ def test_row_order_does_not_matter(seed: int) -> None:
         assert a[k] == pytest.approx(b[k], rel=1e-9, abs=1e-12), k
 
 
+def test_arrow_columns_give_the_polars_frame_s_features(tmp_path) -> None:
+    """recommend --fast reads four columns as Arrow (adapter names as dictionary codes):
+    the same features and loads as the whole frame, base-model requests included."""
+    df, ctx = synthesize(40, [0.4, 0.05], [8, 16], 300.0, seed=2, arrivals="gamma:2")
+    base = pl.int_range(pl.len()) % 5 == 0  # every fifth request to the base model
+    df = df.with_columns(pl.when(base).then(None).otherwise(pl.col("adapter")).alias("adapter"))
+    path = schema.write(tmp_path / "t.parquet", df, schema.KIND_TRACE, ctx)
+    table, meta, _ = schema.read_trace_columns(path, F.FEATURE_COLUMNS, dictionary=["adapter"])
+    (fa, la), (fp, lp) = F.compute_with_loads(table, meta.context), F.compute_with_loads(df, ctx)
+    assert fa["base_share"] > 0.1
+    for k in fa:
+        assert fa[k] == pytest.approx(fp[k], rel=1e-12, abs=1e-15), k
+    assert la == pytest.approx(lp, rel=1e-12)
+
+
 def test_cli_json_and_table_and_errors(tmp_path) -> None:
     df, ctx = synthesize(30, [0.4, 0.05], [8, 16], 120.0, seed=1)
     path = schema.write(tmp_path / "t.parquet", df, schema.KIND_TRACE, ctx)

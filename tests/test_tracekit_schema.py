@@ -297,6 +297,28 @@ def test_repeat_across_parts_names_the_part_files(tmp_path: Path) -> None:
     assert f"{d / 'part-1.parquet'}: row 2: prompt_tokens must be at least 1, got 0" in cli_error(d)
 
 
+def test_read_trace_columns_checks_every_value_of_the_columns_it_reads(tmp_path: Path) -> None:
+    """Columns read once for a command that needs only them (recommend --fast): their
+    values get the same lines as the whole check; a column not read is not checked."""
+    d = tmp_path / "cap"
+    d.mkdir()
+    raw_write(d / "part-0.parquet", trace_table(3))
+    bad = trace_table(3).set_column(0, "request_id", pa.array(["x", "r2", "y"]))  # repeats part-0's r2
+    raw_write(d / "part-1.parquet", bad)
+    table, meta, check = schema.read_trace_columns(d, ["arrival_s", "adapter", "prompt_tokens"], dictionary=["adapter"])
+    assert table.num_rows == 6 and check.rows == 6 and pa.types.is_dictionary(table.column("adapter").type)
+    assert table.column_names == ["arrival_s", "adapter", "prompt_tokens"] and meta.kind == "trace"
+    with pytest.raises(TracekitError, match="row 1: request_id 'r2' repeats row 2 of"):
+        schema.read_trace_columns(d, ["request_id", "arrival_s"])
+    raw_write(d / "part-1.parquet", bad.set_column(3, "prompt_tokens", pa.array([4, 4, 0], pa.int32())))
+    with pytest.raises(TracekitError) as e:
+        schema.read_trace_columns(d, ["arrival_s", "prompt_tokens"])
+    assert str(e.value) == f"{d / 'part-1.parquet'}: row 2: prompt_tokens must be at least 1, got 0"
+    assert schema.read_trace_columns(d, ["arrival_s", "output_tokens"])[2].rows == 6
+    with pytest.raises(TracekitError, match="expected a trace file, got a steps file"):
+        schema.read_trace_columns(raw_write(tmp_path / "s.parquet", steps_table(), "steps"), ["arrival_s"])
+
+
 def test_unsorted_trace_is_sorted_on_read_with_one_note(tmp_path: Path) -> None:
     t = trace_table(4).set_column(1, "arrival_s", pa.array([0.0, 2.0, 1.0, 3.0]))
     p = raw_write(tmp_path / "t.parquet", t)

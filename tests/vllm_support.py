@@ -8,7 +8,9 @@
   the one this CPU runs natively (`native_dtype`);
 - `measure_speed(url, ...)` times the server at hand, so that a test sizes its load,
   windows and timeouts from it (another CPU runs these models several times slower);
-- `gauges(url)` reads the server's request gauges from `/metrics`.
+- `gauges(url)` reads the server's request gauges from `/metrics`;
+- `start_proxy(upstream, out)` starts `tracekit proxy` in front of a server and waits
+  for its /health; `hang_up(request_task)` is a client going away.
 
 Builders run in a `.venv-vllm` subprocess and cache their output: a folder holding a
 `.done` marker is reused, so a test session builds each model once.
@@ -16,12 +18,14 @@ Builders run in a `.venv-vllm` subprocess and cache their output: a folder holdi
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import textwrap
 import time
@@ -294,6 +298,44 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+TRACEKIT = [sys.executable, "-c", "from tracekit.cli import main; main()"]
+
+
+def start_proxy(
+    upstream: str, out: Path, *extra: str, log: Path | None = None, capture: bool = False, timeout: float = 60.0
+) -> tuple[subprocess.Popen[Any], str]:
+    """`tracekit proxy` in front of `upstream`, capturing into `out` (a part every 2 s),
+    once its /health answers: (process, its URL). Its output goes to `log`, or to pipes
+    the caller reads (`capture`, as text), or nowhere. The caller stops it."""
+    port = free_port()
+    if capture:
+        stdout, stderr = subprocess.PIPE, subprocess.PIPE
+    else:
+        stdout, stderr = (log.open("wb") if log is not None else subprocess.DEVNULL), subprocess.STDOUT
+    p = subprocess.Popen([*TRACEKIT, "proxy", "--upstream", upstream, "--listen", f"127.0.0.1:{port}",
+                          "--out", str(out), "--flush-every", "2", *extra],
+                         stdout=stdout, stderr=stderr, text=capture)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url + "/health", timeout=1)
+            return p, url
+        except OSError:
+            time.sleep(0.1)
+    p.kill()
+    raise TimeoutError("proxy did not start")
+
+
+def hang_up(req: asyncio.Task[Any]) -> None:
+    """The client goes away: a request still waiting for its headers is cancelled; a
+    stream whose headers came (vLLM sends them before the first token) is closed."""
+    if req.done() and not req.cancelled() and req.exception() is None:
+        req.result().close()
+    else:
+        req.cancel()
 
 
 class VllmServer:
