@@ -92,6 +92,7 @@ class Pool:
         self._ready = threading.Event()
         self._stop = threading.Event()
         self._helping = threading.Lock()
+        self._shutdown_by_starter = False
         self._start_error: BaseException | None = None
 
     def __enter__(self) -> Pool:
@@ -100,18 +101,27 @@ class Pool:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Stop the workers. `wait=False`: Ray started by this pool's starter thread is shut
+        down by that thread (a second or two) while the caller goes on; `join()` waits."""
         if self._starting is not None:
             self._ready.wait()
         if self._local is not None:
             self._local.shutdown(wait=True, cancel_futures=True)
             self._local = None
         if self._ray_started:
-            import ray
+            if not wait and self._starting is not None and self._starting.is_alive():
+                self._shutdown_by_starter = True
+            else:
+                import ray
 
-            ray.shutdown()
+                ray.shutdown()
             self._ray_started = False
         self._stop.set()
+        if wait:
+            self.join()
+
+    def join(self) -> None:
         if self._starting is not None:
             self._starting.join()
 
@@ -152,6 +162,10 @@ class Pool:
             # Ray's processes die with the thread that started them (PR_SET_PDEATHSIG
             # follows the thread): this one lives until the pool closes.
             self._stop.wait()
+            if self._shutdown_by_starter:
+                import ray
+
+                ray.shutdown()
 
     def run(self, fn: Callable[..., Any], tasks: Sequence[tuple[Any, ...]], help: bool = False,
             warm: Sequence[str] = ()) -> Iterator[tuple[int, Any]]:

@@ -107,9 +107,12 @@ def run_fleet(
                              jobs=jobs, pool=pool, record_steps=steps_out is not None,
                              fast_forward=not no_fast_forward, progress=not as_json, resolved=fleet)
     finally:
-        pool.close()
+        pool.close(wait=False)  # Ray's shutdown (a second or two) overlaps the write
     res.context["trace_path"] = str(trace)
-    write(out, res.results, KIND_RESULTS, res.context)
+    try:
+        write(out, res.results, KIND_RESULTS, res.context)
+    finally:
+        pool.join()
     written = [str(out)]
     if steps_out is not None and res.steps:
         steps_out.mkdir(parents=True, exist_ok=True)
