@@ -41,6 +41,9 @@ def main() -> None:
     ap.add_argument("--rates", default="100,200")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--max-extra", type=int, default=8, help="GPUs added to today's split at most")
+    ap.add_argument("--seed", type=int, default=0, help="synth seed (another one: a held-out trace)")
+    ap.add_argument("--adapters", type=int, default=2000)
+    ap.add_argument("--name", default="fleet_plan", help="results file stem (e.g. fleet_plan_heldout)")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(HERE))
@@ -54,7 +57,8 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="fleet-plan-") as tmp:
         for rate in [float(x) for x in args.rates.split(",")]:
-            tr, ctx = synthesize(2000, None, [8, 16, 32], 3600.0, seed=0, total_rate=rate, popularity="zipf:1.0",
+            tr, ctx = synthesize(args.adapters, None, [8, 16, 32], 3600.0, seed=args.seed, total_rate=rate,
+                                 popularity="zipf:1.0",
                                  arrivals="gamma:2")
             trace = schema.write(Path(tmp) / f"trace{rate:g}.parquet", tr, "trace", ctx)
             out = Path(tmp) / f"plan{rate:g}.json"
@@ -83,7 +87,9 @@ def main() -> None:
             rows.append({
                 "rate_req_s": rate, "requests": tr.height, "offered_tok_s": d["plan"]["meta"]["offered_tok_s"],
                 "plan_wall_s": wall, "plan_in_process_s": d["elapsed_s"], "plan_gpus": d["gpus"], "plan_ok": d["ok"],
-                "plan_packing": d["plan"]["meta"].get("packing"), "plan_fewest": d["plan"]["meta"].get("fewest"),
+                "plan_packing": d["plan"]["meta"].get("packing"),
+                "plan_max_loras": sorted({g["max_loras"] for g in d["plan"]["gpus"]}),
+                "plan_fewest": d["plan"]["meta"].get("fewest"),
                 "plan_starving": d["verdict"]["starving_adapters"], "plan_p99_ttft_s": (d["verdict"]["p99_ttft_ms"] or 0) / 1e3,
                 "today_gpus": d["today_gpus"], "today_starving": d["today_verdict"]["starving_adapters"],
                 "today_worst_served": d["today_verdict"]["min_adapter_served_frac"],
@@ -101,23 +107,25 @@ def main() -> None:
            "command": "flock /tmp/tracekit-heavy.lock .venv/bin/python benchmarks/fleet_plan.py " + " ".join(sys.argv[1:]),
            "rows": rows}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "fleet_plan.json").write_text(json.dumps(res, indent=2, default=str))
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(res, indent=2, default=str))
     lines = [
-        "# Planning a fleet: `predictor plan` on 2,000 adapters vs today's `predictor recommend`",
+        f"# Planning a fleet: `predictor plan` on {args.adapters:,} adapters vs today's `predictor recommend`",
         "",
         f"Machine: {res['machine']}; load average at the end {res['load_avg_end'][0]:.1f} (shared with other jobs). "
         f"Command: `{res['command']}` ({res['when']}).",
-        "Traces: `tracekit synth --adapters 2000 --total-rate R --popularity zipf:1.0 --arrivals gamma:2 --ranks 8,16,32 "
-        "--duration 3600 --seed 0`; profile h100-llama-3.1-8b. Starving adapter: served < 90% of offered in the twin, "
+        f"Traces: `tracekit synth --adapters {args.adapters} --total-rate R --popularity zipf:1.0 --arrivals gamma:2 "
+        f"--ranks 8,16,32 --duration 3600 --seed {args.seed}`; profile h100-llama-3.1-8b. Starving adapter: served < 90% of offered in the twin, "
         "judged on requests that arrived before the window's last 5% (or the time the longest answer takes at the fleet's mean ITL, if longer).",
         "",
-        "| R req/s | requests | plan: wall s (goal <= 10) | plan: GPUs | plan: starving adapters | today's recommend: GPUs | "
-        "today's: starving adapters (worst served) | today's split, fewest GPUs with none starving |",
+        "| R req/s | requests | plan: wall s (goal <= 10) | plan: GPUs (packing, max_loras) | plan: starving adapters | "
+        "today's recommend: GPUs | today's: starving adapters (worst served) | today's split (recommend's max_loras), "
+        "fewest GPUs with none starving |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['rate_req_s']:g} | {r['requests']:,} | {r['plan_wall_s']:.1f} | {r['plan_gpus']} ({r['plan_packing']}) | "
+            f"| {r['rate_req_s']:g} | {r['requests']:,} | {r['plan_wall_s']:.1f} | {r['plan_gpus']} ({r['plan_packing']}, "
+            f"{'/'.join(map(str, r['plan_max_loras']))}) | "
             f"{r['plan_starving']} | {r['today_gpus']} | {r['today_starving']} ({r['today_worst_served']:.0%}) | "
             f"{r['today_split_passing_gpus'] or 'none up to ' + str(r['today_gpus'] + args.max_extra)} |")
     lines += ["", "Where the planning time goes: the two full checks the answer needs (every GPU of the plan and of "
@@ -126,7 +134,7 @@ def main() -> None:
               f"{args.jobs} workers at best; the search ran {r['search_evaluations']} screenings and checks in all"
               for r in rows]
     lines += ["", "What the planner said:", ""] + [f"- R = {r['rate_req_s']:g}: {r['summary']}" for r in rows]
-    (RESULTS / "fleet_plan.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -15,14 +15,22 @@ How the plan is built:
    In the rank-grouped packing an adapter busier than a GPU's share of its class goes to
    several GPUs, and the placement router spreads its requests by least outstanding
    requests (the twin runs such GPUs as one coupled group).
-3. `max_loras`: `predictor recommend`'s for the trace, capped at the adapters a GPU holds
-   (then every adapter has a slot); `max_cpu_loras`: every adapter it holds.
+3. `max_loras`: `predictor recommend`'s for the trace or more (see 4), capped at the
+   adapters a GPU holds (then every adapter has a slot); `max_cpu_loras`: every adapter
+   it holds.
 4. The twin runs the plans (static placement: one independent run per GPU, in parallel).
-   G is bisected (today's plan, when it passes, bounds it), running only each
-   candidate's critical GPUs (most loaded, most crowded, busiest adapter): a failure
-   there fails the plan; the packing with fewer critical GPUs is screened first, the
-   other only when it fails. The answer is then run on every GPU, one more GPU while it
-   fails (both packings at once).
+   Today's plan is checked first; when it fails it bounds the search from below (it is
+   recommend's split at its own GPU count). G is bisected with recommend's split at
+   recommend's max_loras, running only each candidate's critical GPUs (most loaded, most
+   crowded, busiest adapter, and those holding the worst served adapters of the full
+   checks so far): a failure there fails the plan. Then one GPU fewer than that count
+   with more slots (`max_loras` in steps up to the next value of recommend's grid, more
+   first; screened, then run on every GPU), and below that the winner's, while they pass;
+   when none passes, every GPU at the count found, each max_loras and then the
+   rank-grouped packing, else one GPU more. Measured at 2,000 adapters
+   (benchmarks/results/fleet_plan.md): GPUs holding hundreds of adapters are slot-bound
+   (requests wait for one of max_loras slots; no preemption, so not KV-bound, and far
+   from the token budget), so more slots is what saves a GPU there.
    The search shows one GPU fewer failing, which is what makes G the fewest found.
 
 Starving adapters are judged as the fleet twin judges them (`twin.fleet`): served < 90%
@@ -35,7 +43,7 @@ import json
 import math
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +73,32 @@ def recommend_answer(trace_path: Path, profile: str) -> dict[str, Any]:
     return recommend(trace_path, profile, fast=model is not None)
 MAX_SEARCH_STEPS = 8
 MAX_FULL_STEPS = 6
+Cand = tuple[int, str, int]  # (GPUs, packing, max_loras)
+# Screenings also run the GPUs holding the worst served adapters of the full checks so far:
+# the WATCH_PER_CHECK worst of each, the latest WATCH_MAX in all.
+WATCH_PER_CHECK, WATCH_MAX = 3, 6
 RANK_GROUPED, RECOMMEND_SPLIT, TODAY = "rank-grouped", "recommend's split", "today's recommend plan"
 PACKINGS = (RANK_GROUPED, RECOMMEND_SPLIT)
+
+
+def max_loras_steps(profile: Any, rec: Mapping[str, Any], m0: int, adapters: int) -> list[int]:
+    """max_loras values a plan tries: recommend's answer and three steps up to the next
+    value of its grid (`predictor.search.MAX_LORAS_GRID`), those the memory allows at the
+    fleet's largest rank. Recommend's model answers on that coarse grid; between two of
+    its values the fleet twin decides."""
+    from predictor.search import MAX_LORAS_GRID
+    from twin.config import ServingConfig
+
+    above = [m for m in MAX_LORAS_GRID if m > m0]
+    top = above[0] if above else 2 * m0
+    step = max(1, (top - m0) // 4)
+    out = [m0]
+    for m in range(m0 + step, top + 1, step):
+        cfg = ServingConfig.for_profile(profile, max_loras=m, max_cpu_loras=max(m, adapters),
+                                        max_lora_rank=int(rec["max_lora_rank"]), **engine_of(rec))
+        if m <= adapters and profile.kv_capacity_tokens(cfg) > 0:
+            out.append(m)
+    return out
 
 
 def adapter_loads(trace: pl.DataFrame, window_s: float, ranks: Mapping[str, int]) -> pl.DataFrame:
@@ -161,19 +193,27 @@ def share(need: Mapping[int, float], gpus: int) -> dict[int, int]:
     return base
 
 
-def critical(plan: Any, load_of: Mapping[str, float]) -> list[int]:
+def critical(plan: Any, load_of: Mapping[str, float], watch: Sequence[str] = ()) -> list[int]:
     """The GPUs of a plan most likely to fail first: in each rank class the most loaded
-    and the one holding the most adapters, the two most loaded of the fleet, and the one
-    holding the busiest adapter."""
+    and the one holding the most adapters, the two most loaded of the fleet, the one
+    holding the busiest adapter, and those holding a `watch` adapter (the worst served in
+    the full checks so far: in a split with even loads and adapter counts, which GPU
+    starves depends on its adapters, not its load)."""
     loads = [sum(load_of.get(a, 0.0) for a in g.adapters) for g in plan.gpus]
     out = set(sorted(range(len(loads)), key=lambda i: -loads[i])[:2])
+    watched = set(watch)
+    out.update(i for i, g in enumerate(plan.gpus) if watched.intersection(g.adapters))
+    copies: dict[str, int] = {}
+    for g in plan.gpus:
+        for a in g.adapters:
+            copies[a] = copies.get(a, 0) + 1
     out.add(max(range(len(plan.gpus)), key=lambda i: max(load_of.get(a, 0.0) for a in plan.gpus[i].adapters)))
     for rank in {g.settings.get("max_lora_rank") for g in plan.gpus}:
         mine = [i for i, g in enumerate(plan.gpus) if g.settings.get("max_lora_rank") == rank]
         # Busiest by load share per adapter slot... simply: the most loaded GPU of the
         # class that holds no adapter shared with another GPU (a coupled group is
         # already in through the fleet's most loaded), and the most crowded.
-        alone = [i for i in mine if all(sum(a in h.adapters for h in plan.gpus) == 1 for a in plan.gpus[i].adapters)]
+        alone = [i for i in mine if all(copies[a] == 1 for a in plan.gpus[i].adapters)]
         if alone:
             out.add(max(alone, key=lambda i: loads[i]))
         out.add(max(mine, key=lambda i: len(plan.gpus[i].adapters)))
@@ -298,7 +338,8 @@ class TwinCheck:
                 "p99_ttft_ms": fleet["p99_ttft_ms"], "mean_itl_ms": fleet["mean_itl_ms"], "p50_e2e_ms": fleet["p50_e2e_ms"],
                 "window_s": fleet["window_s"],
                 "starving_gpus": starving_gpus, "slo_missed_by": slo_miss, "per_gpu": s["gpus"],
-                "starving_adapter_names": fleet["starving_adapter_names"][:10]}
+                "starving_adapter_names": fleet["starving_adapter_names"][:10],
+                "worst_adapter_names": fleet.get("worst_adapter_names", [])}
 
 
 def explain_gpu(gpu: Any, row: Mapping[str, Any], loads: Mapping[str, float], ranks: Mapping[str, int],
@@ -332,6 +373,10 @@ def explain_gpu(gpu: Any, row: Mapping[str, Any], loads: Mapping[str, float], ra
         parts.append(f"max_lora_rank {rank}: it holds rank-{rank} adapters.")
     if ml == n and n < rec_max_loras:
         parts.append(f"max_loras {ml}: one slot per adapter (recommend's {rec_max_loras} is more than it holds), so no request waits for a slot.")
+    elif ml > rec_max_loras:
+        parts.append(f"max_loras {ml}: more slots than recommend's {rec_max_loras}. At this load a GPU holding hundreds of "
+                     "adapters is slot-bound (requests wait for one of the slots, not for compute or KV cache); "
+                     f"with {rec_max_loras} slots this GPU count starved adapters in the twin.")
     else:
         parts.append(f"max_loras {ml}: what `predictor recommend` chooses for this workload.")
     served = row.get("served_frac")
@@ -370,94 +415,116 @@ def plan_fleet(trace_path: Path, profile_name: str, *, slo_ttft_p99_s: float | N
     slots = class_slots(trace_path, trace, context, loads, profile_name)
     t_model = time.perf_counter() - t0
     search: list[dict[str, Any]] = []
-    candidates: dict[tuple[int, str], FleetPlan] = {}
+    candidates: dict[Cand, FleetPlan] = {}
+    m0 = int(rec["max_loras"])
+    grid = max_loras_steps(profile, rec, m0, int(loads.height))
 
-    def candidate(g: int, kind: str) -> FleetPlan:
-        if (g, kind) not in candidates:
-            candidates[(g, kind)] = (make_plan(pack(loads, g, slots), int(rec["max_loras"]), profile.name, ranks,
-                                               engine_of(rec))
-                                     if kind == RANK_GROUPED else recommend_split(load_of, g, rec, profile.name))
-        return candidates[(g, kind)]
+    def candidate(c: Cand) -> FleetPlan:
+        g, kind, m = c
+        if c not in candidates:
+            candidates[c] = (make_plan(pack(loads, g, slots), m, profile.name, ranks, engine_of(rec))
+                             if kind == RANK_GROUPED else recommend_split(load_of, g, dict(rec, max_loras=m), profile.name))
+        return candidates[c]
 
     from concurrent.futures import ThreadPoolExecutor
 
     with parallel.Pool(executor, default_jobs(trace.height) if jobs is None else jobs, ray_address) as pool, \
-            ThreadPoolExecutor(3) as threads:
-        # Runs submitted from several threads share the pool's workers: today's check and
-        # both packings of a candidate keep every worker busy.
+            ThreadPoolExecutor(2) as threads:
         check = TwinCheck(trace, context, profile, slo_ttft_p99_s, pool)
+        # Today's plan is recommend's split at its own GPU count and max_loras: its check
+        # (run first) bounds the search from below when it fails.
+        verdicts: dict[tuple[Cand, bool], dict[str, Any]] = {}
+        watch: list[str] = []
         today_future = threads.submit(check.run, today)
 
-        def verdict_of(g: int, kind: str, whole: bool) -> dict[str, Any]:
-            plan_g = candidate(g, kind)
-            only = None if whole else critical(plan_g, load_of)
-            v = check.run(plan_g, only)
-            v.update(gpus=len(plan_g.gpus), packing=kind)
+        def verdict_of(c: Cand, whole: bool) -> dict[str, Any]:
+            if (c, whole) in verdicts:
+                return verdicts[(c, whole)]
+            plan_c = candidate(c)
+            only = None if whole else critical(plan_c, load_of, watch)
+            v = check.run(plan_c, only)
+            if whole:
+                # The worst served adapters of the latest full checks: screened from now on.
+                watch[:0] = [a for a in v["worst_adapter_names"][:WATCH_PER_CHECK] if a not in watch]
+                del watch[WATCH_MAX:]
+            v.update(gpus=len(plan_c.gpus), packing=c[1], max_loras=c[2])
             search.append({k: x for k, x in v.items() if k != "per_gpu"})
+            verdicts[(c, whole)] = v
             if progress:
                 what = "no starving adapter" if v["ok"] else f"{v['starving_adapters']} starving adapter(s)"
                 if v["slo_missed_by"]:
                     what += " (SLO missed on " + ", ".join(v["slo_missed_by"]) + ")"
                 ran = "every GPU" if whole else f"its {len(only or [])} most loaded / most crowded GPU(s)"
-                console.print(f"  twin: {g} GPU(s) by {kind}, {ran}: {what}")
+                console.print(f"  twin: {c[0]} GPU(s) by {c[1]}, max_loras {c[2]}, {ran}: {what}")
             return v
 
-        def feasible(g: int) -> str | None:
-            """A packing whose critical GPUs pass at `g` GPUs, or None. The packing with
-            fewer critical GPUs is screened first and the other only when it fails: the
-            other's run is saved whenever the first passes (its GPUs are many, and they
-            keep the pool's workers busy by themselves)."""
-            order = sorted(PACKINGS, key=lambda k: len(critical(candidate(g, k), load_of)))
-            for kind in order:
-                if verdict_of(g, kind, False)["ok"]:
-                    return kind
-            return None
+        def confirmed(c: Cand) -> dict[str, Any] | None:
+            """The full check of `c` when its critical GPUs pass (a failure there fails it)."""
+            if not verdict_of(c, False)["ok"]:
+                return None
+            v = verdict_of(c, True)
+            return v if v["ok"] else None
 
-        # Bisect the GPU count, running only each candidate's critical GPUs (a failure there
-        # fails the plan), with both packings; then every GPU of the answer, and one more
-        # GPU while that fails. Today's plan, when it passes, bounds the search.
+        # 1. Bisect the GPU count with recommend's split at recommend's max_loras, running
+        # only each candidate's critical GPUs. The first candidate, one GPU more than
+        # today's (where today's fails, as it usually does), is screened beside today's check.
+        ahead = max(len(today.gpus) + 1, first_guess(loads, slots))
+        ahead_future = threads.submit(verdict_of, (ahead, RECOMMEND_SPLIT, m0), False)
+        today_check = today_future.result()
+        ahead_future.result()
         lo, hi = 1, None
-        winner: dict[int, str] = {}
-        g = first_guess(loads, slots)
-        today_check: dict[str, Any] | None = None
+        if not today_check["ok"]:
+            lo = len(today.gpus) + 1
+        g = max(lo, first_guess(loads, slots))
         for _ in range(MAX_SEARCH_STEPS):
-            kind = feasible(g)  # the first round runs beside today's check
-            if kind is not None:
-                hi, winner[g] = g, kind
+            if verdict_of((g, RECOMMEND_SPLIT, m0), False)["ok"]:
+                hi = g
             else:
                 lo = g + 1
-            if today_check is None:
-                today_check = today_future.result()
-                if today_check["ok"] and len(today.gpus) >= lo and (hi is None or len(today.gpus) < hi):
-                    hi = len(today.gpus)
-                    winner[hi] = TODAY
             if hi is not None and lo >= hi:
                 break
             g = (lo + hi) // 2 if hi is not None else max(g + 1, math.ceil(g * 1.25))
-        if today_check is None:
-            today_check = today_future.result()
         best = hi if hi is not None else g
-        kind = winner.get(best, RANK_GROUPED)
-        verdict = today_check if kind == TODAY else verdict_of(best, kind, True)
-        # The critical GPUs passed but another failed: every GPU from here on, both
-        # packings at once, one more GPU at a time.
-        extra = 0
-        while not verdict["ok"] and extra < MAX_FULL_STEPS:
-            if extra or kind == TODAY:
-                best += 1
-            extra += 1
-            futures = {k: threads.submit(verdict_of, best, k, True) for k in PACKINGS if (extra > 1 or k != kind)}
-            done = {k: f.result() for k, f in futures.items()}
-            passing = [(v["p99_ttft_ms"] or 0.0, k) for k, v in done.items() if v["ok"]]
-            if passing:
-                kind = min(passing)[1]
-                verdict = done[kind]
-            else:
-                kind, verdict = min(done.items(), key=lambda kv: kv[1]["starving_adapters"])
+        # More slots first: at the loads measured (benchmarks/results/fleet_plan.md) a GPU
+        # holding hundreds of adapters waits for slots, not for compute or KV cache.
+        split_cands = [(RECOMMEND_SPLIT, m) for m in sorted(grid, reverse=True)]
+        win: tuple[Cand, dict[str, Any]] | None = None
+
+        def first_passing(g: int, tries: list[tuple[str, int]]) -> tuple[Cand, dict[str, Any]] | None:
+            for kind, m in tries:
+                v = confirmed((g, kind, m))
+                if v is not None:
+                    return (g, kind, m), v
+            return None
+
+        # 2. Fewer GPUs than the bisection found, with more slots: each max_loras at one GPU
+        # fewer, and below that the one that won, while it passes (the count found is not
+        # run in full when one fewer passes).
+        g, tries = best - 1, split_cands
+        while g >= 1:
+            found = first_passing(g, tries)
+            if found is None:
+                break
+            win, tries = found, [found[0][1:]]
+            g -= 1
+        # 3. Else every GPU at the count found, each candidate (every max_loras, then the
+        # rank-grouped packing: at 2,000 adapters it never passed where recommend's split
+        # failed, and its screening runs most of its GPUs), then one GPU more.
+        for _ in range(MAX_FULL_STEPS if win is None else 0):
+            win = first_passing(best, [*split_cands, (RANK_GROUPED, m0)])
+            if win is not None:
+                break
+            best += 1
+        if win is None:
+            c = (best - 1, RECOMMEND_SPLIT, m0)
+            win = (c, verdict_of(c, True))
+        (best, kind, chosen_m), verdict = win
+        if today_check["ok"] and len(today.gpus) <= best:
+            best, kind, chosen_m, verdict = len(today.gpus), TODAY, m0, today_check
         runs = check.runs
         twin_s = check.wall_s
     fewer_fails = best - 1 >= 1 and any(x["gpus"] == best - 1 and not x["ok"] for x in search)
-    plan = today if kind == TODAY else candidate(best, kind)
+    plan = today if kind == TODAY else candidate((best, kind, chosen_m))
     from twin.config import ServingConfig
 
     fleet_rank = int(loads["rank"].max())
@@ -480,7 +547,7 @@ def plan_fleet(trace_path: Path, profile_name: str, *, slo_ttft_p99_s: float | N
         meta={"made_by": "predictor plan", "trace": str(trace_path), "slo_ttft_p99_s": slo_ttft_p99_s,
               "offered_tok_s": float(loads["load"].sum()),
               "fewest": verdict["ok"] and (best == 1 or fewer_fails), "packing": kind,
-              "search": search, "today_gpus": len(today.gpus)},
+              "search": search, "today_gpus": len(today.gpus), "max_loras_tried": grid},
     )
     elapsed = time.perf_counter() - t0
     summary = (
@@ -488,9 +555,10 @@ def plan_fleet(trace_path: Path, profile_name: str, *, slo_ttft_p99_s: float | N
         + ("the twin serves every adapter at >= 90% of what it offers"
            + (f" and every GPU meets p99 TTFT <= {slo_ttft_p99_s:g} s" if slo_ttft_p99_s is not None else "")
            if verdict["ok"] else f"[not reached: {verdict['starving_adapters']} adapter(s) still starve]")
-        + "".join(f"; with {x['gpus']} GPU(s) this placement starves {x['starving_adapters']} adapter(s) "
-                  f"(worst served {x['min_adapter_served_frac']:.0%})"
-                  for x in search if x["gpus"] == best - 1 and not x["ok"])[:400]
+        + "".join(f"; with {x['gpus']} GPU(s) by {x['packing']} at max_loras {x['max_loras']}, "
+                  f"{'every GPU' if x['gpus_run'] == 'all' else 'its critical GPUs'} starve {x['starving_adapters']} "
+                  f"adapter(s) (worst served {x['min_adapter_served_frac']:.0%})"
+                  for x in search if x["gpus"] == best - 1 and not x["ok"])[:700]
         + f". Today's recommend plan: {len(today.gpus)} GPU(s), every one at max_lora_rank {rec['max_lora_rank']}, "
         + ("no starving adapter in the twin." if today_check["ok"] else
            f"{today_check['starving_adapters']} starving adapter(s) in the twin (worst served {today_check['min_adapter_served_frac']:.0%}).")

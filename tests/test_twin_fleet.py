@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,13 +12,13 @@ import polars as pl
 import pytest
 from click.testing import CliRunner
 
-from tracekit import schema
+from tracekit import parallel, schema
 from tracekit.metrics import adapter_service, summarize
 from tracekit.synth import synthesize
 from twin.api import ServingConfig
 from twin.cli import main as twin_main
 from twin.engine import simulate
-from twin.fleet import simulate_fleet
+from twin.fleet import WORKER_MODULES, simulate_fleet
 from twin.fleet_plan import FleetPlan, resolve
 from twin.profile import load_profile
 from twin.routing import Router
@@ -74,12 +75,26 @@ def test_split_does_not_change_a_bit(small_trace) -> None:  # type: ignore[no-un
     names = sorted(df["adapter"].unique().to_list())
     plan = plan_of(split(names, 4), max_loras=2)
     one = simulate_fleet(df, PROFILE, plan, trace_context=ctx, jobs=1)
+    # A fresh pool: this process runs GPUs itself while the workers start.
     two = simulate_fleet(df, PROFILE, plan, trace_context=ctx, jobs=2)
     assert one.results.equals(two.results)
-    assert len({g["pid"] for g in two.summary["gpus"]}) == 2  # two worker processes
+    with parallel.Pool("local", 2) as pool:
+        pool.start(WORKER_MODULES, wait=True)  # workers up: every GPU goes to them
+        up = simulate_fleet(df, PROFILE, plan, trace_context=ctx, jobs=2, pool=pool)
+    assert one.results.equals(up.results)
+    pids = {g["pid"] for g in up.summary["gpus"]}
+    assert os.getpid() not in pids and len(pids) == 2  # two worker processes
     rr1 = simulate_fleet(df, PROFILE, plan, "round-robin", trace_context=ctx, jobs=1)
     rep = pl.from_arrow(rr1.results)["replica"].to_list()
     assert rep == [f"gpu-{i % 4:02d}" for i in range(df.height)]
+
+
+def test_a_helping_pool_runs_every_task_once() -> None:
+    # This process takes tasks while the workers start, the workers the rest: each once.
+    with parallel.Pool("local", 2) as pool:
+        got = list(pool.run(parallel.import_modules, [(("json",),)] * 8, help=True, warm=("json",)))
+    assert sorted(i for i, _ in got) == list(range(8))
+    assert os.getpid() in {pid for _, pid in got}  # the first ran here, before any worker was up
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -74,8 +75,6 @@ class Pool:
     submit to one pool."""
 
     def __init__(self, executor: str = "local", jobs: int = 1, ray_address: str | None = None):
-        import threading
-
         if executor not in EXECUTORS:
             raise TracekitError(f"--executor {executor}: expected local or ray")
         if executor == "local" and ray_address:
@@ -89,6 +88,12 @@ class Pool:
         self._ray_started = False
         self._remote: dict[Any, Any] = {}
         self._lock = threading.Lock()
+        self._starting: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._stop = threading.Event()
+        self._helping = threading.Lock()
+        self._shutdown_by_starter = False
+        self._start_error: BaseException | None = None
 
     def __enter__(self) -> Pool:
         return self
@@ -96,22 +101,134 @@ class Pool:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Stop the workers. `wait=False`: Ray started by this pool's starter thread is shut
+        down by that thread (a second or two) while the caller goes on; `join()` waits."""
+        if self._starting is not None:
+            self._ready.wait()
         if self._local is not None:
             self._local.shutdown(wait=True, cancel_futures=True)
             self._local = None
         if self._ray_started:
-            import ray
+            if not wait and self._starting is not None and self._starting.is_alive():
+                self._shutdown_by_starter = True
+            else:
+                import ray
 
-            ray.shutdown()
+                ray.shutdown()
             self._ray_started = False
+        self._stop.set()
+        if wait:
+            self.join()
 
-    def run(self, fn: Callable[..., Any], tasks: Sequence[tuple[Any, ...]]) -> Iterator[tuple[int, Any]]:
+    def join(self) -> None:
+        if self._starting is not None:
+            self._starting.join()
+
+    def start(self, warm: Sequence[str] = (), wait: bool = False) -> None:
+        """Start the workers now, in the background (spawned processes, or Ray and its
+        workers), each importing the modules `warm`, so that their start-up overlaps the
+        caller's own work (`wait`: until one of them is up). `run(..., help=True)` calls it."""
+        if self.executor == "local" and self.jobs <= 1:
+            return
+        with self._lock:
+            if self._starting is None:
+                self._starting = threading.Thread(target=self._start, args=(tuple(warm),), daemon=True)
+                self._starting.start()
+        if wait:
+            self._ready.wait()
+            if self._start_error is not None:
+                raise self._start_error
+
+    def _start(self, warm: tuple[str, ...]) -> None:
+        try:
+            if self.executor == "local":
+                from concurrent.futures import FIRST_COMPLETED, wait
+
+                ex = self._executor()
+                with self._lock, single_thread_env():
+                    futs = [ex.submit(import_modules, warm) for _ in range(self.jobs)]
+                wait(futs, return_when=FIRST_COMPLETED)
+            else:
+                import ray
+
+                remote = self._ray_remote(import_modules)
+                ray.wait([remote.remote(warm) for _ in range(self.jobs)], num_returns=1)
+        except BaseException as e:  # raised where the tasks are collected
+            self._start_error = e
+        finally:
+            self._ready.set()
         if self.executor == "ray":
-            return self._run_ray(fn, tasks)
-        if self.jobs <= 1 or len(tasks) <= 1:
+            # Ray's processes die with the thread that started them (PR_SET_PDEATHSIG
+            # follows the thread): this one lives until the pool closes.
+            self._stop.wait()
+            if self._shutdown_by_starter:
+                import ray
+
+                ray.shutdown()
+
+    def run(self, fn: Callable[..., Any], tasks: Sequence[tuple[Any, ...]], help: bool = False,
+            warm: Sequence[str] = ()) -> Iterator[tuple[int, Any]]:
+        """`fn(*task)` for each task; yields (index, result) as they finish. `help`: while
+        the workers are still starting (spawn, imports; Ray's start-up takes seconds), the
+        calling thread runs tasks itself, in order, and the workers take the rest once
+        one of them is up (`warm`: the modules they import first)."""
+        if self.executor == "local" and (self.jobs <= 1 or len(tasks) <= 1):
             return ((i, fn(*t)) for i, t in enumerate(tasks))
-        return self._run_local(fn, tasks)
+        # One thread helps at a time: two would share this process's one interpreter lock.
+        if help and not self._ready.is_set() and len(tasks) > 1 and self._helping.acquire(blocking=False):
+            return self._run_helping(fn, tasks, warm)
+        return self._run_backend(fn, tasks)
+
+    def _run_backend(self, fn: Callable[..., Any], tasks: Sequence[tuple[Any, ...]]) -> Iterator[tuple[int, Any]]:
+        if self._starting is not None:
+            self._ready.wait()
+            if self._start_error is not None:
+                raise self._start_error
+        return self._run_ray(fn, tasks) if self.executor == "ray" else self._run_local(fn, tasks)
+
+    def _run_helping(self, fn: Callable[..., Any], tasks: Sequence[tuple[Any, ...]],
+                     warm: Sequence[str]) -> Iterator[tuple[int, Any]]:
+        import queue
+        from collections import deque
+
+        self.start(warm)
+        todo = deque(range(len(tasks)))
+        claim = threading.Lock()
+        results: queue.Queue[tuple[str, Any]] = queue.Queue()
+
+        def feed() -> None:
+            # Once a worker is up, every task not yet claimed here goes to the workers.
+            self._ready.wait()
+            with claim:
+                idx = list(todo)
+                todo.clear()
+            try:
+                if idx:
+                    for j, out in self._run_backend(fn, [tasks[i] for i in idx]):
+                        results.put(("ok", (idx[j], out)))
+            except BaseException as e:
+                results.put(("error", e))
+            results.put(("done", None))
+
+        threading.Thread(target=feed, daemon=True).start()
+        try:
+            while True:
+                with claim:
+                    i = todo.popleft() if todo and not self._ready.is_set() else None
+                if i is None:
+                    break
+                yield i, fn(*tasks[i])
+        finally:
+            self._helping.release()
+        while True:
+            kind, v = results.get()
+            if kind == "ok":
+                yield v
+            elif kind == "error":
+                raise v
+            else:
+                break
 
     def _executor(self) -> Any:
         with self._lock:
@@ -137,7 +254,8 @@ class Pool:
             for f in futs:
                 f.cancel()
 
-    def _run_ray(self, fn: Callable[..., Any], tasks: Sequence[tuple[Any, ...]]) -> Iterator[tuple[int, Any]]:
+    def _ray_remote(self, fn: Callable[..., Any]) -> Any:
+        """Ray started or joined (once), and `fn` as a remote function of one CPU."""
         try:
             import ray
         except ImportError:
@@ -149,21 +267,39 @@ class Pool:
                     kwargs["address"] = self.ray_address
                 else:
                     kwargs["num_cpus"] = self.jobs
-                    kwargs["runtime_env"] = {"env_vars": dict(SINGLE_THREAD_ENV)}
                 try:
-                    ray.init(**kwargs)
+                    # A local cluster's workers inherit the environment its processes start
+                    # with: single-threaded, as local workers (a runtime_env would do the
+                    # same through Ray's runtime-env agent: 5 s more to start, measured).
+                    with single_thread_env():
+                        ray.init(**kwargs)
                 except Exception as e:  # ray raises many types for a bad address
                     raise TracekitError(f"--ray-address {self.ray_address}: cannot connect: {str(e).splitlines()[0]}") from None
                 self._ray_started = True
             remote = self._remote.get(fn)
             if remote is None:
                 remote = self._remote[fn] = ray.remote(num_cpus=1)(fn)
+        return remote
+
+    def _run_ray(self, fn: Callable[..., Any], tasks: Sequence[tuple[Any, ...]]) -> Iterator[tuple[int, Any]]:
+        import ray
+
+        remote = self._ray_remote(fn)
         refs = {remote.remote(*t): i for i, t in enumerate(tasks)}
         pending = list(refs)
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
             for r in ready:
                 yield refs[r], ray.get(r)
+
+
+def import_modules(names: Sequence[str]) -> int:
+    """A worker's first task: import what the real tasks need (its pid back)."""
+    import importlib
+
+    for n in names:
+        importlib.import_module(n)
+    return os.getpid()
 
 
 def run_tasks(

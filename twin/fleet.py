@@ -61,6 +61,8 @@ class FleetResult:
     steps: dict[str, pa.Table] | None = None  # GPU name -> its steps, when asked for
 
 
+# What a worker imports while this process prepares the tasks.
+WORKER_MODULES = ("twin.fleet", "twin.engine", "twin.cosim")
 # Below this many requests a fleet runs in this process by default: starting a worker
 # (spawn, imports) costs 1-2 s here, more than such runs save (a 4-GPU, 23k-request fleet:
 # 6.3 s on 2 workers, 2.2 s in one process).
@@ -229,7 +231,7 @@ def _run_coupled(
             kinds.append(("group", comp, rows))
     # Largest first, so that the longest task does not start last.
     order = sorted(range(len(tasks)), key=lambda i: -len(kinds[i][2]))
-    for j, out in pool.run(run_task, [(kinds[i][0], tasks[i]) for i in order]):
+    for j, out in pool.run(run_task, [(kinds[i][0], tasks[i]) for i in order], help=True, warm=WORKER_MODULES):
         kind, comp, rows = kinds[order[j]]
         if kind == "gpu":
             parts[comp[0]] = out
@@ -271,7 +273,7 @@ def _run_static(
     order = sorted(range(len(tasks)), key=lambda k: -tasks[k][1].height)
     tasks = [tasks[k] for k in order]
     which = [which[k] for k in order]
-    it = pool.run(run_gpu, tasks)
+    it = pool.run(run_gpu, tasks, help=True, warm=WORKER_MODULES)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from tracekit.cliutil import err_console
@@ -304,7 +306,12 @@ def _assemble(
     if tables:
         merged = pa.concat_tables(tables)
         pos = np.concatenate(positions)
-        merged = merged.take(pa.array(np.argsort(pos, kind="stable")))
+        if pos.size == trace.height:  # every request routed: invert the permutation, O(n)
+            order = np.empty_like(pos)
+            order[pos] = np.arange(pos.size, dtype=pos.dtype)
+        else:
+            order = np.argsort(pos, kind="stable")
+        merged = merged.take(pa.array(order))
     else:
         raise TracekitError("the fleet served no request")
     merged = conform(merged, "results", source="twin fleet")
@@ -354,6 +361,7 @@ def fleet_summary(
     fleet_row.update(gpus=len(plan.gpus), adapters=int(at_cut.height),
                      starving_adapters=int(starving.height),
                      starving_adapter_names=starving.sort("served_frac")["adapter"].to_list()[:50],
+                     worst_adapter_names=service.sort(["served_frac", "adapter"])["adapter"].to_list()[:10],
                      starving_adapters_at_cut=int(at_cut["starved"].sum()),
                      judged_tail_s=tail,
                      min_adapter_served_frac=float(service["served_frac"].min()) if service.height else 1.0)

@@ -94,11 +94,25 @@ def run_fleet(
     fleet = resolve(plan, profile, names, adapter_ranks(context), router)
     for w in fleet.warnings:
         click.echo(f"warning: {w}", err=True)
-    res = simulate_fleet(df, profile, plan, router, trace_context=context, window_s=window, executor=executor,
-                         jobs=jobs, ray_address=ray_address, record_steps=steps_out is not None,
-                         fast_forward=not no_fast_forward, progress=not as_json, resolved=fleet)
+    from tracekit import parallel
+    from twin.fleet import WORKER_MODULES, default_jobs
+
+    jobs = default_jobs(df.height) if jobs is None else jobs
+    if jobs < 1:
+        raise TracekitError("--jobs must be at least 1")
+    pool = parallel.Pool(executor, jobs, ray_address)
+    pool.start(WORKER_MODULES)  # workers (or Ray) start while this process routes and splits the trace
+    try:
+        res = simulate_fleet(df, profile, plan, router, trace_context=context, window_s=window, executor=executor,
+                             jobs=jobs, pool=pool, record_steps=steps_out is not None,
+                             fast_forward=not no_fast_forward, progress=not as_json, resolved=fleet)
+    finally:
+        pool.close(wait=False)  # Ray's shutdown (a second or two) overlaps the write
     res.context["trace_path"] = str(trace)
-    write(out, res.results, KIND_RESULTS, res.context)
+    try:
+        write(out, res.results, KIND_RESULTS, res.context)
+    finally:
+        pool.join()
     written = [str(out)]
     if steps_out is not None and res.steps:
         steps_out.mkdir(parents=True, exist_ok=True)
