@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -85,14 +85,20 @@ def _window(context: Mapping[str, Any], last_arrival: float, n: int) -> float:
     return max(last_arrival * (1.0 + 1.0 / n), 1e-9)
 
 
-def _histogram(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(distinct values ascending, their counts): a bincount for token counts (small
-    non-negative integers), else np.unique."""
-    if x.size and np.issubdtype(x.dtype, np.integer) and x.min() >= 0 and x.max() < 1 << 24:
-        c = np.bincount(x)
-        v = np.flatnonzero(c)
-        return v, c[v]
-    return np.unique(x, return_counts=True)
+def _add_counts(counts: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """`counts` (occurrences of each value 0, 1, ...) plus those of the integers `x`."""
+    if x.size == 0:
+        return counts
+    if x.dtype == np.uint64:
+        x = x.astype(np.int64)
+    if x.min() < 0:
+        raise TracekitError("token counts must be at least 1")
+    c = np.bincount(x)
+    if c.size > counts.size:
+        c[: counts.size] += counts
+        return c
+    counts[: c.size] += c
+    return counts
 
 
 def _p90(values: np.ndarray, counts: np.ndarray) -> float:
@@ -109,35 +115,50 @@ def compute(lf: pl.LazyFrame | pl.DataFrame | pa.Table, context: Mapping[str, An
     return compute_with_loads(lf, context)[0]
 
 
-def _columns(trace: pl.LazyFrame | pl.DataFrame | pa.Table) -> tuple[np.ndarray, list[str], dict[str, np.ndarray]]:
-    """(adapter code per request, -1 for the base model; adapter names; the numeric
-    columns as numpy), from an Arrow table (adapter dictionary-encoded or not) or a
-    polars frame."""
+CHUNK = 1 << 17  # rows per pass: temporaries stay small, in cache, and their memory reused
+
+
+def _tables(trace: pl.LazyFrame | pl.DataFrame | pa.Table) -> pa.Table:
+    """The feature columns as an Arrow table."""
     if not isinstance(trace, pa.Table):
         trace = trace.lazy().select(FEATURE_COLUMNS).collect().to_arrow()
-    adapter = trace.column("adapter")
-    if not pa.types.is_dictionary(adapter.type):
-        adapter = adapter.dictionary_encode()
-    adapter = adapter.unify_dictionaries() if adapter.num_chunks > 1 else adapter
-    if adapter.num_chunks == 0:
-        codes, names = np.zeros(0, np.int64), []
-    else:
-        codes = np.concatenate([c.indices.fill_null(-1).to_numpy().astype(np.int32, copy=False)
-                                for c in adapter.chunks])
-        names = adapter.chunk(0).dictionary.to_pylist()
-    # A literal "<base>" adapter name is the base model, as a null is.
-    if BASE in names:
-        codes[codes == names.index(BASE)] = -1
-    cols = {c: trace.column(c).to_numpy() for c in ("arrival_s", "prompt_tokens", "output_tokens")}
-    return codes, names, cols
+    return trace.select(list(FEATURE_COLUMNS))
+
+
+def _passes(tables: Iterable[pa.Table], names: dict[str, int]) -> Iterator[tuple[np.ndarray, ...]]:
+    """(adapter slot, arrival, prompt, output) numpy views, CHUNK rows at a time. Slots
+    number adapter names in order of appearance (`names` grows as they come; each table
+    may have its own dictionary); the base model's requests (null, or an adapter named
+    BASE) get slot -1."""
+    for table in tables:
+        for batch in table.to_batches():
+            chunk = batch.column(1)
+            if not pa.types.is_dictionary(chunk.type):
+                chunk = chunk.dictionary_encode()
+            remap = np.array([-1 if a == BASE else names.setdefault(a, len(names))
+                              for a in chunk.dictionary.to_pylist()] + [-1], dtype=np.int64)  # fmt: skip
+            codes = chunk.indices
+            codes = codes.to_numpy(zero_copy_only=False) if codes.null_count == 0 else codes.fill_null(-1).to_numpy()
+            cols = [batch.column(i).to_numpy(zero_copy_only=False) for i in (0, 2, 3)]
+            for lo in range(0, len(codes), CHUNK):
+                yield remap[codes[lo:lo + CHUNK]], *(c[lo:lo + CHUNK] for c in cols)
 
 
 def compute_with_loads(
     trace: pl.LazyFrame | pl.DataFrame | pa.Table, context: Mapping[str, Any] | None = None
 ) -> tuple[dict[str, float], dict[str, float]]:
-    """Features of a trace given as an Arrow table (`tracekit.schema.read_trace_columns`
-    of FEATURE_COLUMNS, the adapter column dictionary-encoded: the fast path) or a
-    (lazy) polars frame with the trace columns, and its context.
+    """Features of a trace given as an Arrow table or a (lazy) polars frame with the
+    trace columns, and its context (see `compute_from_tables`)."""
+    table = _tables(trace)
+    return compute_from_tables([table], table.num_rows, context)
+
+
+def compute_from_tables(
+    tables: Iterable[pa.Table], requests: int, context: Mapping[str, Any] | None = None
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Features of a trace given as Arrow tables of FEATURE_COLUMNS one after another
+    (`tracekit.schema.iter_trace_columns`: a row group at a time, adapter names
+    dictionary-encoded; the fast path) with `requests` rows in all, and its context.
 
     Adapters listed in the context's `adapters` with no request count as rate 0 (they
     are served, so they occupy the CPU cache). Requests without an adapter are base-model
@@ -146,26 +167,53 @@ def compute_with_loads(
     Also returns each adapter's offered tokens/s (for splitting the fleet over GPUs)."""
     ctx = dict(context or {})
     ranks = schema.adapter_ranks(ctx)
-    codes, names_all, cols = _columns(trace)
-    arrival, prompt, output = cols["arrival_s"], cols["prompt_tokens"], cols["output_tokens"]
-    requests = int(codes.size)
     if requests == 0:
         raise TracekitError("trace has no requests: nothing to compute features from")
-    window = _window(ctx, float(arrival.max()), requests)
+    if not ctx.get("window_s"):  # the window is the span of arrivals: their maximum first
+        tables = list(tables)
+        last_arrival = max(float(c.to_numpy(zero_copy_only=False).max())
+                           for t in tables for c in t.column("arrival_s").chunks if len(c))  # fmt: skip
+    else:
+        last_arrival = 0.0
+    window = _window(ctx, last_arrival, requests)
+    # One pass, CHUNK rows at a time: per-adapter counts and token sums (bincounts over
+    # slots; the base model in the last one), length histograms, whether arrivals are in
+    # order; the burstiness sample's adapters and arrivals are kept (a first part).
+    cutoff = window * GAP_SAMPLE / requests if requests > GAP_SAMPLE else math.inf
+    names: dict[str, int] = {}
+    n_by_slot = np.zeros(0, np.int64)
+    tok_by_slot = np.zeros(0)  # float64 sums of integers are exact below 2**53
+    hist = {"prompt": np.zeros(0, np.int64), "output": np.zeros(0, np.int64)}
+    sample: list[tuple[np.ndarray, np.ndarray]] = []
+    last, in_order, base_n = -math.inf, True, 0
+    for slot, arrival, prompt, output in _passes(tables, names):
+        k = len(names)
+        if n_by_slot.size < k:
+            n_by_slot = np.concatenate([n_by_slot, np.zeros(k - n_by_slot.size, np.int64)])
+            tok_by_slot = np.concatenate([tok_by_slot, np.zeros(k - tok_by_slot.size)])
+        base = slot < 0
+        if base.any():
+            base_n += int(base.sum())
+            slot = np.where(base, k, slot)  # the base model's slot, dropped below
+        n_by_slot += np.bincount(slot, minlength=k + 1)[:k]
+        tok_by_slot += np.bincount(slot, weights=np.add(prompt, output, dtype=np.float64), minlength=k + 1)[:k]
+        for x, key in ((prompt, "prompt"), (output, "output")):
+            hist[key] = _add_counts(hist[key], x)
+        if arrival.size:
+            in_order = in_order and arrival[0] >= last and bool((arrival[1:] >= arrival[:-1]).all())
+            last = float(arrival[-1])
+        keep = (arrival < cutoff) & (slot < k)
+        if keep.any():
+            sample.append((slot[keep], arrival[keep]))
+    names_all = list(names)  # slot order
     k_all = len(names_all)
-    # Base-model requests (code -1) are counted in a slot of their own, the last one.
-    slot = np.where(codes >= 0, codes, k_all) if codes.min() < 0 else codes
-    n_by_code = np.bincount(slot, minlength=k_all + 1)
-    # Token sums as float64 are exact (integers far below 2**53).
-    tok_by_code = np.bincount(slot, weights=np.add(prompt, output, dtype=np.float64), minlength=k_all + 1)
-    base_n = int(n_by_code[k_all])
-    n_by_code, tok_by_code = n_by_code[:k_all], tok_by_code[:k_all]
+    n_by_code, tok_by_code = n_by_slot[:k_all], tok_by_slot[:k_all]
 
     lens: dict[str, float] = {}
-    for x, key in ((prompt, "prompt"), (output, "output")):
-        # Mean, std and p90 from the lengths' histogram (a bincount), not three passes
-        # over millions of requests.
-        v, c = _histogram(x)
+    for key, counts_ in hist.items():
+        # Mean, std and p90 from the lengths' histogram, not three passes over millions.
+        v = np.flatnonzero(counts_)
+        c = counts_[v]
         mean = float(np.dot(v.astype(np.float64), c) / requests)
         lens[f"{key}_mean"] = mean
         lens[f"{key}_std"] = float(np.sqrt(np.dot((v - mean) ** 2, c) / requests))
@@ -183,7 +231,7 @@ def compute_with_loads(
     k = max(1, math.ceil(TOP_FRACTION * len(names)))
     adapter_req = n_req.sum()
     top = np.sort(n_req)[::-1][:k].sum() / adapter_req if adapter_req else 0.0
-    burst = _burstiness(codes, arrival, k_all, window)
+    burst = _burstiness(sample, in_order, k_all)
 
     tokens_per_req = float(lens["prompt_mean"] + lens["output_mean"])
     out: dict[str, float] = {
@@ -214,19 +262,20 @@ def compute_with_loads(
     return {name: out[name] for name in FEATURE_NAMES}, loads
 
 
-def _burstiness(codes: np.ndarray, arrival: np.ndarray, k: int, window: float) -> float:
-    """Request-weighted CV of each adapter's inter-arrival gaps; adapters with fewer than
-    3 requests say nothing about it (1.0, Poisson, when none has more).
+def _burstiness(sample: list[tuple[np.ndarray, np.ndarray]], in_order: bool, k: int) -> float:
+    """Request-weighted CV of each adapter's inter-arrival gaps, from the sample's
+    (adapter, arrival) pairs; adapters with fewer than 3 requests say nothing about it
+    (1.0, Poisson, when none has more).
 
     Burstiness needs every adapter's gaps in time order, the costliest part on big traces:
     past GAP_SAMPLE requests it is estimated on the window's first part that holds about
     that many (stationary traffic has the same gaps throughout; the answer stays fast on
     hour-long fleets of millions of requests). A trace's window starts at arrival 0."""
-    sel = codes >= 0
-    if codes.size > GAP_SAMPLE:
-        sel &= arrival < window * GAP_SAMPLE / codes.size
-    c, t = codes[sel], arrival[sel]
-    if t.size > 1 and not (t[1:] >= t[:-1]).all():
+    if not sample:
+        return 1.0
+    c = np.concatenate([s[0] for s in sample])
+    t = np.concatenate([s[1] for s in sample])
+    if not in_order:
         order = np.lexsort((t, c))
     else:  # in arrival order (the usual case): a stable sort by adapter keeps it per adapter
         order = np.argsort(c.astype(np.int16) if k < 1 << 15 else c, kind="stable")

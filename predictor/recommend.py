@@ -139,7 +139,7 @@ def _model_off_domain(model: CapacityModel, profile: Any, config: Any) -> list[s
 
 
 def recommend_gpu(
-    trace: pl.DataFrame | pl.LazyFrame | pa.Table,
+    trace: pl.DataFrame | pl.LazyFrame | pa.Table | None,
     context: Mapping[str, Any],
     profile: Any,
     settings: Mapping[str, Any] | None = None,
@@ -158,7 +158,8 @@ def recommend_gpu(
     `max_loras` pins it); `fast`: the model alone; `use_model=False`: the twin search
     without the model's guesses (what a profile with no model gets); `on_run`: called
     with each twin run as it finishes (sequential search); `features`: (features, loads)
-    when already computed; `simulator`: module:function in place of the twin (tests)."""
+    when already computed (then `trace` may be None for `fast`); `simulator`:
+    module:function in place of the twin (tests)."""
     from predictor import features as feats
     from predictor.plan import best_of, model_starving_points, plan
     from twin.profile import load_profile
@@ -224,6 +225,8 @@ def recommend_gpu(
         return ans
 
     sf = safety(prof, None)
+    if trace is None:
+        raise ValueError("recommend_gpu: the twin search needs the trace's requests")
     frame = trace.collect() if isinstance(trace, pl.LazyFrame) else trace
     window = min(float(feats.window_of(frame.lazy(), ctx)), SEARCH_WINDOW_S)
     trials = Trials(frame, ctx, loads, prof, config, window, simulator)
@@ -403,14 +406,17 @@ def recommend(
     prof = load_profile(profile)
     # The model alone needs the four feature columns (read once, checked); the twin search
     # replays the whole trace, so it reads and checks all of it.
-    trace: pa.Table | pl.DataFrame
-    if fast:
-        trace, meta, _ = schema.read_trace_columns(trace_path, feats.FEATURE_COLUMNS, dictionary=["adapter"])
-    else:
-        trace, meta = schema.read_trace(trace_path)
+    trace: pl.DataFrame | None = None
     try:
-        wf, loads = feats.compute_with_loads(trace, meta.context)
+        if fast:  # a row group at a time, checked as read
+            meta, rows, tables = schema.iter_trace_columns(trace_path, feats.FEATURE_COLUMNS, dictionary=["adapter"])
+            wf, loads = feats.compute_from_tables(tables, rows, meta.context)
+        else:
+            trace, meta = schema.read_trace(trace_path)
+            wf, loads = feats.compute_with_loads(trace, meta.context)
     except TracekitError as e:
+        if str(e).startswith(str(trace_path)):  # a read error names its file already
+            raise
         raise TracekitError(f"{trace_path}: {e}") from None
     a = recommend_gpu(trace, meta.context, prof, settings, fast=fast, model=model, use_model=use_model, jobs=jobs,
                       on_run=on_run, features=(wf, loads), simulator=simulator)

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
@@ -113,6 +114,13 @@ def test_arrow_columns_give_the_polars_frame_s_features(tmp_path) -> None:
     for k in fa:
         assert fa[k] == pytest.approx(fp[k], rel=1e-12, abs=1e-15), k
     assert la == pytest.approx(lp, rel=1e-12)
+    # A row group at a time (each with its own adapter dictionary), as recommend --fast reads.
+    pq.write_table(pq.read_table(path), tmp_path / "g.parquet", row_group_size=97)
+    meta, rows, tables = schema.iter_trace_columns(tmp_path / "g.parquet", F.FEATURE_COLUMNS, dictionary=["adapter"])
+    fg, lg = F.compute_from_tables(tables, rows, ctx)
+    for k in fg:
+        assert fg[k] == pytest.approx(fp[k], rel=1e-12, abs=1e-15), k
+    assert lg == pytest.approx(lp, rel=1e-12)
 
 
 def test_cli_json_and_table_and_errors(tmp_path) -> None:

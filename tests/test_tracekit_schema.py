@@ -351,6 +351,24 @@ def test_read_trace_columns_checks_every_value_of_the_columns_it_reads(tmp_path:
         schema.read_trace_columns(raw_write(tmp_path / "s.parquet", steps_table(), "steps"), ["arrival_s"])
 
 
+def test_iter_trace_columns_checks_each_row_group_and_names_its_row(tmp_path: Path) -> None:
+    d = tmp_path / "cap"
+    d.mkdir()
+    raw_write(d / "part-0.parquet", trace_table(3))
+    bad = trace_table(4).set_column(3, "prompt_tokens", pa.array([4, 4, 4, 0], pa.int32()))
+    pq.write_table(bad.replace_schema_metadata(pq.read_schema(d / "part-0.parquet").metadata), d / "part-1.parquet",
+                   row_group_size=2)  # two row groups: the bad row is row 1 of the second
+    meta, rows, tables = schema.iter_trace_columns(d, ["arrival_s", "adapter", "prompt_tokens"], dictionary=["adapter"])
+    assert rows == 7 and meta.kind == "trace"
+    with pytest.raises(TracekitError) as e:
+        list(tables)
+    assert str(e.value) == f"{d / 'part-1.parquet'}: row 3: prompt_tokens must be at least 1, got 0"
+    _, _, tables = schema.iter_trace_columns(d, ["arrival_s", "output_tokens"])
+    assert [t.num_rows for t in tables] == [3, 2, 2]
+    with pytest.raises(ValueError, match="request ids"):
+        schema.iter_trace_columns(d, ["request_id"])
+
+
 def test_unsorted_trace_is_sorted_on_read_with_one_note(tmp_path: Path) -> None:
     t = trace_table(4).set_column(1, "arrival_s", pa.array([0.0, 2.0, 1.0, 3.0]))
     p = raw_write(tmp_path / "t.parquet", t)
