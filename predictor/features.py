@@ -139,9 +139,13 @@ def _passes(tables: Iterable[pa.Table], names: dict[str, int]) -> Iterator[tuple
                               for a in chunk.dictionary.to_pylist()] + [-1], dtype=np.int64)  # fmt: skip
             codes = chunk.indices
             codes = codes.to_numpy(zero_copy_only=False) if codes.null_count == 0 else codes.fill_null(-1).to_numpy()
+            # Codes that are already slots (a first dictionary, nothing to the base model)
+            # need no gather.
+            same = codes.min(initial=0) >= 0 and bool((remap[:-1] == np.arange(len(remap) - 1)).all())
             cols = [batch.column(i).to_numpy(zero_copy_only=False) for i in (0, 2, 3)]
             for lo in range(0, len(codes), CHUNK):
-                yield remap[codes[lo:lo + CHUNK]], *(c[lo:lo + CHUNK] for c in cols)
+                part = codes[lo:lo + CHUNK]
+                yield part if same else remap[part], *(c[lo:lo + CHUNK] for c in cols)
 
 
 def compute_with_loads(
