@@ -32,6 +32,7 @@ BASE = "<base>"
 # Share of the busiest adapters reported by `top_share`: 10% of the fleet.
 TOP_FRACTION = 0.10
 GAP_SAMPLE = 200_000  # requests: past this, burstiness is estimated on the first part of the window
+CHUNK = 1 << 17  # rows per pass: temporaries stay small, in cache, and their memory reused
 
 # Feature names, in a fixed order (the model's columns). Descriptions feed `--help`,
 # the table and the explanations.
@@ -113,9 +114,6 @@ def _p90(values: np.ndarray, counts: np.ndarray) -> float:
 def compute(lf: pl.LazyFrame | pl.DataFrame | pa.Table, context: Mapping[str, Any] | None = None) -> dict[str, float]:
     """Features of a trace (see `compute_with_loads`)."""
     return compute_with_loads(lf, context)[0]
-
-
-CHUNK = 1 << 17  # rows per pass: temporaries stay small, in cache, and their memory reused
 
 
 def _tables(trace: pl.LazyFrame | pl.DataFrame | pa.Table) -> pa.Table:
