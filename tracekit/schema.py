@@ -695,22 +695,36 @@ def iter_trace_columns(
     readers = [(f, pq.ParquetFile(f, read_dictionary=list(dictionary) or None)) for f in files]
     checked = [c for c in _CHECKED_COLUMNS if c in columns]
 
+    groups = [(f, pf, g) for f, pf in readers for g in range(pf.metadata.num_row_groups)]
+
+    def read(i: int) -> pa.Table:
+        f, pf, g = groups[i]
+        try:
+            return pf.read_row_group(g, columns=columns)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise TracekitError(f"{f}: cannot read: {str(e).splitlines()[0]}") from None
+
     def tables() -> Iterator[pa.Table]:
-        last, noted = -math.inf, False
-        for f, pf in readers:
-            start = 0
-            for g in range(pf.metadata.num_row_groups):
-                try:
-                    t = pf.read_row_group(g, columns=columns)
-                except (pa.ArrowInvalid, OSError) as e:
-                    raise TracekitError(f"{f}: cannot read: {str(e).splitlines()[0]}") from None
+        from concurrent.futures import ThreadPoolExecutor
+
+        last, noted, start, prev = -math.inf, False, 0, None
+        # With a second core, the next row group is read (Parquet decoding releases the
+        # GIL) while the caller works on this one; on one core that only adds switches.
+        with ThreadPoolExecutor(1) as ahead:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            early = cores > 1
+            nxt = ahead.submit(read, 0) if groups and early else None
+            for i, (f, _, _) in enumerate(groups):
+                t = nxt.result() if nxt is not None else read(i)
+                nxt = ahead.submit(read, i + 1) if early and i + 1 < len(groups) else None
+                if f != prev:
+                    start, prev = 0, f
                 name, offset = str(f), start
                 check = check_trace(pl.from_arrow(t.select(checked)).lazy(), name, meta.kind,  # type: ignore[union-attr]
-                                    where=lambda i, name=name, offset=offset: f"{name}: row {offset + i}")
+                                    where=lambda r, name=name, offset=offset: f"{name}: row {offset + r}")
                 unsorted = check.unsorted_row
                 if t.num_rows and "arrival_s" in columns:
-                    first = t.column("arrival_s")[0].as_py()
-                    if first < last:
+                    if t.column("arrival_s")[0].as_py() < last:
                         unsorted = 0
                     last = t.column("arrival_s")[-1].as_py()
                 if unsorted is not None and not noted and meta.kind == KIND_TRACE:
