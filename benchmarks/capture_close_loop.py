@@ -34,7 +34,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from vllm_support import VllmServer, build_adapters, build_model, free_port  # noqa: E402
+from vllm_support import VllmServer, build_adapters, build_model, cli, free_port  # noqa: E402
 
 from tracekit import schema  # noqa: E402
 
@@ -42,14 +42,6 @@ RESULTS = HERE / "results"
 ADAPTERS = {"a1": 8, "a2": 16, "a3": 8, "a4": 16}
 SERVER = dict(max_loras=2, max_cpu_loras=4, max_lora_rank=16, max_num_seqs=16, max_num_batched_tokens=512)
 PY = sys.executable
-
-
-def cli(pkg: str, *args: str, timeout: float = 1800) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run([PY, "-c", f"from {pkg}.cli import main; main()", *args],
-                       capture_output=True, text=True, timeout=timeout)
-    if r.returncode != 0:
-        raise RuntimeError(f"{pkg} {' '.join(args)} failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
-    return r
 
 
 def make_trace(path: Path, *, duration: float, rates: list[tuple[float, float]], weights: list[float],

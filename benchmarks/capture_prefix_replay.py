@@ -31,7 +31,6 @@ import os
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,23 +43,13 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
 
 from capture_proxy_overhead import cpu_seconds, machine_line  # noqa: E402
-from capture_stop import start_proxy  # noqa: E402
-from vllm_support import VllmServer, build_adapters, build_model, native_dtype  # noqa: E402
+from vllm_support import VllmServer, build_adapters, build_model, cli, native_dtype, start_proxy  # noqa: E402
 
 from tracekit import schema  # noqa: E402
 
 RESULTS = HERE / "results"
 ADAPTER_RANKS = {"a1": 8, "a2": 16}
-PY = sys.executable
 SERVER = dict(max_loras=4, max_cpu_loras=8, max_num_seqs=16, max_model_len=2048)
-
-
-def cli(pkg: str, *args: str, timeout: float = 1800) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run([PY, "-c", f"from {pkg}.cli import main; main()", *args], capture_output=True, text=True,
-                       timeout=timeout)
-    if r.returncode != 0:
-        raise RuntimeError(f"{pkg} {' '.join(args)} failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
-    return r
 
 
 def prefix_counters(url: str) -> tuple[float, float]:

@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -44,7 +43,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE.parent))
 
-from vllm_support import VllmServer, build_adapters, build_model  # noqa: E402
+from vllm_support import VllmServer, build_adapters, build_model, cli  # noqa: E402
 
 from tracekit import schema  # noqa: E402
 
@@ -53,7 +52,6 @@ ADAPTERS = {f"a{i}": (8 if i % 2 else 16) for i in range(1, 9)}
 GROUPS = [["a1", "a2", "a3", "a4"], ["a5", "a6", "a7", "a8"]]
 # Few seats, so that a replica past its speed queues requests (its saturation onset).
 SERVER = dict(max_loras=2, max_cpu_loras=4, max_lora_rank=16, max_num_seqs=8, max_num_batched_tokens=512)
-PY = sys.executable
 PROMPT = (16, 300)
 OUTPUT = (8, 64)
 
@@ -67,14 +65,6 @@ class PinnedServer(VllmServer):
 
     def command(self) -> list[str]:
         return ["taskset", "-c", str(self.core), *super().command()]
-
-
-def cli(pkg: str, *args: str, timeout: float = 1800) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run([PY, "-c", f"from {pkg}.cli import main; main()", *args], capture_output=True, text=True,
-                       timeout=timeout)
-    if r.returncode != 0:
-        raise RuntimeError(f"{pkg} {' '.join(args)} failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
-    return r
 
 
 def logu(rng: np.random.Generator, lo: int, hi: int, n: int) -> np.ndarray:

@@ -29,11 +29,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
 from vllm_support import VllmServer, build_adapters, build_model  # noqa: E402
+from vllm_support import cli as run_cli  # noqa: E402
 
 from tracekit import schema  # noqa: E402
 from tracekit.metrics import summarize  # noqa: E402
@@ -56,7 +57,6 @@ from tracekit.metrics import summarize  # noqa: E402
 RESULTS = HERE / "results"
 WORK = RESULTS / "twin_prefix_cpu"
 LOCK = "/tmp/tracekit-heavy.lock"
-PY = sys.executable
 ADAPTERS = {"a1": 8, "a2": 16, "a3": 8, "a4": 16}
 SERVER = dict(max_loras=2, max_cpu_loras=4, max_lora_rank=16, max_num_seqs=16, max_num_batched_tokens=512)
 MAX_MODEL_LEN = 2048
@@ -67,6 +67,8 @@ NUM_BLOCKS = 160
 SYSTEM_PROMPTS = "3:256"
 TURNS = 4
 REQUESTS = 200  # per trace
+# The project's commands run from this checkout (cwd: its packages first on the path).
+cli = functools.partial(run_cli, cwd=ROOT)
 GOALS = {"prefill_tokens": 0.03, "throughput_tok_s": 0.05, "mean_ttft_ms": 0.15}
 
 
@@ -81,14 +83,6 @@ def heavy_lock(what: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def cli(pkg: str, *args: str, timeout: float = 1800) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run([PY, "-c", f"from {pkg}.cli import main; main()", *args],
-                       capture_output=True, text=True, timeout=timeout, cwd=ROOT)  # fmt: skip
-    if r.returncode != 0:
-        raise RuntimeError(f"{pkg} {' '.join(args)} failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
-    return r
 
 
 def lengths_file(path: Path, seed: int) -> Path:

@@ -10,7 +10,8 @@
   windows and timeouts from it (another CPU runs these models several times slower);
 - `gauges(url)` reads the server's request gauges from `/metrics`;
 - `start_proxy(upstream, out)` starts `tracekit proxy` in front of a server and waits
-  for its /health; `hang_up(request_task)` is a client going away.
+  for its /health; `hang_up(request_task)` is a client going away; `cli(pkg, *args)` runs
+  one of the project's command lines.
 
 Builders run in a `.venv-vllm` subprocess and cache their output: a folder holding a
 `.done` marker is reused, so a test session builds each model once.
@@ -301,6 +302,16 @@ def free_port() -> int:
 
 
 TRACEKIT = [sys.executable, "-c", "from tracekit.cli import main; main()"]
+
+
+def cli(pkg: str, *args: str, timeout: float = 1800, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """`pkg`'s command line (tracekit, twin, replay, predictor) as its own process, output
+    captured; a failure raises with the tail of its output."""
+    r = subprocess.run([sys.executable, "-c", f"from {pkg}.cli import main; main()", *args],
+                       capture_output=True, text=True, timeout=timeout, cwd=cwd)  # fmt: skip
+    if r.returncode != 0:
+        raise RuntimeError(f"{pkg} {' '.join(args)} failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
+    return r
 
 
 def start_proxy(
