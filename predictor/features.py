@@ -86,14 +86,15 @@ def _window(context: Mapping[str, Any], last_arrival: float, n: int) -> float:
     return max(last_arrival * (1.0 + 1.0 / n), 1e-9)
 
 
-def _add_counts(counts: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """`counts` (occurrences of each value 0, 1, ...) plus those of the integers `x`."""
+def _add_counts(counts: np.ndarray, x: np.ndarray, where: str) -> np.ndarray:
+    """`counts` (occurrences of each value 0, 1, ...) plus those of the integers `x`
+    (`where`: the error's prefix)."""
     if x.size == 0:
         return counts
     if x.dtype == np.uint64:
         x = x.astype(np.int64)
     if x.min() < 0:
-        raise TracekitError("token counts must be at least 1")
+        raise TracekitError(f"{where}token counts must be at least 1")
     c = np.bincount(x)
     if c.size > counts.size:
         c[: counts.size] += counts
@@ -147,16 +148,16 @@ def _passes(tables: Iterable[pa.Table], names: dict[str, int]) -> Iterator[tuple
 
 
 def compute_with_loads(
-    trace: pl.LazyFrame | pl.DataFrame | pa.Table, context: Mapping[str, Any] | None = None
+    trace: pl.LazyFrame | pl.DataFrame | pa.Table, context: Mapping[str, Any] | None = None, source: str | None = None
 ) -> tuple[dict[str, float], dict[str, float]]:
     """Features of a trace given as an Arrow table or a (lazy) polars frame with the
     trace columns, and its context (see `compute_from_tables`)."""
     table = _tables(trace)
-    return compute_from_tables([table], table.num_rows, context)
+    return compute_from_tables([table], table.num_rows, context, source)
 
 
 def compute_from_tables(
-    tables: Iterable[pa.Table], requests: int, context: Mapping[str, Any] | None = None
+    tables: Iterable[pa.Table], requests: int, context: Mapping[str, Any] | None = None, source: str | None = None
 ) -> tuple[dict[str, float], dict[str, float]]:
     """Features of a trace given as Arrow tables of FEATURE_COLUMNS one after another
     (`tracekit.schema.iter_trace_columns`: a row group at a time, adapter names
@@ -166,11 +167,13 @@ def compute_from_tables(
     are served, so they occupy the CPU cache). Requests without an adapter are base-model
     traffic: counted in the load and in `base_share`, not as an adapter.
 
-    Also returns each adapter's offered tokens/s (for splitting the fleet over GPUs)."""
+    Also returns each adapter's offered tokens/s (for splitting the fleet over GPUs).
+    `source`: the file its errors name."""
     ctx = dict(context or {})
     ranks = schema.adapter_ranks(ctx)
+    where = f"{source}: " if source else ""
     if requests == 0:
-        raise TracekitError("trace has no requests: nothing to compute features from")
+        raise TracekitError(f"{where}trace has no requests: nothing to compute features from")
     if not ctx.get("window_s"):  # the window is the span of arrivals: their maximum first
         tables = list(tables)
         last_arrival = max(float(c.to_numpy(zero_copy_only=False).max())
@@ -200,7 +203,7 @@ def compute_from_tables(
         n_by_slot += np.bincount(slot, minlength=k + 1)[:k]
         tok_by_slot += np.bincount(slot, weights=np.add(prompt, output, dtype=np.float64), minlength=k + 1)[:k]
         for x, key in ((prompt, "prompt"), (output, "output")):
-            hist[key] = _add_counts(hist[key], x)
+            hist[key] = _add_counts(hist[key], x, where)
         if arrival.size:
             in_order = in_order and arrival[0] >= last and bool((arrival[1:] >= arrival[:-1]).all())
             last = float(arrival[-1])
@@ -224,7 +227,7 @@ def compute_from_tables(
     counts = {names_all[i]: int(n_by_code[i]) for i in np.flatnonzero(n_by_code)}
     names = sorted(set(counts) | set(ranks))
     if not names:
-        raise TracekitError("trace has no adapter traffic and its context lists no adapters")
+        raise TracekitError(f"{where}trace has no adapter traffic and its context lists no adapters")
     n_req = np.array([counts.get(a, 0) for a in names], dtype=np.float64)
     rates = n_req / window
     # Unknown ranks (a trace without adapter metadata) default to vLLM's max_lora_rank 16.
@@ -301,10 +304,7 @@ def from_file(path: str | os.PathLike[str]) -> tuple[dict[str, float], schema.Me
     once, every trace value checked (request ids too, as every command that reads a
     whole trace does)."""
     table, meta, _ = schema.read_trace_columns(path, ("request_id", *FEATURE_COLUMNS), dictionary=["adapter"])
-    try:
-        return compute(table, meta.context), meta
-    except TracekitError as e:
-        raise TracekitError(f"{path}: {e}") from None
+    return compute_with_loads(table, meta.context, str(path))[0], meta
 
 
 @click.command("features")

@@ -407,17 +407,12 @@ def recommend(
     # The model alone needs the four feature columns (read once, checked); the twin search
     # replays the whole trace, so it reads and checks all of it.
     trace: pl.DataFrame | None = None
-    try:
-        if fast:  # a row group at a time, checked as read
-            meta, rows, tables = schema.iter_trace_columns(trace_path, feats.FEATURE_COLUMNS, dictionary=["adapter"])
-            wf, loads = feats.compute_from_tables(tables, rows, meta.context)
-        else:
-            trace, meta = schema.read_trace(trace_path)
-            wf, loads = feats.compute_with_loads(trace, meta.context)
-    except TracekitError as e:
-        if str(e).startswith(str(trace_path)):  # a read error names its file already
-            raise
-        raise TracekitError(f"{trace_path}: {e}") from None
+    if fast:  # a row group at a time, checked as read
+        meta, rows, tables = schema.iter_trace_columns(trace_path, feats.FEATURE_COLUMNS, dictionary=["adapter"])
+        wf, loads = feats.compute_from_tables(tables, rows, meta.context, str(trace_path))
+    else:
+        trace, meta = schema.read_trace(trace_path)
+        wf, loads = feats.compute_with_loads(trace, meta.context, str(trace_path))
     a = recommend_gpu(trace, meta.context, prof, settings, fast=fast, model=model, use_model=use_model, jobs=jobs,
                       on_run=on_run, features=(wf, loads), simulator=simulator)
     gpus = split_fleet(loads, a.adapters)
