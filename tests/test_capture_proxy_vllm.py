@@ -48,7 +48,8 @@ def test_stop_with_requests_in_flight_gives_each_its_row(tmp_path: Path, tiny_mo
     names = [*sorted(tiny_adapters), None]
     with VllmServer(tiny_model, tiny_adapters, max_loras=2, max_cpu_loras=4, max_num_seqs=16,
                     max_model_len=1024) as srv:
-        speed = measure_speed(srv.url, "a1", batch=16)
+        # Long enough that the per-step estimate is not dominated by the batch's start-up.
+        speed = measure_speed(srv.url, "a1", tokens=128, batch=16)
         # The first wave of 16 ends about 60% into stop + drain; the second cannot.
         tokens = max(16, min(900, int(0.6 * (STOP_AFTER_S + DRAIN_S) / speed.batch_decode_s)))
         reqs = [{"model": rng.choice(names) or srv.served_model_name, "max_tokens": tokens, "ignore_eos": True,
