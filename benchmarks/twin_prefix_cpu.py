@@ -13,10 +13,22 @@ The load comes from the server's measured speed on this machine: a probe batch s
 once gives the requests per second the server sustains, and both traces arrive at
 `--load` times that rate (so the queue builds up and throughput is the server's).
 
-Stages (each holds /tmp/tracekit-heavy.lock, and is skipped when its outputs exist):
-  on    server with prefix caching: probe, traces, calibration + validation replays
+Protocol, robust to the machine's speed drift (this shared VM's steps run up to ~15%
+slower or faster from one quarter hour to the next, and a queue at 0.8 load amplifies
+that): each server runs `--repeats` repeats, each a capture of the calibration trace
+(seed 1) followed by a replay of the validation trace (seed 2), so that calibration and
+validation interleave in time (cal1, val1, cal2, val2, ...). The twin is calibrated once
+per server on all calibration captures pooled and scored against the median of the
+validation replays; nothing is fitted on the validation trace. A user calibrating on a
+server whose speed varies would do the same: capture the calibration traffic at several
+times and pool it.
+
+Stages (each repeat of each server holds /tmp/tracekit-heavy.lock once, a fresh server
+start, a few minutes; a repeat whose outputs exist is skipped, so a stopped run resumes):
+  on    server with prefix caching: probe and traces (first repeat), then calI + valI
   off   the same traces on a server without prefix caching
-  twin  calibrate on each server's calibration steps, run the twin, report
+  twin  calibrate on each server's pooled calibration steps, run the twin, report
+With --stage all the two servers take turns repeat by repeat (on 1, off 1, on 2, ...).
 
 Run: .venv/bin/python benchmarks/twin_prefix_cpu.py [--stage all|on|off|twin] [--repeats 3] [--fresh]
 Needs the vLLM environment (TRACEKIT_VLLM_VENV=/work/main/.venv-vllm works, the step
@@ -170,25 +182,34 @@ def probe_rate(srv: VllmServer, tmp: Path) -> float:
     return float(res.height / res["end_s"].max())
 
 
+def cal_runs(repeats: int) -> list[str]:
+    """Names of the calibration captures: `cal1` ... `calN`, in the order they ran."""
+    return [f"cal{i}" for i in range(1, repeats + 1)]
+
+
 def val_runs(repeats: int) -> list[str]:
-    """Names of the validation replays, in the order they ran: `val2` then `val` (the
-    first two), then `val3`, `val4`, ... (added by later `--repeats`)."""
-    return ["val"] if repeats <= 1 else ["val2", "val", *(f"val{i}" for i in range(3, repeats + 1))]
+    """Names of the validation replays: `val1` ... `valN`; `valI` ran right after `calI`."""
+    return [f"val{i}" for i in range(1, repeats + 1)]
 
 
-def stage_real(caching: bool, load: float, repeats: int) -> None:
+def stage_real(caching: bool, load: float, repeat: int) -> None:
+    """Repeat `repeat` (1-based) on one server: a capture of the calibration trace, then
+    a replay of the validation trace. Each repeat is its own server start and its own
+    hold of the lock (a few minutes), so that the calibration captures and the validation
+    replays interleave in time (cal1, val1, cal2, val2, ...) and the machine's speed drift
+    between them falls on both alike; a repeat whose outputs exist is skipped."""
     tag = "on" if caching else "off"
-    todo = [n for n in ["cal", *val_runs(repeats)] if not (WORK / f"{n}_{tag}.parquet").exists()]
+    todo = [n for n in (f"cal{repeat}", f"val{repeat}") if not (WORK / f"{n}_{tag}.parquet").exists()]
     if not todo:
-        print(f"stage {tag}: done already")
+        print(f"stage {tag}, repeat {repeat}: done already")
         return
     model = build_model(size="medium")
     adapters = build_adapters(model, ADAPTERS)
     steps_dir = WORK / f"steps_{tag}_raw"
     shutil.rmtree(steps_dir, ignore_errors=True)
-    with heavy_lock(f"twin_prefix_cpu stage {tag}"):
+    with heavy_lock(f"twin_prefix_cpu stage {tag}, repeat {repeat}"):
         t0 = time.time()
-        with server(model, adapters, steps_dir, caching, WORK / f"server_{tag}.log") as srv:
+        with server(model, adapters, steps_dir, caching, WORK / f"server_{tag}_{repeat}.log") as srv:
             meta_path = WORK / "traces.json"
             if not meta_path.exists():
                 rate = load * probe_rate(srv, WORK)
@@ -196,18 +217,15 @@ def stage_real(caching: bool, load: float, repeats: int) -> None:
                         "calibration": make_trace(WORK / "cal_trace.parquet", rate, seed=1),
                         "validation": make_trace(WORK / "val_trace.parquet", rate, seed=2)}
                 meta_path.write_text(json.dumps(meta, indent=2))
-            # The validation trace `repeats` times: the real server's own run-to-run spread
-            # on this shared machine is the yardstick for the twin's error (a run missing
-            # from an earlier stage is added, the others kept).
             for name in todo:
-                trace = "cal" if name == "cal" else "val"
+                trace = "cal" if name.startswith("cal") else "val"
                 replay_real(srv, WORK / f"{trace}_trace.parquet", WORK / f"{name}_{tag}.parquet", steps_dir,
                             WORK / f"{name}_steps_{tag}", caching)
         shutil.rmtree(steps_dir, ignore_errors=True)  # what is left: the plugin's own files
         path = WORK / f"stage_{tag}.json"
         done = json.loads(path.read_text()) if path.exists() else {}
-        runs = done.get("runs", []) + [{"replays": todo, "wall_s": time.time() - t0, "load_avg": os.getloadavg(),
-                                        "at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}]  # fmt: skip
+        runs = done.get("runs", []) + [{"repeat": repeat, "replays": todo, "wall_s": time.time() - t0,
+                                        "load_avg": os.getloadavg(), "at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}]  # fmt: skip
         path.write_text(json.dumps({**done, "runs": runs}))
 
 
@@ -266,15 +284,20 @@ def errors(x: dict[str, Any], ref: dict[str, Any]) -> dict[str, float]:
 def stage_twin(repeats: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for tag in ("on", "off"):
-        cal = cli("twin", "calibrate", str(WORK / f"cal_steps_{tag}"), "--out", str(WORK / f"profile_{tag}.json"),
-                  "--name", f"cpu-medium-prefix-{tag}")  # fmt: skip
+        # One profile from every calibration capture pooled: the step-time model then
+        # averages over the machine's speed during the whole session, as the validation
+        # replays (interleaved with them) see it.
+        cals = [n for n in cal_runs(repeats) if (WORK / f"{n}_steps_{tag}").exists()]
+        cal = cli("twin", "calibrate", *(str(WORK / f"{n}_steps_{tag}") for n in cals),
+                  "--out", str(WORK / f"profile_{tag}.json"), "--name", f"cpu-medium-prefix-{tag}")  # fmt: skip
+        cal_speed = {n: speed_vs_calibration(WORK / f"profile_{tag}.json", WORK / f"{n}_steps_{tag}") for n in cals}
         names = [n for n in val_runs(repeats) if (WORK / f"{n}_{tag}.parquet").exists()]
         reals = {n: metrics(WORK / f"{n}_{tag}.parquet", int(pl.read_parquet(WORK / f"{n}_steps_{tag}")["prefill_tokens"].sum()))
                  for n in names}  # fmt: skip
         # The yardstick: the median of the validation replays, metric by metric (one run
         # on this shared machine is off by up to a quarter, see `runs`).
         real = {k: float(np.median([r[k] for r in reals.values()])) for k in KEYS}
-        last = reals["val"]  # cached tokens per request: the same in every run (checked below)
+        last = reals[names[0]]  # cached tokens per request: the same in every run (checked below)
         runs = {}
         for n, r in reals.items():
             # The twin with step times fitted on this run's own steps (a diagnostic, not
@@ -314,8 +337,9 @@ def stage_twin(repeats: int) -> dict[str, Any]:
                 "preemptions": summ["preemptions"],
             }
         out[tag] = {"real": real, "real_runs": runs,
-                    "real_prompt_tokens": int(pl.read_parquet(WORK / f"val_{tag}.parquet")["prompt_tokens"].sum()),
-                    "real_preemptions": int(pl.read_parquet(WORK / f"val_steps_{tag}")["num_preempted"].sum()),
+                    "real_prompt_tokens": int(pl.read_parquet(WORK / f"{names[0]}_{tag}.parquet")["prompt_tokens"].sum()),
+                    "real_preemptions": {n: int(pl.read_parquet(WORK / f"{n}_steps_{tag}")["num_preempted"].sum()) for n in names},
+                    "calibration_runs": cals, "calibration_speed_vs_pooled": cal_speed,
                     "twin": rows, "calibration": cal.stdout.strip()[-1500:],
                     "server": json.loads((WORK / f"profile_{tag}.json").read_text())["server"]}  # fmt: skip
     return out
@@ -344,9 +368,14 @@ def report(out: dict[str, Any], repeats: int) -> None:
         f"Traces: {TURNS}-turn chats, system prompts {SYSTEM_PROMPTS} (K:tokens, shared by every adapter's "
         f"conversations), token ids in the trace; {meta['validation']['requests']} requests each "
         f"({meta['validation']['base_requests']} to the base model), arriving at {meta['load']:.2f} x the "
-        f"{meta['probe_req_s']:.2f} req/s the server sustained on a probe batch. The twin is calibrated on the steps "
-        f"of the calibration trace (seed 1) and checked on the validation trace (seed 2), replayed {' and '.join(f'{n} times ({t})' for t, n in n_runs.items())} on "
-        "the real server (each from a cold prefix cache).",
+        f"{meta['probe_req_s']:.2f} req/s the server sustained on a probe batch.",
+        f"Protocol: on each real server, {' and '.join(f'{n} repeats ({t})' for t, n in n_runs.items())}, each a fresh "
+        "server start and one hold of the lock: a capture of the calibration trace (seed 1), then a replay of the "
+        "validation trace (seed 2), each from a cold prefix cache; the two servers take turns repeat by repeat (on 1, "
+        "off 1, on 2, ...). So the calibration captures and the validation replays interleave in time and the "
+        "machine's speed drift falls on both alike. The twin is calibrated once per server on all its calibration "
+        "captures pooled (`twin calibrate cal1 cal2 ...`), runs the validation trace with the profile's defaults, and "
+        "is scored against the median of the real validation replays. No twin knob is set on the validation trace.",
         "",
         "| server | run | prefill tokens computed | throughput tok/s | mean TTFT ms | median TTFT ms | mean ITL ms | cached tokens exact | within a block |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -378,15 +407,17 @@ def report(out: dict[str, Any], repeats: int) -> None:
         "Goals (the issue): prefill tokens within 3% of the captured steps, throughput within 5%, mean TTFT within 15%, "
         "cached tokens per request matching vLLM's. Errors in brackets are against the median of the real runs (for a "
         "real run: its own distance from that median, the machine's run-to-run spread). \"steps x% vs calibration\": "
-        "the real server's step durations in that run against what the calibrated step-time model predicts for those "
-        "very steps, i.e. how much slower (or faster) the server ran than while the calibration trace was captured; "
+        "the real server's step durations in that run against what the step-time model calibrated on the pooled "
+        "captures predicts for those very steps, i.e. how much slower (or faster) the server ran than on average while "
+        "the calibration trace was captured; "
         "at 0.8 of the sustained rate a queue amplifies that into mean TTFT. Rows with a feature off show what that "
         "feature is worth. Async scheduling is not checked here: vLLM's CPU platform forces it off.",
         "",
         *[f"- Real server's own spread, prefix caching {tag}: mean TTFT {min(v):.0f}-{max(v):.0f} ms over "
           f"{len(v)} replays of the same trace ({100 * (min(v) / m - 1):+.0f}% to {100 * (max(v) / m - 1):+.0f}% of their "
           f"median), its steps {100 * (min(d) - 1):+.0f}% to {100 * (max(d) - 1):+.0f}% against the calibrated model; the "
-          f"twin {100 * out[tag]['twin']['twin']['error']['mean_ttft_ms']:+.1f}% of the median."
+          f"twin {100 * out[tag]['twin']['twin']['error']['mean_ttft_ms']:+.1f}% of the median. Calibration captures' "
+          "steps against the pooled model: " + ", ".join(f"{n} {100 * (v - 1):+.0f}%" for n, v in out[tag]["calibration_speed_vs_pooled"].items()) + "."
           for tag in ("on", "off") if tag in out
           for v, d, m in [([r["mean_ttft_ms"] for r in out[tag]["real_runs"].values()],
                            [r["speed_vs_calibration"] for r in out[tag]["real_runs"].values()], out[tag]["real"]["mean_ttft_ms"])]],
@@ -419,17 +450,21 @@ def main() -> None:
     # from a few percent of speed (at 100% of the probe rate, 8% slower steps doubled it).
     ap.add_argument("--load", type=float, default=0.8, help="arrival rate / the probe's sustained rate")
     ap.add_argument("--fresh", action="store_true", help="start over (remove the saved traces and runs)")
-    ap.add_argument("--repeats", type=int, default=3, help="replays of the validation trace on each real server "
-                    "(runs already on disk are kept; the twin is scored against their median)")
+    ap.add_argument("--repeats", type=int, default=3, help="captures of the calibration trace and replays of the "
+                    "validation trace on each real server, interleaved (runs already on disk are kept; the twin is "
+                    "calibrated on all calibration captures pooled and scored against the validation replays' median)")
     args = ap.parse_args()
     if args.fresh:
         shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True, exist_ok=True)
     lengths_file(WORK / "lengths.csv", 0)
-    if args.stage in ("all", "on"):
-        stage_real(True, args.load, args.repeats)
-    if args.stage in ("all", "off"):
-        stage_real(False, args.load, args.repeats)
+    # Repeat by repeat, the two servers in turn: each server's captures and replays are
+    # spread over the whole session, and each lock hold is one repeat of one server.
+    for i in range(1, args.repeats + 1):
+        if args.stage in ("all", "on"):
+            stage_real(True, args.load, i)
+        if args.stage in ("all", "off"):
+            stage_real(False, args.load, i)
     for d in sorted(WORK.glob("*_steps_*")):  # runs captured before steps were compacted
         compact_steps(d)
     if args.stage in ("all", "twin"):
