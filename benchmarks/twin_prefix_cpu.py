@@ -16,8 +16,9 @@ once gives the requests per second the server sustains, and both traces arrive a
 Protocol, robust to the machine's speed drift (this shared VM's steps run up to ~15%
 slower or faster from one quarter hour to the next, and a queue at 0.8 load amplifies
 that): each server runs `--repeats` repeats, each a capture of the calibration trace
-(seed 1) followed by a replay of the validation trace (seed 2), so that calibration and
-validation interleave in time (cal1, val1, cal2, val2, ...). The twin is calibrated once
+(seed 1) and a replay of the validation trace (seed 2), in counterbalanced order (cal1
+val1 | val2 cal2 | cal3 val3 ...), so that calibration and validation interleave in time
+and a steady drift falls on both alike. The twin is calibrated once
 per server on all calibration captures pooled and scored against the median of the
 validation replays; nothing is fitted on the validation trace. A user calibrating on a
 server whose speed varies would do the same: capture the calibration traffic at several
@@ -25,7 +26,7 @@ times and pool it.
 
 Stages (each repeat of each server holds /tmp/tracekit-heavy.lock once, a fresh server
 start, a few minutes; a repeat whose outputs exist is skipped, so a stopped run resumes):
-  on    server with prefix caching: probe and traces (first repeat), then calI + valI
+  on    server with prefix caching: probe and traces (first repeat), then calI and valI
   off   the same traces on a server without prefix caching
   twin  calibrate on each server's pooled calibration steps, run the twin, report
 With --stage all the two servers take turns repeat by repeat (on 1, off 1, on 2, ...).
@@ -192,14 +193,22 @@ def val_runs(repeats: int) -> list[str]:
     return [f"val{i}" for i in range(1, repeats + 1)]
 
 
+def repeat_order(repeat: int) -> tuple[str, str]:
+    """The two replays of a repeat, counterbalanced: cal first in odd repeats, val first in
+    even ones (cal1 val1 | val2 cal2 | cal3 val3 ...). A steady drift of the machine's
+    speed then falls on the calibration captures and the validation replays alike (with
+    cal always first, a machine slowing through the session made every val slower than the
+    cal before it: steps +5% to +15% in the first run of this protocol)."""
+    return (f"cal{repeat}", f"val{repeat}") if repeat % 2 else (f"val{repeat}", f"cal{repeat}")
+
+
 def stage_real(caching: bool, load: float, repeat: int) -> None:
-    """Repeat `repeat` (1-based) on one server: a capture of the calibration trace, then
-    a replay of the validation trace. Each repeat is its own server start and its own
-    hold of the lock (a few minutes), so that the calibration captures and the validation
-    replays interleave in time (cal1, val1, cal2, val2, ...) and the machine's speed drift
-    between them falls on both alike; a repeat whose outputs exist is skipped."""
+    """Repeat `repeat` (1-based) on one server: a capture of the calibration trace and a
+    replay of the validation trace, in the order `repeat_order` gives. Each repeat is its
+    own server start and its own hold of the lock (a few minutes); a repeat whose outputs
+    exist is skipped."""
     tag = "on" if caching else "off"
-    todo = [n for n in (f"cal{repeat}", f"val{repeat}") if not (WORK / f"{n}_{tag}.parquet").exists()]
+    todo = [n for n in repeat_order(repeat) if not (WORK / f"{n}_{tag}.parquet").exists()]
     if not todo:
         print(f"stage {tag}, repeat {repeat}: done already")
         return
@@ -370,10 +379,11 @@ def report(out: dict[str, Any], repeats: int) -> None:
         f"({meta['validation']['base_requests']} to the base model), arriving at {meta['load']:.2f} x the "
         f"{meta['probe_req_s']:.2f} req/s the server sustained on a probe batch.",
         f"Protocol: on each real server, {' and '.join(f'{n} repeats ({t})' for t, n in n_runs.items())}, each a fresh "
-        "server start and one hold of the lock: a capture of the calibration trace (seed 1), then a replay of the "
-        "validation trace (seed 2), each from a cold prefix cache; the two servers take turns repeat by repeat (on 1, "
-        "off 1, on 2, ...). So the calibration captures and the validation replays interleave in time and the "
-        "machine's speed drift falls on both alike. The twin is calibrated once per server on all its calibration "
+        "server start and one hold of the lock: a capture of the calibration trace (seed 1) and a replay of the "
+        "validation trace (seed 2), each from a cold prefix cache, in counterbalanced order (cal1 val1, val2 cal2, "
+        "cal3 val3, ...); the two servers take turns repeat by repeat (on 1, off 1, on 2, ...). So the calibration "
+        "captures and the validation replays interleave in time and a steady drift of the machine's speed falls on "
+        "both alike. The twin is calibrated once per server on all its calibration "
         "captures pooled (`twin calibrate cal1 cal2 ...`), runs the validation trace with the profile's defaults, and "
         "is scored against the median of the real validation replays. No twin knob is set on the validation trace.",
         "",
