@@ -18,9 +18,9 @@ slower or faster from one quarter hour to the next, and a queue at 0.8 load ampl
 that): each server runs `--repeats` repeats, each a capture of the calibration trace
 (seed 1) and a replay of the validation trace (seed 2), in counterbalanced order (cal1
 val1 | val2 cal2 | cal3 val3 ...), so that calibration and validation interleave in time
-and a steady drift falls on both alike. The twin is calibrated once
-per server on all calibration captures pooled and scored against the median of the
-validation replays; nothing is fitted on the validation trace. A user calibrating on a
+and a steady drift falls on both alike. The twin is calibrated once per server on all
+calibration captures pooled and scored against the median of the validation replays;
+nothing is fitted on the validation trace. A user calibrating on a
 server whose speed varies would do the same: capture the calibration traffic at several
 times and pool it.
 
@@ -197,8 +197,9 @@ def repeat_order(repeat: int) -> tuple[str, str]:
     """The two replays of a repeat, counterbalanced: cal first in odd repeats, val first in
     even ones (cal1 val1 | val2 cal2 | cal3 val3 ...). A steady drift of the machine's
     speed then falls on the calibration captures and the validation replays alike (with
-    cal always first, a machine slowing through the session made every val slower than the
-    cal before it: steps +5% to +15% in the first run of this protocol)."""
+    cal always first, a machine slowing through the session made every val of the server
+    without prefix caching slower than the cal just before it: steps +5% to +15% against
+    that cal's own step-time fit, in the first run of this protocol)."""
     return (f"cal{repeat}", f"val{repeat}") if repeat % 2 else (f"val{repeat}", f"cal{repeat}")
 
 
