@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from tracekit.schema import RESULT_STATUSES, status_codes
+from tracekit.schema import RESULT_STATUSES, numbers, status_codes
 
 if TYPE_CHECKING:
     import polars as pl
@@ -42,22 +42,29 @@ def _height(results: Results) -> int:
     return results.num_rows if isinstance(results, pa.Table) else results.height
 
 
-def _numbers(results: Results, name: str) -> np.ndarray:
-    """A numeric column as numpy (a column with nulls as float64, nulls NaN)."""
-    col = results.column(name) if isinstance(results, pa.Table) else results.get_column(name)
-    return np.asarray(col.to_numpy())
+def _numbers(results: Results, name: str, null: float = np.nan, rows: np.ndarray | None = None) -> np.ndarray:
+    """A numeric column (or its sorted `rows`) as numpy, nulls `null` (NaN: as float64)."""
+    if isinstance(results, pa.Table):
+        return numbers(results.column(name), null, rows)
+    col = results.get_column(name)
+    if rows is not None:
+        col = col.gather(rows)
+    x = np.asarray(col.to_numpy())
+    return x if not col.null_count() or np.isnan(null) else np.where(col.is_null().to_numpy(), null, x)
 
 
-def _floats(results: Results, name: str) -> np.ndarray:
-    return _numbers(results, name).astype(np.float64, copy=False)
+def _floats(results: Results, name: str, rows: np.ndarray | None = None) -> np.ndarray:
+    return _numbers(results, name, rows=rows).astype(np.float64, copy=False)
 
 
-def _ints(results: Results, name: str, fill: np.ndarray | None = None) -> np.ndarray:
-    """An integer column as int64; nulls from `fill` (else 0: a sum skips them)."""
-    x = _numbers(results, name)
+def _ints(results: Results, name: str, rows: np.ndarray | None = None, fill: np.ndarray | None = None) -> np.ndarray:
+    """An integer column (or its sorted `rows`); nulls from `fill` (else 0: a sum skips them)."""
+    if fill is None:
+        return _numbers(results, name, 0, rows)
+    x = _numbers(results, name, rows=rows)
     if x.dtype.kind == "f":  # nulls
-        x = np.where(np.isnan(x), 0 if fill is None else fill, x)
-    return x.astype(np.int64, copy=False)
+        x = np.where(np.isnan(x), fill, x).astype(np.int64)
+    return x
 
 
 def _status_codes(results: Results) -> np.ndarray:
@@ -114,11 +121,8 @@ def summarize(results: Results, context: Mapping[str, Any] | None = None) -> dic
     arrival = _floats(results, "arrival_s")
     status = _status_codes(results)
     ok = status == _OK
-    completed = int(ok.sum())
-    in_window = arrival <= window_end
-    prompt = _ints(results, "prompt_tokens")
-    output = _ints(results, "output_tokens")
-    generated = _ints(results, "generated_tokens", fill=output)  # what a request generated, else asked for
+    done = np.flatnonzero(ok)  # the completed requests' rows, in order
+    completed = int(done.size)
     out: dict[str, Any] = {"window_s": window, "requests": _height(results)}
     out["completed"] = completed
     out["unfinished"] = int((status == _UNFINISHED).sum())
@@ -126,30 +130,39 @@ def summarize(results: Results, context: Mapping[str, Any] | None = None) -> dic
     out["timeouts"] = int((status == _TIMEOUT).sum())
     # A capture's requests whose client hung up: neither served nor the server's fault.
     out["cancelled"] = int((status == _CANCELLED).sum())
-    in_tok = int(prompt[ok].sum()) if completed else 0
-    out_tok = int(generated[ok].sum()) if completed else 0
+    # What a completed request generated, else what it asked for.
+    generated = _ints(results, "generated_tokens", done, fill=_ints(results, "output_tokens", done))
+    in_tok = int(_ints(results, "prompt_tokens", done).sum(dtype=np.int64))
+    out_tok = int(generated.sum(dtype=np.int64))
     out["total_input_tokens"] = in_tok
     out["total_output_tokens"] = out_tok
     out["throughput_tok_s"] = (in_tok + out_tok) / window
     out["output_tok_s"] = out_tok / window
     out["input_tok_s"] = in_tok / window
     out["req_s"] = completed / window
-    arrived = int(in_window.sum())
-    offered = int(prompt[in_window].sum() + output[in_window].sum()) if arrived else 0
+    in_window = arrival <= window_end
+    every = bool(in_window.all())
+    arrived = _height(results) if every else int(in_window.sum())
+
+    def offered_sum(name: str) -> int:
+        x = _ints(results, name)
+        return int(x.sum(dtype=np.int64) if every else x[in_window].sum(dtype=np.int64))
+
+    offered = offered_sum("prompt_tokens") + offered_sum("output_tokens") if arrived else 0
     out["offered_tok_s"] = offered / window
     out["offered_req_s"] = arrived / window
     out["served_frac"] = out["throughput_tok_s"] / out["offered_tok_s"] if offered else 1.0
     out["starved"] = bool(1.0 - out["served_frac"] >= STARVING_THRESHOLD)
 
-    _pcts(_floats(results, "ttft_s")[ok], 1e3, "ttft", out)
-    tpot = _floats(results, "tpot_s")[ok]
+    _pcts(_floats(results, "ttft_s", done), 1e3, "ttft", out)
+    tpot = _floats(results, "tpot_s", done)
     _pcts(tpot, 1e3, "tpot", out)
-    _pcts(_floats(results, "e2e_s")[ok], 1e3, "e2e", out)
+    _pcts(_floats(results, "e2e_s", done), 1e3, "e2e", out)
     if _has_itl(results, ok):
         _pcts(_recorded_itl(results, ok), 1e3, "itl", out)
     else:
-        _itl_from_tpot(tpot, generated[ok], out)
-    lag = _floats(results, "dispatch_s")[ok] - arrival[ok]
+        _itl_from_tpot(tpot, generated, out)
+    lag = _floats(results, "dispatch_s", done) - arrival[done]
     _pcts(lag, 1e3, "dispatch_lag", out)
     return out
 
@@ -204,8 +217,7 @@ def itl_values(ok: Results) -> np.ndarray:
     every = np.ones(_height(ok), dtype=bool)
     if _has_itl(ok, every):
         return _recorded_itl(ok, every)
-    output = _ints(ok, "output_tokens")
-    gaps = np.maximum(_ints(ok, "generated_tokens", fill=output) - 1, 0)
+    gaps = np.maximum(_ints(ok, "generated_tokens", fill=_ints(ok, "output_tokens")) - 1, 0)
     tpot = _floats(ok, "tpot_s")
     keep = ~np.isnan(tpot) & (gaps > 0)
     return np.repeat(tpot[keep], gaps[keep])
