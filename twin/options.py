@@ -79,7 +79,8 @@ def _adapters_used(trace: pl.DataFrame | pa.Table) -> set[str]:
             codes = np.asarray(chunk.indices.to_numpy(zero_copy_only=False))
             codes = codes[~np.isnan(codes)] if codes.dtype.kind == "f" else codes  # nulls
             labels = chunk.dictionary.to_pylist()
-            used.update(labels[int(i)] for i in np.unique(codes))
+            # Codes counted, not np.unique'd (a sort, and numpy.ma imported on first use).
+            used.update(labels[int(i)] for i in np.flatnonzero(np.bincount(codes.astype(np.intp), minlength=len(labels))))
         else:
             import pyarrow.compute as pc
 
