@@ -110,6 +110,11 @@ def test_check_trace_reads_arrow_and_polars_alike() -> None:
     # Shuffled unique ids take the hashing path and pass; the first late arrival is found.
     late = t.set_column(0, "request_id", pa.array(ids[::-1])).set_column(1, "arrival_s", pa.array([0.0, 2.0, 1.0] + [5.0] * 47))
     assert check_trace(late, "f").unsorted_row == 2
+    # Shuffled ids of more than 8 bytes (fingerprinted) with one repeat.
+    long_ids = [f"request-{i:06d}" for i in range(50)][::-1]
+    long_ids[30] = long_ids[12]
+    with pytest.raises(TracekitError, match=rf"^f: row 30: request_id '{long_ids[12]}' repeats row 12 "):
+        check_trace(t.set_column(0, "request_id", pa.array(long_ids)), "f")
     nulls = t.set_column(3, "output_tokens", pa.array([1] * 9 + [None] * 41, pa.int32()))
     with pytest.raises(TracekitError, match="^f: row 9: output_tokens must be at least 1, got None$"):
         check_trace(nulls, "f")

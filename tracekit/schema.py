@@ -529,10 +529,11 @@ def check_trace(
         raise TracekitError(f"{at(bad)[1]}: {col} {why}{got}")
     if "request_id" in present:
         rid = table.column("request_id")
-        unsorted_ids, adjacent_equal = _id_order(rid)
+        ids = _fixed_width_ids(rid)
+        unsorted_ids, adjacent_equal = _id_order(rid, ids)
         # Ids in sorted order (as synth and the importers write them) are unique when no
         # two neighbours are equal: a cheap test that spares hashing 10 M strings.
-        if adjacent_equal or unsorted_ids:
+        if adjacent_equal or (unsorted_ids and _maybe_repeats(rid, ids)):
             dup = _first_duplicate(rid)
             if dup is not None:
                 first, again, value = dup
@@ -566,11 +567,18 @@ def _fixed_width(chunk: pa.Array) -> np.ndarray | None:
     return data.view(f"S{width}")
 
 
-def _id_order(rid: pa.ChunkedArray) -> tuple[bool, bool]:
-    """(some id sorts before the one above it, some id equals the one above it)."""
+def _fixed_width_ids(rid: pa.ChunkedArray) -> np.ndarray | None:
+    """The ids as one numpy bytes array when they all have one byte length, else None."""
     views = [_fixed_width(c) for c in rid.chunks if len(c)]
-    if views and all(v is not None for v in views) and len({v.dtype for v in views}) == 1:  # type: ignore[union-attr]
-        ids = views[0] if len(views) == 1 else np.concatenate(views)  # type: ignore[arg-type]
+    if not views or any(v is None for v in views) or len({v.dtype for v in views}) != 1:  # type: ignore[union-attr]
+        return None
+    return views[0] if len(views) == 1 else np.concatenate(views)  # type: ignore[arg-type,return-value]
+
+
+def _id_order(rid: pa.ChunkedArray, ids: np.ndarray | None) -> tuple[bool, bool]:
+    """(some id sorts before the one above it, some id equals the one above it); `ids`:
+    `_fixed_width_ids(rid)`."""
+    if ids is not None:
         return bool((ids[1:] < ids[:-1]).any()), bool((ids[1:] == ids[:-1]).any())
     import pyarrow.compute as pc
 
@@ -578,6 +586,33 @@ def _id_order(rid: pa.ChunkedArray) -> tuple[bool, bool]:
         return False, False
     below, above = rid.slice(1), rid.slice(0, len(rid) - 1)
     return bool(pc.any(pc.less(below, above)).as_py()), bool(pc.any(pc.equal(below, above)).as_py())
+
+
+def _maybe_repeats(rid: pa.ChunkedArray, ids: np.ndarray | None) -> bool:
+    """Whether some id may repeat: two equal 64-bit fingerprints (a repeat always shows;
+    a collision is ruled out by `_first_duplicate`). Ids of one width: fingerprints made
+    in numpy from the ids' bytes read as 8-byte words (the bytes themselves up to 8
+    bytes), sorted (Arrow's hash kernels take 3x longer on a million ids); others:
+    Arrow's distinct values."""
+    if ids is None:
+        import pyarrow.compute as pc
+
+        return len(pc.unique(rid)) < len(rid)
+    n, width = len(ids), ids.dtype.itemsize
+    raw = ids.view(np.uint8)
+    if width <= 8:
+        fp = np.zeros(n, dtype=np.uint64)
+        for j in range(width):
+            fp |= raw[j::width].astype(np.uint64) << np.uint64(8 * j)
+    else:
+        fp = np.full(n, 0x243F6A8885A308D3, dtype=np.uint64)
+        for off in [*range(0, width - 7, 8), width - 8]:
+            word = np.ndarray((n,), dtype="<u8", buffer=raw, offset=off, strides=(width,))
+            fp ^= word
+            fp *= np.uint64(0x9E3779B97F4A7C15)
+            fp ^= fp >> np.uint64(29)
+    fp.sort()
+    return bool((fp[1:] == fp[:-1]).any())
 
 
 def _first_duplicate(rid: pa.ChunkedArray) -> tuple[int, int, str] | None:
