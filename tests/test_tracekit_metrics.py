@@ -145,3 +145,16 @@ def test_twin_run_json_imports_no_polars(tmp_path: Path) -> None:
                           "--json", "--out", str(tmp_path / "r.parquet")], cwd=ROOT, capture_output=True, text=True)  # fmt: skip
     assert json.loads(out.stdout)["requests"] == (tr.num_rows if isinstance(tr, pa.Table) else tr.height)
     assert json.loads(out.stderr.strip().splitlines()[-1]) == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 20), st.lists(st.binary(min_size=0, max_size=20), min_size=2, max_size=40))
+def test_id_order_of_one_width_is_byte_order(width: int, raw: list[bytes]) -> None:
+    """Ids of one width compared as 8-byte words: the same answers as Python's byte
+    comparison, NUL bytes included."""
+    ids = [(b + b"\x00" * width)[:width] for b in raw]
+    col = pa.chunked_array([pa.array(ids, pa.binary())])
+    words = schema._id_words(schema._fixed_width_ids(col))
+    want = (any(b < a for a, b in zip(ids, ids[1:])), any(b == a for a, b in zip(ids, ids[1:])))
+    assert schema._id_order(col, words) == want
+    assert schema._maybe_repeats(col, words) >= (len(set(ids)) < len(ids))

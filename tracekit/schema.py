@@ -530,10 +530,11 @@ def check_trace(
     if "request_id" in present:
         rid = table.column("request_id")
         ids = _fixed_width_ids(rid)
-        unsorted_ids, adjacent_equal = _id_order(rid, ids)
+        words = None if ids is None else _id_words(ids)
+        unsorted_ids, adjacent_equal = _id_order(rid, words)
         # Ids in sorted order (as synth and the importers write them) are unique when no
         # two neighbours are equal: a cheap test that spares hashing 10 M strings.
-        if adjacent_equal or (unsorted_ids and _maybe_repeats(rid, ids)):
+        if adjacent_equal or (unsorted_ids and _maybe_repeats(rid, words)):
             dup = _first_duplicate(rid)
             if dup is not None:
                 first, again, value = dup
@@ -552,8 +553,7 @@ def check_trace(
 
 def _fixed_width(chunk: pa.Array) -> np.ndarray | None:
     """A string chunk whose values all have one byte length as a numpy bytes array
-    (`S<width>`, compared byte by byte as Arrow and polars compare strings); None when
-    the lengths differ."""
+    (`S<width>`, a view of its data); None when the lengths differ."""
     if not (pa.types.is_string(chunk.type) or pa.types.is_large_string(chunk.type)
             or pa.types.is_binary(chunk.type) or pa.types.is_large_binary(chunk.type)) or chunk.null_count:  # fmt: skip
         return None
@@ -575,40 +575,55 @@ def _fixed_width_ids(rid: pa.ChunkedArray) -> np.ndarray | None:
     return views[0] if len(views) == 1 else np.concatenate(views)  # type: ignore[arg-type,return-value]
 
 
-def _id_order(rid: pa.ChunkedArray, ids: np.ndarray | None) -> tuple[bool, bool]:
-    """(some id sorts before the one above it, some id equals the one above it); `ids`:
-    `_fixed_width_ids(rid)`."""
-    if ids is not None:
-        return bool((ids[1:] < ids[:-1]).any()), bool((ids[1:] == ids[:-1]).any())
-    import pyarrow.compute as pc
-
-    if len(rid) < 2:
-        return False, False
-    below, above = rid.slice(1), rid.slice(0, len(rid) - 1)
-    return bool(pc.any(pc.less(below, above)).as_py()), bool(pc.any(pc.equal(below, above)).as_py())
-
-
-def _maybe_repeats(rid: pa.ChunkedArray, ids: np.ndarray | None) -> bool:
-    """Whether some id may repeat: two equal 64-bit fingerprints (a repeat always shows;
-    a collision is ruled out by `_first_duplicate`). Ids of one width: fingerprints made
-    in numpy from the ids' bytes read as 8-byte words (the bytes themselves up to 8
-    bytes), sorted (Arrow's hash kernels take 3x longer on a million ids); others:
-    Arrow's distinct values."""
-    if ids is None:
-        import pyarrow.compute as pc
-
-        return len(pc.unique(rid)) < len(rid)
+def _id_words(ids: np.ndarray) -> list[np.ndarray]:
+    """Ids of one width (`S<width>`) as 8-byte big-endian words, in order (the last one
+    overlapping the one before when the width is not a multiple of 8): comparing the
+    word lists lexicographically compares the ids byte by byte, and equal lists are
+    equal ids. Up to 8 bytes: one word holding the bytes themselves."""
     n, width = len(ids), ids.dtype.itemsize
     raw = ids.view(np.uint8)
     if width <= 8:
-        fp = np.zeros(n, dtype=np.uint64)
+        key = np.zeros(n, dtype=np.uint64)
         for j in range(width):
-            fp |= raw[j::width].astype(np.uint64) << np.uint64(8 * j)
+            key |= raw[j::width].astype(np.uint64) << np.uint64(8 * (width - 1 - j))
+        return [key]
+    offsets = range(0, width, 8) if width % 8 == 0 else [*range(0, width - 7, 8), width - 8]
+    return [np.ndarray((n,), dtype=">u8", buffer=raw, offset=off, strides=(width,)).astype(np.uint64) for off in offsets]
+
+
+def _id_order(rid: pa.ChunkedArray, words: list[np.ndarray] | None) -> tuple[bool, bool]:
+    """(some id sorts before the one above it, some id equals the one above it); `words`:
+    `_id_words` of the ids (None: ids of several widths)."""
+    if len(rid) < 2:
+        return False, False
+    if words is not None:
+        below = np.zeros(len(rid) - 1, dtype=bool)
+        equal = np.ones(len(rid) - 1, dtype=bool)
+        for w in words:
+            below |= equal & (w[1:] < w[:-1])
+            equal &= w[1:] == w[:-1]
+        return bool(below.any()), bool(equal.any())
+    import pyarrow.compute as pc
+
+    later, earlier = rid.slice(1), rid.slice(0, len(rid) - 1)
+    return bool(pc.any(pc.less(later, earlier)).as_py()), bool(pc.any(pc.equal(later, earlier)).as_py())
+
+
+def _maybe_repeats(rid: pa.ChunkedArray, words: list[np.ndarray] | None) -> bool:
+    """Whether some id may repeat: two equal 64-bit fingerprints (a repeat always shows;
+    a collision is ruled out by `_first_duplicate`). Ids of one width: their words mixed
+    (up to 8 bytes: the word itself, exact), sorted (Arrow's hash kernels take 3x longer
+    on a million ids); others: Arrow's distinct values."""
+    if words is None:
+        import pyarrow.compute as pc
+
+        return len(pc.unique(rid)) < len(rid)
+    if len(words) == 1:
+        fp = words[0].copy()
     else:
-        fp = np.full(n, 0x243F6A8885A308D3, dtype=np.uint64)
-        for off in [*range(0, width - 7, 8), width - 8]:
-            word = np.ndarray((n,), dtype="<u8", buffer=raw, offset=off, strides=(width,))
-            fp ^= word
+        fp = np.full(len(rid), 0x243F6A8885A308D3, dtype=np.uint64)
+        for w in words:
+            fp ^= w
             fp *= np.uint64(0x9E3779B97F4A7C15)
             fp ^= fp >> np.uint64(29)
     fp.sort()
