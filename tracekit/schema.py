@@ -836,7 +836,10 @@ def scan_trace(path: str | os.PathLike[str]) -> tuple[pl.LazyFrame, Meta, TraceC
     names = pq.read_schema(files[0]).names
     table, _ = read_arrow(p, columns=[c for c in _CHECKED_COLUMNS if c in names])  # the columns the checks read
     check = check_trace(table, str(p), meta.kind, parts)
+    # The columns go back to the system before the caller reads the frame (10 M rows'
+    # ids and numbers: half a gigabyte that would add to the caller's peak).
     del table
+    pa.default_memory_pool().release_unused()
     if check.unsorted_row is not None and meta.kind == KIND_TRACE:
         _note_unsorted(str(p), parts, check.unsorted_row)
     return lf, meta, check
