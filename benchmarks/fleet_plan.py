@@ -115,7 +115,7 @@ def main() -> None:
         f"Command: `{res['command']}` ({res['when']}).",
         f"Traces: `tracekit synth --adapters {args.adapters} --total-rate R --popularity zipf:1.0 --arrivals gamma:2 "
         f"--ranks 8,16,32 --duration 3600 --seed {args.seed}`; profile h100-llama-3.1-8b. Starving adapter: served < 90% of offered in the twin, "
-        "judged on requests that arrived before the window's last 5% (or the time the longest answer takes at the fleet's mean ITL, if longer).",
+        "judged on requests that arrived before the window's last 5% (or the time the trace's longest answer takes at the mean ITL of the GPU serving it, if longer).",
         "",
         "| R req/s | requests | plan: wall s (goal <= 10) | plan: GPUs (packing, max_loras) | plan: starving adapters | "
         "today's recommend: GPUs | today's: starving adapters (worst served) | today's split (recommend's max_loras), "
