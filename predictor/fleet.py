@@ -806,7 +806,7 @@ def plan_cmd(trace: Path, profile: str, out: Path, today_out: Path | None, slo: 
             "plan": r["plan"].to_dict(), "verdict": _compact(r["verdict"]),
             "today_verdict": _compact(r["today_verdict"]),
             "search": r["search"], "summary": r["summary"], "elapsed_s": r["elapsed_s"],
-            "twin_plan_runs": r["twin_plan_runs"], "out": str(out),
+            "twin_plan_runs": r["twin_plan_runs"], "twin_gpu_runs": r["twin_gpu_runs"], "out": str(out),
         }, default=str))
         return
     from rich.table import Table
