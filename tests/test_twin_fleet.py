@@ -108,7 +108,9 @@ def test_split_does_not_change_a_bit(small_trace) -> None:  # type: ignore[no-un
         up = simulate_fleet(df, PROFILE, plan, trace_context=ctx, jobs=2, pool=pool)
     assert one.results.equals(up.results)
     pids = {g["pid"] for g in up.summary["gpus"]}
-    assert os.getpid() not in pids and len(pids) == 2  # two worker processes
+    # Worker processes only (one of the two may take every GPU: these runs take
+    # milliseconds, and the pool waits for the first worker to be up, not both).
+    assert os.getpid() not in pids and 1 <= len(pids) <= 2
     rr1 = simulate_fleet(df, PROFILE, plan, "round-robin", trace_context=ctx, jobs=1)
     rep = pl.from_arrow(rr1.results)["replica"].to_list()
     assert rep == [f"gpu-{i % 4:02d}" for i in range(df.height)]
