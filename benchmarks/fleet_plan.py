@@ -95,7 +95,7 @@ def main() -> None:
                 "today_worst_served": d["today_verdict"]["min_adapter_served_frac"],
                 "today_split_passing_gpus": today_ok, "today_split_tries": tries,
                 "today_split_check_s": time.perf_counter() - t1, "search": d["search"], "summary": d["summary"],
-                "twin_plan_runs": d["twin_plan_runs"],
+                "twin_plan_runs": d["twin_plan_runs"], "twin_gpu_runs": d.get("twin_gpu_runs"),
                 # The twin time the answer needs at the least: every GPU of the plan and of
                 # today's plan run once (CPU seconds, and on --jobs workers).
                 "full_checks_cpu_s": sum(g.get("twin_wall_s") or 0.0 for v in (d["verdict"], d["today_verdict"])
@@ -115,7 +115,7 @@ def main() -> None:
         f"Command: `{res['command']}` ({res['when']}).",
         f"Traces: `tracekit synth --adapters {args.adapters} --total-rate R --popularity zipf:1.0 --arrivals gamma:2 "
         f"--ranks 8,16,32 --duration 3600 --seed {args.seed}`; profile h100-llama-3.1-8b. Starving adapter: served < 90% of offered in the twin, "
-        "judged on requests that arrived before the window's last 5% (or the time the longest answer takes at the fleet's mean ITL, if longer).",
+        "judged on requests that arrived before the window's last 5% (or the time the trace's longest answer takes at the mean ITL of the GPU serving it, if longer).",
         "",
         "| R req/s | requests | plan: wall s (goal <= 10) | plan: GPUs (packing, max_loras) | plan: starving adapters | "
         "today's recommend: GPUs | today's: starving adapters (worst served) | today's split (recommend's max_loras), "
@@ -131,7 +131,8 @@ def main() -> None:
     lines += ["", "Where the planning time goes: the two full checks the answer needs (every GPU of the plan and of "
               "today's plan, each run once) take, in the twin:", ""]
     lines += [f"- R = {r['rate_req_s']:g}: {r['full_checks_cpu_s']:.1f} CPU-s, {r['full_checks_wall_bound_s']:.1f} s on "
-              f"{args.jobs} workers at best; the search ran {r['search_evaluations']} screenings and checks in all"
+              f"{args.jobs} workers at best; the search judged {r['search_evaluations']} candidates (today's plan included) "
+              f"with {r['twin_gpu_runs']} single-GPU twin runs in all"
               for r in rows]
     lines += ["", "What the planner said:", ""] + [f"- R = {r['rate_req_s']:g}: {r['summary']}" for r in rows]
     (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")

@@ -17,7 +17,8 @@ except `mooncake`):
 
 Every case runs with the profile's server defaults (the paper's: prefix caching, full-
 prompt admission and async scheduling off) except where its flags say otherwise. Peak
-memory is the `twin run` process's maximum resident set (wait4).
+memory is the `twin run` process's own maximum resident set (GNU time's %M; a child forked from
+this process would report this process's size as its own).
 
 Usage: .venv/bin/python benchmarks/twin_speed.py [--repeats 3] [--cases heavy,moderate,sparse,mooncake] [--baseline DIR]
 Writes benchmarks/results/twin_speed.md and .json.
@@ -40,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -58,22 +60,30 @@ CASES = {
 }
 COMMON = ["--max-num-seqs", "2048", "--max-num-batched-tokens", "2048"]
 BASELINE_CASES = ("heavy", "mooncake")  # the cases `--baseline` runs too
+TIME = "/usr/bin/time" if Path("/usr/bin/time").exists() else None  # GNU time (`-f %M`), for peak memory
 
 
 def run_once(trace: Path, out_dir: Path, flags: list[str], fast: bool, checkout: str | None = None) -> tuple[float, dict]:
-    """One `twin run` process; `checkout`: run another source tree's twin instead (a
-    baseline such as main, with this environment's packages)."""
+    """One `twin run` process, writing `out_dir`/results.parquet (base.parquet for a
+    baseline); `checkout`: run another source tree's twin instead (a baseline such as
+    main, with this environment's packages)."""
     twin = TWIN if checkout is None else [
         sys.executable, "-c", f"import sys; sys.path.insert(0, {checkout!r}); sys.argv = ['twin'] + sys.argv[1:]; "
         "from twin.cli import main; main()"]  # fmt: skip
     cmd = [*twin, "run", str(trace), "--profile", PROFILE, *flags, *COMMON,
-           "--out", str(out_dir / "results.parquet"), "--json"]
+           "--out", str(out_dir / ("results.parquet" if checkout is None else "base.parquet")), "--json"]
     if not fast:
         cmd.append("--no-fast-forward")
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err, \
+            tempfile.NamedTemporaryFile("r") as peak:  # fmt: skip
+        # Peak memory through GNU time, which forks the run from its own small process: a
+        # child forked from this one (a gigabyte after making the Mooncake trace) would
+        # report this process's resident set as its own peak (Linux keeps the high-water
+        # mark across exec). CPU: wait4 on time, its child included (time's own is ~1 ms).
+        launch = [TIME, "-f", "%M", "-o", peak.name] if TIME else []
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, cwd=ROOT)
-        _, status, usage = os.wait4(proc.pid, 0)  # this child's own CPU time and peak memory
+        proc = subprocess.Popen([*launch, *cmd], stdout=out, stderr=err, text=True, cwd=ROOT)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own CPU time (and peak memory without time)
         wall = time.perf_counter() - t0
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
@@ -81,12 +91,37 @@ def run_once(trace: Path, out_dir: Path, flags: list[str], fast: bool, checkout:
         if proc.returncode != 0:
             raise SystemExit(f"twin run failed: {err.read().strip()}")
         summary = json.loads(out.read())
+        summary["peak_rss_gib"] = (int(peak.read().split()[-1]) if TIME else usage.ru_maxrss) / 2**20
     # CPU seconds of the process: what the wall time would be on an idle machine (the
     # work is single-threaded apart from short pyarrow/polars bursts), much less
     # sensitive than wall time to the other jobs sharing the 2 cores.
     summary["cpu_s"] = usage.ru_utime + usage.ru_stime
-    summary["peak_rss_gib"] = usage.ru_maxrss / 2**20
     return wall, summary
+
+
+# Summary entries that are timings, not results.
+TIMINGS = ("wall_s", "engine_loop_s", "cpu_s", "peak_rss_gib")
+
+
+def differences(a: Path, sa: dict, b: Path, sb: dict) -> list[str]:
+    """What differs between two runs' outputs: the results files (schema, every value,
+    the context but its creation time) and the summaries (every entry but timings);
+    [] when they are the same."""
+    ta, tb = pq.read_table(a), pq.read_table(b)
+    out = [] if ta.schema.remove_metadata().equals(tb.schema.remove_metadata()) else ["results schema"]
+    if not out and not ta.equals(tb):
+        out.append("results values")
+
+    def ctx(t: pa.Table) -> dict:
+        return {k: v for k, v in json.loads(t.schema.metadata[b"tracekit.context"]).items() if k != "created_at"}
+
+    if ctx(ta) != ctx(tb):
+        out.append("results context")
+    keys = [k for k in sa if k not in TIMINGS]
+    if keys != [k for k in sb if k not in TIMINGS]:
+        out.append("summary entries")
+    out += [f"summary {k}" for k in keys if k in sb and sa[k] != sb[k]]
+    return out
 
 
 def mooncake_like(n: int, duration_s: float, adapters: int, ranks: list[int], seed: int = 0) -> tuple[pa.Table, dict]:
@@ -241,6 +276,8 @@ def main() -> None:
             summary: dict[bool, dict] = {}
             rss: dict[bool, list[float]] = {True: [], False: []}
             base_walls: list[float] = []
+            plain_diff: set[str] = set()
+            base_diff: set[str] = set()
             base_cpus: list[float] = []
             base_rss: list[float] = []
             for _ in range(args.repeats):
@@ -249,18 +286,24 @@ def main() -> None:
                     base_walls.append(wall)
                     base_cpus.append(summ["cpu_s"])
                     base_rss.append(summ["peak_rss_gib"])
-                    base_same = {k: summ[k] for k in ("completed", "steps", "preemptions", "throughput_tok_s")}
+                    base_summary = summ
                 # Interleaved, so load from other processes hits both alike.
                 for fast in (True, False):
                     wall, summ = run_once(trace, tmpdir, case["flags"], fast)
+                    if not fast:
+                        plain_diff |= set(differences(tmpdir / "results.parquet", summ, tmpdir / "ff.parquet", summary[True]))
+                    else:
+                        (tmpdir / "results.parquet").replace(tmpdir / "ff.parquet")
+                        if base_walls:
+                            base_diff |= set(differences(tmpdir / "base.parquet", base_summary, tmpdir / "ff.parquet", summ))
                     walls[fast].append(wall)
                     loops[fast].append(summ["engine_loop_s"])
                     cpus[fast].append(summ["cpu_s"])
                     rss[fast].append(summ["peak_rss_gib"])
                     summary[fast] = summ
             s = summary[True]
-            same = {k: summary[False][k] for k in ("completed", "steps", "preemptions", "throughput_tok_s")} == {
-                k: s[k] for k in ("completed", "steps", "preemptions", "throughput_tok_s")}
+            # fast-forward's summary differs from the plain loop's in its own counter only.
+            same = not [d for d in plain_diff if d != "summary fast_forward_steps"]
             ff, base = statistics.median(walls[True]), statistics.median(walls[False])
             rows.append({
                 "case": name, "arrivals": n_arrivals, "completed": s["completed"], "steps": s["steps"],
@@ -276,7 +319,7 @@ def main() -> None:
                 "prefix_caching": "--enable-prefix-caching" in case["flags"],
                 "baseline": {"checkout": args.baseline, "wall_s": statistics.median(base_walls), "walls": base_walls,
                              "cpu_s": statistics.median(base_cpus), "peak_rss_gib": max(base_rss),
-                             "same_results": base_same == {k: s[k] for k in base_same}} if base_walls else None,
+                             "same_results": not base_diff, "differences": sorted(base_diff)} if base_walls else None,
                 "cached_prompt_tokens": s.get("cached_prompt_tokens"), "prefill_tokens_computed": s.get("prefill_tokens_computed"),
             })
             print(json.dumps(rows[-1]))
@@ -323,7 +366,8 @@ def main() -> None:
                       f"{len(b['walls'])}), peak memory {b['peak_rss_gib']:.2f} GiB; this checkout "
                       f"{r['wall_s_fast_forward']:.2f} s / {r['cpu_s_fast_forward']:.2f} s, {r['peak_rss_gib']:.2f} GiB: "
                       f"{b['wall_s'] / r['wall_s_fast_forward']:.2f}x wall, {b['cpu_s'] / r['cpu_s_fast_forward']:.2f}x CPU; "
-                      f"same results: {'yes' if b['same_results'] else 'NO'}."]
+                      "results files and summary identical to the baseline's: "
+                      + ("yes" if b["same_results"] else "NO, " + ", ".join(b["differences"])) + "."]
     if breakdown:
         lines += ["", "Where the heavy case's time goes (CPU seconds; start and imports: a process importing what "
                   "`twin run` imports, median of 5; the rest: one run in the benchmark's own process, on `twin run`'s "

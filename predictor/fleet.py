@@ -18,20 +18,24 @@ How the plan is built:
 3. `max_loras`: `predictor recommend`'s for the trace or more (see 4), capped at the
    adapters a GPU holds (then every adapter has a slot); `max_cpu_loras`: every adapter
    it holds.
-4. The twin runs the plans (static placement: one independent run per GPU, in parallel).
-   Today's plan is checked first; when it fails it bounds the search from below (it is
-   recommend's split at its own GPU count). G is bisected with recommend's split at
-   recommend's max_loras, running only each candidate's critical GPUs (most loaded, most
-   crowded, busiest adapter, and those holding the worst served adapters of the full
-   checks so far): a failure there fails the plan. Then one GPU fewer than that count
-   with more slots (`max_loras` in steps up to the next value of recommend's grid, more
-   first; screened, then run on every GPU), and below that the winner's, while they pass;
-   when none passes, every GPU at the count found, each max_loras and then the
-   rank-grouped packing, else one GPU more. Measured at 2,000 adapters
-   (benchmarks/results/fleet_plan.md): GPUs holding hundreds of adapters are slot-bound
-   (requests wait for one of max_loras slots; no preemption, so not KV-bound, and far
-   from the token budget), so more slots is what saves a GPU there.
-   The search shows one GPU fewer failing, which is what makes G the fewest found.
+4. The twin judges the plans. Under static placement a GPU's verdict depends on its own
+   adapters and configuration only (`twin.fleet.fleet_summary` judges each GPU over its
+   own tail), so a GPU is run alone, once for a given adapter set and configuration,
+   and one failing GPU fails its plan: a plan's GPUs run likeliest to fail first (those
+   whose adapters fared worst alone before, then the critical ones: most loaded, most
+   crowded, busiest adapter), as many at once as there are workers, and stop at the
+   first failure. Today's plan is checked first; when it fails it bounds the search
+   from below, and the worst served share of its GPUs gives the first count tried
+   (`guess_after`). The count is searched with recommend's split at recommend's
+   max_loras on each candidate's critical GPUs, then one GPU fewer is tried with more
+   slots (`max_loras` in steps up to the next value of recommend's grid, every value at
+   once, each one's likeliest-to-fail GPU first), and below that the winner's, while
+   they pass; when none passes, every GPU at the count found, each max_loras (more
+   first) and then the rank-grouped packing, else one GPU more. Measured at 2,000
+   adapters (benchmarks/results/fleet_plan.md): GPUs holding hundreds of adapters are
+   slot-bound (requests wait for one of max_loras slots, far from the token budget),
+   so more slots is what saves a GPU there. The search shows one GPU fewer failing,
+   which is what makes G the fewest found.
 
 Starving adapters are judged as the fleet twin judges them (`twin.fleet`): served < 90%
 of offered, on requests that arrived before the window's last 5%.
@@ -48,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import numpy as np
 import polars as pl
 
 from tracekit.cliutil import console, user_errors
@@ -74,9 +79,6 @@ def recommend_answer(trace_path: Path, profile: str) -> dict[str, Any]:
 MAX_SEARCH_STEPS = 8
 MAX_FULL_STEPS = 6
 Cand = tuple[int, str, int]  # (GPUs, packing, max_loras)
-# Screenings also run the GPUs holding the worst served adapters of the full checks so far:
-# the WATCH_PER_CHECK worst of each, the latest WATCH_MAX in all.
-WATCH_PER_CHECK, WATCH_MAX = 3, 6
 RANK_GROUPED, RECOMMEND_SPLIT, TODAY = "rank-grouped", "recommend's split", "today's recommend plan"
 PACKINGS = (RANK_GROUPED, RECOMMEND_SPLIT)
 
@@ -193,16 +195,14 @@ def share(need: Mapping[int, float], gpus: int) -> dict[int, int]:
     return base
 
 
-def critical(plan: Any, load_of: Mapping[str, float], watch: Sequence[str] = ()) -> list[int]:
-    """The GPUs of a plan most likely to fail first: in each rank class the most loaded
-    and the one holding the most adapters, the two most loaded of the fleet, the one
-    holding the busiest adapter, and those holding a `watch` adapter (the worst served in
-    the full checks so far: in a split with even loads and adapter counts, which GPU
-    starves depends on its adapters, not its load)."""
+def critical(plan: Any, load_of: Mapping[str, float]) -> list[int]:
+    """The GPUs of a plan most likely to fail first, before anything is known of them:
+    in each rank class the most loaded and the one holding the most adapters, the two
+    most loaded of the fleet, and the one holding the busiest adapter. (In a split with
+    even loads and adapter counts, which GPU starves depends on its adapters, not its
+    load: the search then goes by how each adapter set fared alone before.)"""
     loads = [sum(load_of.get(a, 0.0) for a in g.adapters) for g in plan.gpus]
     out = set(sorted(range(len(loads)), key=lambda i: -loads[i])[:2])
-    watched = set(watch)
-    out.update(i for i, g in enumerate(plan.gpus) if watched.intersection(g.adapters))
     copies: dict[str, int] = {}
     for g in plan.gpus:
         for a in g.adapters:
@@ -210,14 +210,30 @@ def critical(plan: Any, load_of: Mapping[str, float], watch: Sequence[str] = ())
     out.add(max(range(len(plan.gpus)), key=lambda i: max(load_of.get(a, 0.0) for a in plan.gpus[i].adapters)))
     for rank in {g.settings.get("max_lora_rank") for g in plan.gpus}:
         mine = [i for i, g in enumerate(plan.gpus) if g.settings.get("max_lora_rank") == rank]
-        # Busiest by load share per adapter slot... simply: the most loaded GPU of the
-        # class that holds no adapter shared with another GPU (a coupled group is
-        # already in through the fleet's most loaded), and the most crowded.
+        # The most loaded GPU of the class that holds no adapter shared with another GPU
+        # (a coupled group is already in through the fleet's most loaded), and the most
+        # crowded.
         alone = [i for i in mine if all(copies[a] == 1 for a in plan.gpus[i].adapters)]
         if alone:
             out.add(max(alone, key=lambda i: loads[i]))
         out.add(max(mine, key=lambda i: len(plan.gpus[i].adapters)))
     return sorted(out)
+
+
+# The unserved share of a failing GPU about halves with each GPU added to recommend's
+# split, and its GPUs pass below about 2% (benchmarks/results/fleet_plan.md, 2,000 Zipf
+# adapters at 100 and 200 req/s; checked on held-out traces there): the next count
+# screened. Only the search's speed depends on it; the count found is still the one
+# that passes with one fewer failing.
+UNSERVED_PASS = 0.02
+
+
+def guess_after(gpus: int, served_frac: float) -> int:
+    """The GPU count to screen after `gpus` failed with its worst GPU serving `served_frac`."""
+    unserved = 1.0 - served_frac
+    if unserved <= UNSERVED_PASS:
+        return gpus + 1
+    return gpus + max(1, math.ceil(math.log2(unserved / UNSERVED_PASS) - 1e-9))
 
 
 def first_guess(loads: pl.DataFrame, slots: Mapping[int, Mapping[str, Any]]) -> int:
@@ -294,20 +310,33 @@ def today_plan(rec: Mapping[str, Any], profile: str) -> Any:
 
 
 class TwinCheck:
-    """Runs plans in the fleet twin (static placement: one run per GPU, in parallel on
-    one pool of workers, a GPU whose adapters and configuration did not change is not
-    run again) and judges them."""
+    """Runs plans in the fleet twin and judges them: whole plans (static placement: one
+    run per GPU, in parallel on one pool of workers) and single GPUs alone (screenings,
+    several at once); a GPU whose adapters and configuration did not change is not run
+    again, whichever of the two ran it first."""
 
     def __init__(self, trace: pl.DataFrame, context: dict[str, Any], profile: Any, slo_ttft_p99_s: float | None,
                  pool: Any):
-        self.trace = trace
-        self.context = context
+        from twin.fleet import adapter_codes
+
+        # In arrival order, as a fleet run orders it: a GPU run alone sees the same rows.
+        self.trace = trace.sort("arrival_s", maintain_order=True)
+        self.codes, self.names = adapter_codes(self.trace)
+        self.context = {k: v for k, v in context.items() if k != "parts"}
+        self.window_s = float(self.context["window_s"]) if self.context.get("window_s") else None
+        self.longest = int(self.trace["output_tokens"].max() or 0)  # a GPU alone is judged as in the fleet
         self.profile = profile
         self.slo = slo_ttft_p99_s
         self.pool = pool
-        self.cache: dict[Any, Any] = {}
+        self.cache: dict[Any, Any] = {}  # gpu_key -> its run (`twin.fleet.run_gpu`)
+        self.judged: dict[Any, dict[str, Any]] = {}  # gpu_key -> its verdict alone
+        self._resolved: dict[int, tuple[Any, Any, Any, Any]] = {}
         self.runs = 0
+        self.gpu_runs = 0
         self.wall_s = 0.0
+
+    def _slo_missed(self, row: Mapping[str, Any]) -> bool:
+        return self.slo is not None and (row.get("p99_ttft_ms") or 0.0) > self.slo * 1e3
 
     def run(self, plan: Any, only: list[int] | None = None) -> dict[str, Any]:
         """The plan's verdict in the twin; `only`: run just these GPUs (their verdict)."""
@@ -320,15 +349,15 @@ class TwinCheck:
             plan = FleetPlan(gpus=gpus, profile=plan.profile, router=plan.router)
             trace = trace.filter(pl.col("adapter").is_in([a for g in gpus for a in g.adapters]))
         t0 = time.perf_counter()
+        before = len(self.cache)
         res = simulate_fleet(trace, self.profile, plan, "placement", trace_context=self.context, pool=self.pool,
                              cache=self.cache)
         self.runs += 1
+        self.gpu_runs += len(self.cache) - before
         self.wall_s += time.perf_counter() - t0
         s = res.summary
         fleet = s["fleet"]
-        slo_miss = []
-        if self.slo is not None:
-            slo_miss = [g["name"] for g in s["gpus"] if (g.get("p99_ttft_ms") or 0.0) > self.slo * 1e3]
+        slo_miss = [g["name"] for g in s["gpus"] if self._slo_missed(g)]
         starving_gpus = [g["name"] for g in s["gpus"] if g.get("starved")]
         ok = fleet["starving_adapters"] == 0 and not starving_gpus and not slo_miss
         return {"gpus": len(plan.gpus), "ok": ok, "gpus_run": [g.name for g in plan.gpus] if only is not None else "all", "starving_adapters": fleet["starving_adapters"],
@@ -340,6 +369,82 @@ class TwinCheck:
                 "starving_gpus": starving_gpus, "slo_missed_by": slo_miss, "per_gpu": s["gpus"],
                 "starving_adapter_names": fleet["starving_adapter_names"][:10],
                 "worst_adapter_names": fleet.get("worst_adapter_names", [])}
+
+    def static(self, plan: Any) -> bool:
+        """Every adapter on one GPU: each GPU can run alone."""
+        return all(len(v) == 1 for v in plan.placement().values())
+
+    def _prepared(self, plan: Any) -> tuple[Any, np.ndarray, list[Any]]:
+        """The plan resolved (configurations, KV capacities), each request's GPU, and
+        each GPU's cache key."""
+        got = self._resolved.get(id(plan))
+        if got is not None and got[0] is plan:
+            return got[1], got[2], got[3]
+        from tracekit.schema import adapter_ranks
+        from twin.fleet import gpu_key
+        from twin.fleet_plan import resolve
+        from twin.routing import Router
+
+        fleet = resolve(plan, self.profile, self.names, adapter_ranks(self.context), "placement")
+        replica = Router("placement", len(plan.gpus), plan.placement()).route_static(self.codes, self.names)
+        keys = [gpu_key(g.adapters, c, self.window_s, False, True) for g, c in zip(plan.gpus, fleet.configs, strict=True)]
+        self._resolved[id(plan)] = (plan, fleet, replica, keys)
+        return fleet, replica, keys
+
+    def judged_alone(self, plan: Any, g: int) -> bool:
+        """Whether GPU `g` of `plan` was judged alone already (same adapters, configuration)."""
+        return self._prepared(plan)[2][g] in self.judged
+
+    def alone(self, items: Sequence[tuple[Any, int]]) -> list[dict[str, Any]]:
+        """Each (static plan, GPU index) run and judged alone in the twin, all at once on
+        the pool: per GPU, ok (no starving adapter, not starved, SLO met), its starving
+        adapters, worst served fraction, served fraction and p99 TTFT."""
+        from twin.fleet import WORKER_MODULES, run_alone
+        from twin.profile import Profile
+
+        portable = Profile(self.profile.name, self.profile.data)  # plain data: pickles to workers
+        tasks: list[tuple[Any, ...]] = []
+        task_keys: list[Any] = []
+        for plan, g in items:
+            fleet, replica, keys = self._prepared(plan)
+            key = keys[g]
+            if key in self.judged or key in task_keys:
+                continue
+            rows = np.flatnonzero(replica == g)
+            if rows.size == 0:
+                self.judged[key] = {"name": plan.gpus[g].name, "ok": True, "requests": 0, "starving_adapters": 0,
+                                    "min_adapter_served_frac": 1.0, "served_frac": 1.0, "starved": False,
+                                    "p99_ttft_ms": None,
+                                    "worst_adapter_names": []}
+                continue
+            tasks.append((plan.gpus[g], self.trace[rows], portable, fleet.configs[g], fleet.kv_capacity_tokens[g],
+                          self.context, self.window_s, True, self.longest))
+            task_keys.append(key)
+        if tasks:
+            t0 = time.perf_counter()
+            # Largest first: with fewer workers than tasks, the longest does not start last.
+            order = sorted(range(len(tasks)), key=lambda k: -tasks[k][1].height)
+            for j, (part, summary) in self.pool.run(run_alone, [tasks[k] for k in order], help=True, warm=WORKER_MODULES):
+                key = task_keys[order[j]]
+                self.cache[key] = part
+                fleet_row, row = summary["fleet"], summary["gpus"][0]
+                self.judged[key] = {
+                    "name": row["name"], "ok": fleet_row["starving_adapters"] == 0 and not row.get("starved")
+                    and not self._slo_missed(row), "requests": row.get("requests"),
+                    "starving_adapters": fleet_row["starving_adapters"],
+                    "min_adapter_served_frac": fleet_row["min_adapter_served_frac"],
+                    "served_frac": row.get("served_frac"), "starved": bool(row.get("starved")),
+                    "p99_ttft_ms": row.get("p99_ttft_ms"), "slo_missed": self._slo_missed(row), "worst_adapter_names": fleet_row.get("worst_adapter_names", []),
+                    "twin_wall_s": row.get("twin_wall_s")}
+            self.runs += 1
+            self.gpu_runs += len(tasks)
+            self.wall_s += time.perf_counter() - t0
+        out = []
+        for plan, g in items:
+            v = dict(self.judged[self._prepared(plan)[2][g]])
+            v["name"] = plan.gpus[g].name
+            out.append(v)
+        return out
 
 
 def explain_gpu(gpu: Any, row: Mapping[str, Any], loads: Mapping[str, float], ranks: Mapping[str, int],
@@ -426,102 +531,176 @@ def plan_fleet(trace_path: Path, profile_name: str, *, slo_ttft_p99_s: float | N
                              if kind == RANK_GROUPED else recommend_split(load_of, g, dict(rec, max_loras=m), profile.name))
         return candidates[c]
 
-    from concurrent.futures import ThreadPoolExecutor
-
-    with parallel.Pool(executor, default_jobs(trace.height) if jobs is None else jobs, ray_address) as pool, \
-            ThreadPoolExecutor(2) as threads:
+    n_jobs = max(1, default_jobs(trace.height) if jobs is None else jobs)
+    with parallel.Pool(executor, n_jobs, ray_address) as pool:
         check = TwinCheck(trace, context, profile, slo_ttft_p99_s, pool)
-        # Today's plan is recommend's split at its own GPU count and max_loras: its check
-        # (run first) bounds the search from below when it fails.
-        verdicts: dict[tuple[Cand, bool], dict[str, Any]] = {}
-        watch: list[str] = []
-        today_future = threads.submit(check.run, today)
+        verdicts: dict[tuple[Cand, bool], dict[str, Any]] = {}  # (candidate, every GPU) -> verdict
+        risk: dict[tuple[str, ...], float] = {}  # adapter set -> worst served fraction seen alone
+        critical_of: dict[Cand, set[int]] = {}
 
-        def verdict_of(c: Cand, whole: bool) -> dict[str, Any]:
-            if (c, whole) in verdicts:
-                return verdicts[(c, whole)]
-            plan_c = candidate(c)
-            only = None if whole else critical(plan_c, load_of, watch)
-            v = check.run(plan_c, only)
-            if whole:
-                # The worst served adapters of the latest full checks: screened from now on.
-                watch[:0] = [a for a in v["worst_adapter_names"][:WATCH_PER_CHECK] if a not in watch]
-                del watch[WATCH_MAX:]
-            v.update(gpus=len(plan_c.gpus), packing=c[1], max_loras=c[2])
+        def report(c: Cand, v: dict[str, Any], whole: bool) -> None:
             search.append({k: x for k, x in v.items() if k != "per_gpu"})
-            verdicts[(c, whole)] = v
             if progress:
                 what = "no starving adapter" if v["ok"] else f"{v['starving_adapters']} starving adapter(s)"
                 if v["slo_missed_by"]:
                     what += " (SLO missed on " + ", ".join(v["slo_missed_by"]) + ")"
-                ran = "every GPU" if whole else f"its {len(only or [])} most loaded / most crowded GPU(s)"
+                ran = "every GPU" if v["gpus_run"] == "all" else f"{len(v['gpus_run'])} of its GPUs"
                 console.print(f"  twin: {c[0]} GPU(s) by {c[1]}, max_loras {c[2]}, {ran}: {what}")
-            return v
 
-        def confirmed(c: Cand) -> dict[str, Any] | None:
-            """The full check of `c` when its critical GPUs pass (a failure there fails it)."""
-            if not verdict_of(c, False)["ok"]:
-                return None
-            v = verdict_of(c, True)
-            return v if v["ok"] else None
+        def set_of(plan_c: FleetPlan, i: int) -> tuple[str, ...]:
+            return tuple(sorted(a for a in plan_c.gpus[i].adapters if a is not None))
 
-        # 1. Bisect the GPU count with recommend's split at recommend's max_loras, running
-        # only each candidate's critical GPUs. The first candidate, one GPU more than
-        # today's (where today's fails, as it usually does), is screened beside today's check.
-        ahead = max(len(today.gpus) + 1, first_guess(loads, slots))
-        ahead_future = threads.submit(verdict_of, (ahead, RECOMMEND_SPLIT, m0), False)
-        today_check = today_future.result()
-        ahead_future.result()
+        def units(c: Cand, whole: bool) -> list[Any]:
+            """The GPUs `c` is judged on, each alone, likeliest to fail first: those whose
+            adapters fared worst alone before, then the critical ones; only those unless
+            `whole`. A plan with adapters on several GPUs: all its GPUs together, once."""
+            plan_c = candidate(c)
+            if not check.static(plan_c):
+                return [tuple(range(len(plan_c.gpus)))]
+            crit = critical(plan_c, load_of)
+            return sorted(range(len(plan_c.gpus)) if whole else crit, key=lambda u: unit_score(c, u))
+
+        def unit_score(c: Cand, u: Any) -> tuple[float, float]:
+            """Likeliest to fail first: the worst served fraction its adapters had alone
+            (failed: 0), unknown critical GPUs next, then the rest, most loaded first."""
+            if not isinstance(u, int):
+                return (0.0, 0.0)
+            plan_c = candidate(c)
+            load = sum(load_of.get(a, 0.0) for a in plan_c.gpus[u].adapters)
+            crit = critical_of.setdefault(c, set(critical(plan_c, load_of)))
+            return (risk.get(set_of(plan_c, u), 0.95 if u in crit else 1.0), -load)
+
+        def evaluate(cands: Sequence[Cand], whole: bool, probe_all: bool = False) -> Cand | None:
+            """The first of `cands` whose GPUs (every one if `whole`, else its critical
+            ones) all pass alone in the twin: a GPU of a static placement is judged as in
+            the fleet, so one failing GPU fails the candidate. Each round runs as many GPUs
+            as there are workers, in candidate order; `probe_all`: each candidate's
+            likeliest-to-fail GPU first, where most candidates are expected to fail."""
+            for c in cands:  # failing on its critical GPUs fails it
+                if (c, True) not in verdicts and not verdicts.get((c, False), {"ok": True})["ok"]:
+                    verdicts[(c, True)] = verdicts[(c, False)]
+            todo = {c: units(c, whole) for c in cands if (c, whole) not in verdicts}
+            rows: dict[Cand, list[dict[str, Any]]] = {c: [] for c in todo}
+            while True:
+                for c in cands:
+                    if (c, whole) not in verdicts:
+                        break
+                    if verdicts[(c, whole)]["ok"]:
+                        return c
+                else:
+                    return None
+                live = [c for c in cands if (c, whole) not in verdicts]
+                for c in live:
+                    # What the latest runs taught goes first; GPUs judged before cost nothing.
+                    todo[c].sort(key=lambda u, c=c: unit_score(c, u))
+                    known = [u for u in todo[c] if isinstance(u, int) and check.judged_alone(candidate(c), u)]
+                    if known:
+                        rows[c] += check.alone([(candidate(c), u) for u in known])
+                        todo[c] = [u for u in todo[c] if u not in known]
+                # Probing: a candidate's first GPU before any candidate's second.
+                pending = [(probe_all and (j > 0 or bool(rows[c])), k, j, c, u)
+                           for k, c in enumerate(live) if all(r["ok"] for r in rows[c])
+                           for j, u in enumerate(todo[c])]
+                batch = [(c, u) for *_, c, u in sorted(pending, key=lambda x: x[:3])[:n_jobs]]
+                for c, u in batch:
+                    todo[c].remove(u)
+                alone = [(c, u) for c, u in batch if isinstance(u, int)]
+                for (c, u), v in zip(alone, check.alone([(candidate(c), u) for c, u in alone]), strict=True):
+                    rows[c].append(v)
+                    key = set_of(candidate(c), u)
+                    risk[key] = min(risk.get(key, 1.0), v["min_adapter_served_frac"] if v["ok"] else 0.0)
+                for c, u in batch:
+                    if not isinstance(u, int):  # GPUs that share adapters: together
+                        group = check.run(candidate(c))
+                        rows[c] += [{**r, "ok": group["ok"], "slo_missed": r["name"] in group["slo_missed_by"]}
+                                    for r in group["per_gpu"]]
+                for c in live:
+                    bad = [r for r in rows[c] if not r["ok"]]
+                    if bad or not todo[c]:
+                        v = {"gpus": c[0], "packing": c[1], "max_loras": c[2], "ok": not bad,
+                             "gpus_run": "all" if len(rows[c]) == c[0] else [r["name"] for r in rows[c]],
+                             "starving_adapters": sum(r.get("starving_adapters") or 0 for r in rows[c]),
+                             "min_adapter_served_frac": min(r.get("min_adapter_served_frac", 1.0) for r in rows[c]),
+                             "served_frac": min(r.get("served_frac") or 1.0 for r in rows[c]),
+                             "slo_missed_by": [r["name"] for r in rows[c] if r.get("slo_missed")],
+                             "starving_gpus": [r["name"] for r in rows[c] if r.get("starved")]}
+                        verdicts[(c, whole)] = v
+                        report(c, v, whole)
+
+        def first_passing(g: int, tries: Sequence[tuple[str, int]], probe_all: bool) -> tuple[Cand, dict[str, Any]] | None:
+            """The first of `tries` at `g` GPUs whose every GPU passes, with its fleet
+            verdict (its GPUs' runs reused)."""
+            left = [(g, kind, m) for kind, m in tries]
+            while left:
+                c = evaluate(left, True, probe_all)
+                if c is None:
+                    return None
+                v = check.run(candidate(c))
+                v.update(gpus=c[0], packing=c[1], max_loras=c[2])
+                if v["ok"]:
+                    return c, v
+                verdicts[(c, True)] = v  # judged together it fails (an adapter shared by GPUs)
+                left.remove(c)
+            return None
+
+        # Today's plan first: recommend's split at its own GPU count and max_loras. When it
+        # fails it bounds the search from below and its served share gives the first guess.
+        today_check = check.run(today)
+        today_check.update(packing=TODAY, max_loras=m0)
+        report((len(today.gpus), TODAY, m0), today_check, True)
         lo, hi = 1, None
-        if not today_check["ok"]:
+        if today_check["ok"]:
+            g = first_guess(loads, slots)
+        else:
             lo = len(today.gpus) + 1
-        g = max(lo, first_guess(loads, slots))
+            g = max(lo, guess_after(len(today.gpus), min(r["served_frac"] for r in today_check["per_gpu"])))
+        # 1. The GPU count with recommend's split at recommend's max_loras, on each
+        # candidate's critical GPUs.
         for _ in range(MAX_SEARCH_STEPS):
-            if verdict_of((g, RECOMMEND_SPLIT, m0), False)["ok"]:
+            c = (g, RECOMMEND_SPLIT, m0)
+            if evaluate([c], False) == c:
                 hi = g
             else:
                 lo = g + 1
             if hi is not None and lo >= hi:
                 break
-            g = (lo + hi) // 2 if hi is not None else max(g + 1, math.ceil(g * 1.25))
+            if g == hi:  # passed: one fewer (the guesses land on or near the count)
+                g = hi - 1
+            else:
+                g = guess_after(g, verdicts[(c, False)]["served_frac"])
+                g = max(lo, g if hi is None else min(g, hi - 1))
         best = hi if hi is not None else g
         # More slots first: at the loads measured (benchmarks/results/fleet_plan.md) a GPU
         # holding hundreds of adapters waits for slots, not for compute or KV cache.
         split_cands = [(RECOMMEND_SPLIT, m) for m in sorted(grid, reverse=True)]
         win: tuple[Cand, dict[str, Any]] | None = None
-
-        def first_passing(g: int, tries: list[tuple[str, int]]) -> tuple[Cand, dict[str, Any]] | None:
-            for kind, m in tries:
-                v = confirmed((g, kind, m))
-                if v is not None:
-                    return (g, kind, m), v
-            return None
-
-        # 2. Fewer GPUs than the bisection found, with more slots: each max_loras at one GPU
-        # fewer, and below that the one that won, while it passes (the count found is not
-        # run in full when one fewer passes).
+        # 2. Fewer GPUs than that, with more slots: every max_loras at one GPU fewer (each
+        # one's likeliest-to-fail GPU first), and below that the one that won, while it passes.
         g, tries = best - 1, split_cands
         while g >= 1:
-            found = first_passing(g, tries)
+            found = first_passing(g, tries, True)
             if found is None:
                 break
             win, tries = found, [found[0][1:]]
             g -= 1
-        # 3. Else every GPU at the count found, each candidate (every max_loras, then the
-        # rank-grouped packing: at 2,000 adapters it never passed where recommend's split
-        # failed, and its screening runs most of its GPUs), then one GPU more.
+        # 3. Else the count found: each max_loras (more slots first), then the rank-grouped
+        # packing (at 2,000 adapters it never passed where recommend's split failed), then
+        # one GPU more.
         for _ in range(MAX_FULL_STEPS if win is None else 0):
-            win = first_passing(best, [*split_cands, (RANK_GROUPED, m0)])
+            win = first_passing(best, [*split_cands, (RANK_GROUPED, m0)], False)
             if win is not None:
                 break
             best += 1
         if win is None:
             c = (best - 1, RECOMMEND_SPLIT, m0)
-            win = (c, verdict_of(c, True))
+            v = check.run(candidate(c))
+            v.update(gpus=c[0], packing=c[1], max_loras=c[2])
+            win = (c, v)
         (best, kind, chosen_m), verdict = win
         if today_check["ok"] and len(today.gpus) <= best:
             best, kind, chosen_m, verdict = len(today.gpus), TODAY, m0, today_check
         runs = check.runs
+        gpu_runs = check.gpu_runs
         twin_s = check.wall_s
     fewer_fails = best - 1 >= 1 and any(x["gpus"] == best - 1 and not x["ok"] for x in search)
     plan = today if kind == TODAY else candidate((best, kind, chosen_m))
@@ -566,7 +745,7 @@ def plan_fleet(trace_path: Path, profile_name: str, *, slo_ttft_p99_s: float | N
     return {
         "plan": plan, "today": today, "verdict": verdict, "today_verdict": today_check, "search": search,
         "summary": summary, "explanations": explanations, "elapsed_s": elapsed, "model_s": t_model, "twin_s": twin_s,
-        "twin_plan_runs": runs, "recommend": {k: v for k, v in rec.items() if k != "gpu_adapters"}, "class_slots": slots,
+        "twin_plan_runs": runs, "twin_gpu_runs": gpu_runs, "recommend": {k: v for k, v in rec.items() if k != "gpu_adapters"}, "class_slots": slots,
     }
 
 
@@ -627,7 +806,7 @@ def plan_cmd(trace: Path, profile: str, out: Path, today_out: Path | None, slo: 
             "plan": r["plan"].to_dict(), "verdict": _compact(r["verdict"]),
             "today_verdict": _compact(r["today_verdict"]),
             "search": r["search"], "summary": r["summary"], "elapsed_s": r["elapsed_s"],
-            "twin_plan_runs": r["twin_plan_runs"], "out": str(out),
+            "twin_plan_runs": r["twin_plan_runs"], "twin_gpu_runs": r["twin_gpu_runs"], "out": str(out),
         }, default=str))
         return
     from rich.table import Table

@@ -18,7 +18,7 @@ from tracekit.synth import synthesize
 from twin.api import ServingConfig
 from twin.cli import main as twin_main
 from twin.engine import simulate
-from twin.fleet import WORKER_MODULES, simulate_fleet
+from twin.fleet import WORKER_MODULES, run_alone, simulate_fleet
 from twin.fleet_plan import FleetPlan, resolve
 from twin.profile import load_profile
 from twin.routing import Router
@@ -70,6 +70,31 @@ def test_static_placement_is_each_gpus_own_twin_run(small_trace) -> None:  # typ
     assert res.summary["fleet"]["throughput_tok_s"] == pytest.approx(whole["throughput_tok_s"])
 
 
+def test_a_gpu_alone_is_judged_as_in_the_fleet(small_trace) -> None:  # type: ignore[no-untyped-def]
+    """Static placement: a GPU's starving adapters are judged over its own tail (its mean
+    ITL), so its verdict run alone (what `predictor plan` screens) is the fleet's."""
+    df, ctx = small_trace
+    names = sorted(df["adapter"].unique().to_list())
+    # Few slots and seats on a busy trace: some adapters starve, at different ITLs per GPU.
+    plan = plan_of(split(names, 3), max_loras=1, max_num_seqs=8)
+    prof = load_profile(PROFILE)
+    ctx = dict(ctx, window_s=120.0)
+    res = simulate_fleet(df, prof, plan, "placement", trace_context=ctx, jobs=1)
+    rows = res.summary["gpus"]
+    assert len({round(r["judged_tail_s"], 6) for r in rows}) > 1  # the GPUs' tails differ
+    assert res.summary["fleet"]["starving_adapters"] == sum(r["starving_adapters"] for r in rows) > 0
+    fleet = resolve(plan, prof, names, schema.adapter_ranks(ctx), "placement")
+    ordered = df.sort("arrival_s", maintain_order=True)
+    longest = int(df["output_tokens"].max())
+    for g, gpu in enumerate(plan.gpus):
+        sub = ordered.filter(pl.col("adapter").is_in(list(gpu.adapters)))
+        part, alone = run_alone(gpu, sub, prof, fleet.configs[g], fleet.kv_capacity_tokens[g], ctx, 120.0, True, longest)
+        a, f = alone["gpus"][0], rows[g]
+        for k in ("starving_adapters", "min_adapter_served_frac", "served_frac", "judged_tail_s", "p99_ttft_ms"):
+            assert a[k] == pytest.approx(f[k], rel=1e-12), k
+        assert alone["fleet"]["starving_adapters"] == f["starving_adapters"]
+
+
 def test_split_does_not_change_a_bit(small_trace) -> None:  # type: ignore[no-untyped-def]
     df, ctx = small_trace
     names = sorted(df["adapter"].unique().to_list())
@@ -83,7 +108,9 @@ def test_split_does_not_change_a_bit(small_trace) -> None:  # type: ignore[no-un
         up = simulate_fleet(df, PROFILE, plan, trace_context=ctx, jobs=2, pool=pool)
     assert one.results.equals(up.results)
     pids = {g["pid"] for g in up.summary["gpus"]}
-    assert os.getpid() not in pids and len(pids) == 2  # two worker processes
+    # Worker processes only (one of the two may take every GPU: these runs take
+    # milliseconds, and the pool waits for the first worker to be up, not both).
+    assert os.getpid() not in pids and 1 <= len(pids) <= 2
     rr1 = simulate_fleet(df, PROFILE, plan, "round-robin", trace_context=ctx, jobs=1)
     rep = pl.from_arrow(rr1.results)["replica"].to_list()
     assert rep == [f"gpu-{i % 4:02d}" for i in range(df.height)]

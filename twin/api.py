@@ -7,12 +7,14 @@ and KV-capacity models).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import polars as pl
 import pyarrow as pa
 
 from twin.config import ServingConfig, SimResult, server_defaults
+
+if TYPE_CHECKING:
+    import polars as pl
 
 __all__ = ["ServingConfig", "SimResult", "server_defaults", "simulate"]
 

@@ -35,10 +35,9 @@ import math
 import time
 from bisect import bisect_right
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import polars as pl
 import pyarrow as pa
 
 from tracekit.metrics import summarize
@@ -47,6 +46,9 @@ from twin.config import ServingConfig, SimResult
 from twin.kv_cache import prefix_keys
 from twin.profile import Profile, load_profile
 from twin.scheduler import BASE, DEFAULT_CPU_MISS_FACTOR, Scheduler, Stretch
+
+if TYPE_CHECKING:
+    import polars as pl
 
 MAX_STRETCH = 8192  # steps per fast-forward computation (bounds the arrays' size)
 # Fast-forward attempts that advance fewer steps than this back off (exponentially, up
@@ -308,8 +310,7 @@ def _finish(
     skip = {"request_id", "adapter", "target", "status", "error", "prompt_token_ids", "prefix_hashes", "tenant", "session_id"}
     metrics_in = results.select([c for c in results.column_names if c not in skip]).append_column(
         "status", pa.DictionaryArray.from_arrays(_primitive(status, pa.int8()), pa.array(STATUS_LABELS)))
-    results_df: pl.DataFrame = pl.from_arrow(metrics_in)  # type: ignore[assignment]
-    summary = summarize(results_df, ctx)
+    summary = summarize(metrics_in, ctx)
     summary.update(
         steps=loop.step,
         preemptions=sched.total_preemptions,

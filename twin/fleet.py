@@ -15,7 +15,7 @@ The results are one table in the trace's order with a `replica` column (the GPU'
 name); the summary has each GPU's and the fleet's throughput, served fraction, starving
 adapters (served < 90% of offered, `tracekit.metrics.adapter_service`, judged on the requests
 that arrived before the window's last 5%, or before the time the longest answer takes at
-the fleet's mean ITL if longer) and TTFT / ITL percentiles.
+the mean ITL of the GPU serving them if longer) and TTFT / ITL percentiles.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from tracekit import parallel
 from tracekit.metrics import adapter_service, summarize
 from tracekit.schema import TracekitError, adapter_ranks, conform
 from twin.config import ServingConfig
-from twin.fleet_plan import FleetPlan, ResolvedFleet, resolve
+from twin.fleet_plan import FleetPlan, GpuPlan, ResolvedFleet, resolve
 from twin.profile import Profile, load_profile
 from twin.routing import Router
 
@@ -43,7 +43,7 @@ GPU_COUNTERS = ("steps", "preemptions", "adapter_loads", "kv_capacity_tokens", "
 # Requests arriving in the window's last part are not judged for an adapter's starvation:
 # they may still be running at the cut with nothing wrong (`adapter_service`'s tail_s).
 # That part is 5% of the window, and at least the time the trace's longest answer takes
-# at the fleet's mean ITL. Measured on a Zipf fleet hour: every request of the adapters
+# at the GPU's mean ITL. Measured on a Zipf fleet hour: every request of the adapters
 # that starved only at the cut had arrived in the last 4 minutes, on GPUs whose p99 TTFT
 # was under a second; in a 10-minute window, one 1,700-token answer 35 s before the cut
 # made an adapter of three requests starve on a GPU at 94 ms p99 TTFT.
@@ -106,6 +106,30 @@ def run_gpu(
     # Peak memory of the process that ran this GPU (a worker, or this process).
     summary["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return res.results, summary, res.steps
+
+
+def gpu_key(adapters: Any, config: ServingConfig, window_s: float | None, record_steps: bool,
+            fast_forward: bool) -> tuple[Any, ...]:
+    """What one GPU's run under static placement depends on, as a cache key: its adapters
+    (so its requests), its configuration and the run's options."""
+    return (tuple(sorted(adapters, key=str)), config, window_s, record_steps, fast_forward)
+
+
+def run_alone(
+    gpu: GpuPlan, trace: pl.DataFrame, profile: Profile, config: ServingConfig, kv_capacity_tokens: int,
+    context: dict[str, Any], window_s: float | None, fast_forward: bool, longest_output_tokens: int,
+) -> tuple[tuple[pa.Table, dict[str, Any], pa.Table | None], dict[str, Any]]:
+    """One GPU of a placement plan (with its requests, in arrival order) run and judged
+    alone, in a worker or in this process: its run as `run_gpu` gives it (what a fleet run
+    with the same GPU reuses) and its summary as a one-GPU fleet's (`fleet_summary`),
+    its adapters judged over the tail the whole fleet's would have: the fleet trace's
+    `longest_output_tokens` (at this GPU's mean ITL, the fleet's being unknown here)."""
+    part = run_gpu(gpu.name, trace, profile, config, context, window_s, False, fast_forward)
+    plan = FleetPlan(gpus=(gpu,), profile=profile.name, router="placement")
+    fleet = ResolvedFleet(plan=plan, configs=[config], kv_capacity_tokens=[kv_capacity_tokens], warnings=[])
+    res = _assemble(trace, np.zeros(trace.height, dtype=np.int64), [part], plan, fleet, "placement", True, context,
+                    window_s, profile.name, {}, longest_output_tokens)
+    return part, res.summary
 
 
 def simulate_fleet(
@@ -216,7 +240,7 @@ def _run_coupled(
             replica[rows] = g
             key = None
             if cache is not None:
-                key = (tuple(sorted(plan.gpus[g].adapters, key=str)), fleet.configs[g], window_s, record_steps, fast_forward)
+                key = gpu_key(plan.gpus[g].adapters, fleet.configs[g], window_s, record_steps, fast_forward)
                 if key in cache:
                     parts[g] = cache[key]
                     continue
@@ -237,8 +261,7 @@ def _run_coupled(
             parts[comp[0]] = out
             if cache is not None:
                 g = comp[0]
-                cache[(tuple(sorted(plan.gpus[g].adapters, key=str)), fleet.configs[g], window_s, record_steps,
-                       fast_forward)] = out
+                cache[gpu_key(plan.gpus[g].adapters, fleet.configs[g], window_s, record_steps, fast_forward)] = out
         else:
             local, group_parts = out
             replica[rows] = np.asarray(comp, dtype=np.int64)[local]
@@ -260,7 +283,7 @@ def _run_static(
     keys: list[Any] = [None] * len(plan.gpus)
     for g, gpu in enumerate(plan.gpus):
         if cache is not None:
-            keys[g] = (tuple(sorted(gpu.adapters, key=str)), fleet.configs[g], window_s, record_steps, fast_forward)
+            keys[g] = gpu_key(gpu.adapters, fleet.configs[g], window_s, record_steps, fast_forward)
             if keys[g] in cache:
                 out[g] = cache[keys[g]]
                 continue
@@ -292,7 +315,7 @@ def _run_static(
 def _assemble(
     trace: pl.DataFrame, replica: np.ndarray, parts: list[tuple[pa.Table, dict[str, Any], pa.Table | None] | None],
     plan: FleetPlan, fleet: ResolvedFleet, router: str, static: bool, ctx_in: dict[str, Any], window_s: float | None,
-    profile_name: str, run_info: dict[str, Any],
+    profile_name: str, run_info: dict[str, Any], longest_output_tokens: int | None = None,
 ) -> FleetResult:
     names = plan.names
     tables, positions = [], []
@@ -329,7 +352,7 @@ def _assemble(
         },
     )
     ctx.pop("serving_config", None)
-    summary = fleet_summary(merged, ctx, plan, fleet, parts)
+    summary = fleet_summary(merged, ctx, plan, fleet, parts, longest_output_tokens)
     summary.update(router=router, static=static, **run_info)
     steps = None
     if any(p is not None and p[2] is not None for p in parts):
@@ -344,29 +367,29 @@ def _metrics_frame(results: pa.Table) -> pl.DataFrame:
 
 def fleet_summary(
     results: pa.Table, ctx: dict[str, Any], plan: FleetPlan, fleet: ResolvedFleet | None,
-    parts: list[Any] | None = None,
+    parts: list[Any] | None = None, longest_output_tokens: int | None = None,
 ) -> dict[str, Any]:
     """The fleet's and each GPU's metrics from a results table with a `replica` column
     (twin or real: the same code). Starving adapters are judged fleet-wide (an adapter
     on two GPUs starves when both together serve under 90% of what it is offered) and
-    per GPU (its requests on that GPU)."""
+    per GPU (its requests on that GPU). Each GPU's judged tail is its own (`judged_tail`,
+    at its mean ITL), an adapter on several GPUs is judged over the longest of theirs:
+    so under static placement a GPU's verdict does not depend on the other GPUs, and a
+    GPU run alone is judged as in the fleet. `longest_output_tokens`: the longest answer
+    the tail allows for (default: these results' longest)."""
     df = _metrics_frame(results)
     whole = summarize(df, ctx)
-    longest = float(df["output_tokens"].max() or 0) * (whole.get("mean_itl_ms") or 0.0) / 1e3
-    tail = min(max(JUDGED_TAIL_FRACTION * whole["window_s"], longest), 0.5 * whole["window_s"])
-    service = adapter_service(df, ctx, tail_s=tail)
-    starving = service.filter(pl.col("starved"))
-    at_cut = adapter_service(df, ctx)
-    fleet_row = {k: whole.get(k) for k in SUMMARY_KEYS}
-    fleet_row.update(gpus=len(plan.gpus), adapters=int(at_cut.height),
-                     starving_adapters=int(starving.height),
-                     starving_adapter_names=starving.sort("served_frac")["adapter"].to_list()[:50],
-                     worst_adapter_names=service.sort(["served_frac", "adapter"])["adapter"].to_list()[:10],
-                     starving_adapters_at_cut=int(at_cut["starved"].sum()),
-                     judged_tail_s=tail,
-                     min_adapter_served_frac=float(service["served_frac"].min()) if service.height else 1.0)
+    window = whole["window_s"]
+    if longest_output_tokens is None:
+        longest_output_tokens = int(df["output_tokens"].max() or 0)
+
+    def judged_tail(mean_itl_ms: float | None) -> float:
+        return judged_tail_s(window, longest_output_tokens, mean_itl_ms)
+
     gpus = []
     by_replica = df.partition_by("replica", as_dict=True, maintain_order=True) if "replica" in df.columns else {}
+    services: dict[str, pl.DataFrame] = {}
+    tails: dict[str, float] = {}
     starving_gpus = 0
     for g, gpu in enumerate(plan.gpus):
         sub = by_replica.get((gpu.name,))
@@ -375,10 +398,11 @@ def fleet_summary(
             row.update(requests=0, adapters=0, starving_adapters=0, starved=False)
         else:
             s = summarize(sub, ctx)
-            svc = adapter_service(sub, ctx, tail_s=tail)
+            tails[gpu.name] = judged_tail(s.get("mean_itl_ms"))
+            svc = services[gpu.name] = adapter_service(sub, ctx, tail_s=tails[gpu.name])
             row.update({k: s.get(k) for k in SUMMARY_KEYS})
             row.update(adapters=int(svc.height), starving_adapters=int(svc["starved"].sum()),
-                       min_adapter_served_frac=float(svc["served_frac"].min()))
+                       min_adapter_served_frac=float(svc["served_frac"].min()), judged_tail_s=tails[gpu.name])
         if fleet is not None:
             c = fleet.configs[g]
             row.update(max_loras=c.max_loras, max_cpu_loras=c.cpu_loras, max_lora_rank=c.max_lora_rank,
@@ -390,5 +414,42 @@ def fleet_summary(
             row["peak_rss_mib"] = parts[g][1].get("peak_rss_mib")
         starving_gpus += bool(row.get("starved")) or row.get("starving_adapters", 0) > 0
         gpus.append(row)
+    service = _fleet_service(df, ctx, services, tails, judged_tail(whole.get("mean_itl_ms")))
+    starving = service.filter(pl.col("starved"))
+    at_cut = adapter_service(df, ctx)
+    fleet_row = {k: whole.get(k) for k in SUMMARY_KEYS}
+    fleet_row.update(gpus=len(plan.gpus), adapters=int(at_cut.height),
+                     starving_adapters=int(starving.height),
+                     starving_adapter_names=starving.sort("served_frac")["adapter"].to_list()[:50],
+                     worst_adapter_names=service.sort(["served_frac", "adapter"])["adapter"].to_list()[:10],
+                     starving_adapters_at_cut=int(at_cut["starved"].sum()),
+                     judged_tail_s=max(tails.values(), default=judged_tail(whole.get("mean_itl_ms"))),
+                     min_adapter_served_frac=float(service["served_frac"].min()) if service.height else 1.0)
     fleet_row["starving_gpus"] = int(starving_gpus)
     return {"fleet": fleet_row, "gpus": gpus}
+
+
+def judged_tail_s(window_s: float, longest_output_tokens: int, mean_itl_ms: float | None) -> float:
+    """The window's last part whose arrivals are not judged for starvation: 5% of it, or
+    the time the longest answer takes at `mean_itl_ms` if longer; at most half of it."""
+    longest = float(longest_output_tokens) * (mean_itl_ms or 0.0) / 1e3
+    return min(max(JUDGED_TAIL_FRACTION * window_s, longest), 0.5 * window_s)
+
+
+def _fleet_service(df: pl.DataFrame, ctx: dict[str, Any], services: dict[str, pl.DataFrame], tails: dict[str, float],
+                   default_tail: float) -> pl.DataFrame:
+    """Each adapter's service over the whole fleet, judged over the longest tail of the
+    GPUs that served it (one GPU each: those GPUs' own services)."""
+    if not services or "replica" not in df.columns:
+        return adapter_service(df, ctx, tail_s=default_tail)
+    names = pl.col("adapter").fill_null("<base>")
+    spread = df.select(names.alias("adapter"), "replica").unique().group_by("adapter").agg(
+        pl.col("replica").replace_strict(tails, default=default_tail, return_dtype=pl.Float64).max().alias("tail"),
+        pl.len().alias("gpus"))
+    if int(spread["gpus"].max() or 0) <= 1:
+        return pl.concat(list(services.values())).sort("adapter")
+    parts = []
+    for (tail,), group in spread.partition_by("tail", as_dict=True).items():
+        rows = df.filter(names.is_in(group["adapter"].implode()))
+        parts.append(adapter_service(rows, ctx, tail_s=float(tail)))
+    return pl.concat(parts).sort("adapter")

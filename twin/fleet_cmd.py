@@ -54,7 +54,7 @@ def render_fleet(summary: dict[str, Any], title: str) -> None:
     row(f"fleet ({fleet['gpus']})", fleet, style="bold")
     console.print(t)
     names = fleet.get("starving_adapter_names") or []
-    judged = (f"requests that arrived before the last {fleet.get('judged_tail_s', 0):,.0f} s; "
+    judged = (f"requests that arrived before their GPU's last {fleet.get('judged_tail_s', 0):,.0f} s at most; "
               f"{fleet.get('starving_adapters_at_cut', 0)} starve counting every request at the cut")
     if names:
         more = fleet["starving_adapters"] - len(names[:10])

@@ -40,13 +40,15 @@ from __future__ import annotations
 import bisect
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import polars as pl
 import pyarrow as pa
 
 from tracekit.schema import CTX_PREFIX_BLOCK_TOKENS, TracekitError
+
+if TYPE_CHECKING:
+    import polars as pl
 
 
 class PrefixKeys:
@@ -114,7 +116,7 @@ def prefix_keys(
     `prefix_hashes` (blocks of the context's `prefix_block_tokens`, mapped by
     `engine_blocks_covered`). Only hashes of *full* trace blocks of the prompt count.
     None when the trace carries neither (then no request shares a prefix)."""
-    if isinstance(trace, pl.DataFrame):
+    if not isinstance(trace, pa.Table):  # a polars frame
         trace = trace.to_arrow()
     n = trace.num_rows
     prompt = trace.column("prompt_tokens").to_numpy()

@@ -9,14 +9,17 @@ never carries a second copy of them.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-import polars as pl
+import numpy as np
 import pyarrow as pa
 
 from tracekit.schema import TracekitError, adapter_ranks
 from twin.config import ServingConfig
+
+if TYPE_CHECKING:
+    import polars as pl
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -60,10 +63,30 @@ def trace_max_rank(trace: pl.DataFrame | pa.Table, context: Mapping[str, Any], d
     """The largest rank among the adapters the trace uses (vLLM's `--max-lora-rank` must
     be at least that), from the trace context's adapters; `default` when none is known."""
     ranks = adapter_ranks(context)
-    col = trace.get_column("adapter") if isinstance(trace, pl.DataFrame) else pl.from_arrow(trace.select(["adapter"]))["adapter"]  # type: ignore[index]
-    used = set(col.drop_nulls().unique().to_list())
+    used = _adapters_used(trace)
     known = [r for name, r in ranks.items() if name in used]
     return max(known) if known else default
+
+
+def _adapters_used(trace: pl.DataFrame | pa.Table) -> set[str]:
+    """The adapter names the trace's requests use (the base model, null, not among them);
+    a dictionary-encoded column from the codes its rows use."""
+    if not isinstance(trace, pa.Table):  # a polars frame
+        return set(trace.get_column("adapter").drop_nulls().unique().to_list())
+    used: set[str] = set()
+    for chunk in trace.column("adapter").chunks:
+        if pa.types.is_dictionary(chunk.type):
+            codes = np.asarray(chunk.indices.to_numpy(zero_copy_only=False))
+            codes = codes[~np.isnan(codes)] if codes.dtype.kind == "f" else codes  # nulls
+            labels = chunk.dictionary.to_pylist()
+            # Codes counted, not np.unique'd (a sort, and numpy.ma imported on first use).
+            used.update(labels[int(i)] for i in np.flatnonzero(np.bincount(codes.astype(np.intp), minlength=len(labels))))
+        else:
+            import pyarrow.compute as pc
+
+            used.update(pc.unique(chunk).to_pylist())
+    used.discard(None)  # type: ignore[arg-type]
+    return used
 
 
 def config_from_options(

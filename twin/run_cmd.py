@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-import polars as pl
 
 from tracekit.cliutil import user_errors
 from tracekit.metrics import per_adapter
@@ -150,6 +149,8 @@ def run_cmd(
     if as_json:
         click.echo(json.dumps(dict(res.summary, configuration=res.context["configuration"]), indent=2, default=str))
     else:
+        import polars as pl  # the per-adapter table only (`--json` never imports polars)
+
         from tracekit.cliutil import console
 
         # The per-adapter table reads no identifiers nor lists: a million request ids
