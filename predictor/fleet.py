@@ -735,7 +735,7 @@ def plan_fleet(trace_path: Path, profile_name: str, *, slo_ttft_p99_s: float | N
            + (f" and every GPU meets p99 TTFT <= {slo_ttft_p99_s:g} s" if slo_ttft_p99_s is not None else "")
            if verdict["ok"] else f"[not reached: {verdict['starving_adapters']} adapter(s) still starve]")
         + "".join(f"; with {x['gpus']} GPU(s) by {x['packing']} at max_loras {x['max_loras']}, "
-                  f"{'every GPU' if x['gpus_run'] == 'all' else 'its critical GPUs'} starve {x['starving_adapters']} "
+                  f"{'every GPU' if x['gpus_run'] == 'all' else str(len(x['gpus_run'])) + ' of its GPUs run'} starve {x['starving_adapters']} "
                   f"adapter(s) (worst served {x['min_adapter_served_frac']:.0%})"
                   for x in search if x["gpus"] == best - 1 and not x["ok"])[:700]
         + f". Today's recommend plan: {len(today.gpus)} GPU(s), every one at max_lora_rank {rec['max_lora_rank']}, "
