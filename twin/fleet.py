@@ -122,8 +122,8 @@ def run_alone(
     """One GPU of a placement plan (with its requests, in arrival order) run and judged
     alone, in a worker or in this process: its run as `run_gpu` gives it (what a fleet run
     with the same GPU reuses) and its summary as a one-GPU fleet's (`fleet_summary`),
-    its adapters judged over the tail the whole fleet's would have: the fleet trace's
-    `longest_output_tokens` (at this GPU's mean ITL, the fleet's being unknown here)."""
+    judged as in the fleet: over its own tail, for the fleet trace's
+    `longest_output_tokens` at this GPU's mean ITL."""
     part = run_gpu(gpu.name, trace, profile, config, context, window_s, False, fast_forward)
     plan = FleetPlan(gpus=(gpu,), profile=profile.name, router="placement")
     fleet = ResolvedFleet(plan=plan, configs=[config], kv_capacity_tokens=[kv_capacity_tokens], warnings=[])
@@ -372,7 +372,7 @@ def fleet_summary(
     """The fleet's and each GPU's metrics from a results table with a `replica` column
     (twin or real: the same code). Starving adapters are judged fleet-wide (an adapter
     on two GPUs starves when both together serve under 90% of what it is offered) and
-    per GPU (its requests on that GPU). Each GPU's judged tail is its own (`judged_tail`,
+    per GPU (its requests on that GPU). Each GPU's judged tail is its own (`judged_tail_s`
     at its mean ITL), an adapter on several GPUs is judged over the longest of theirs:
     so under static placement a GPU's verdict does not depend on the other GPUs, and a
     GPU run alone is judged as in the fleet. `longest_output_tokens`: the longest answer
