@@ -220,11 +220,13 @@ def critical(plan: Any, load_of: Mapping[str, float]) -> list[int]:
     return sorted(out)
 
 
-# The unserved share of a failing GPU about halves with each GPU added to recommend's
-# split, and its GPUs pass below about 2% (benchmarks/results/fleet_plan.md, 2,000 Zipf
-# adapters at 100 and 200 req/s; checked on held-out traces there): the next count
-# screened. Only the search's speed depends on it; the count found is still the one
-# that passes with one fewer failing.
+# The unserved share of the worst GPU about halves with each GPU added to recommend's
+# split, and its GPUs pass below about 2%: measured with recommend's split at 3-10 GPUs
+# on benchmarks/fleet_plan.py's seed-0 traces (R = 200: 30%, 17%, 6%, 3%, 1.7% from 5 to
+# 9 GPUs; R = 100: 21% at 3 to 1.0% at 7). On the held-out trace (R = 150, seed 1) the
+# first guess from today's plan (4 GPUs, 27% unserved) was 8, the count found. Only the
+# search's speed depends on it: the count found is still one that passes with one
+# fewer failing.
 UNSERVED_PASS = 0.02
 
 
