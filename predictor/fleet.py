@@ -519,7 +519,15 @@ def plan_fleet(trace_path: Path, profile_name: str, *, slo_ttft_p99_s: float | N
     rank_of = dict(zip(loads["adapter"].to_list(), loads["rank"].to_list(), strict=True))
     rec = recommend_answer(trace_path, profile_name)
     today = today_plan(rec, profile.name)
-    slots = class_slots(trace_path, trace, context, loads, profile_name)
+    # `recommend` per rank class: only the rank-grouped packing and a passing today's
+    # plan need it (three more answers, a few hundred ms), so it is asked when they do.
+    slots: dict[int, dict[str, Any]] = {}
+
+    def class_slots_once() -> dict[int, dict[str, Any]]:
+        if not slots:
+            slots.update(class_slots(trace_path, trace, context, loads, profile_name))
+        return slots
+
     t_model = time.perf_counter() - t0
     search: list[dict[str, Any]] = []
     candidates: dict[Cand, FleetPlan] = {}
@@ -529,7 +537,7 @@ def plan_fleet(trace_path: Path, profile_name: str, *, slo_ttft_p99_s: float | N
     def candidate(c: Cand) -> FleetPlan:
         g, kind, m = c
         if c not in candidates:
-            candidates[c] = (make_plan(pack(loads, g, slots), m, profile.name, ranks, engine_of(rec))
+            candidates[c] = (make_plan(pack(loads, g, class_slots_once()), m, profile.name, ranks, engine_of(rec))
                              if kind == RANK_GROUPED else recommend_split(load_of, g, dict(rec, max_loras=m), profile.name))
         return candidates[c]
 
@@ -652,7 +660,7 @@ def plan_fleet(trace_path: Path, profile_name: str, *, slo_ttft_p99_s: float | N
         report((len(today.gpus), TODAY, m0), today_check, True)
         lo, hi = 1, None
         if today_check["ok"]:
-            g = first_guess(loads, slots)
+            g = first_guess(loads, class_slots_once())
         else:
             lo = len(today.gpus) + 1
             g = max(lo, guess_after(len(today.gpus), min(r["served_frac"] for r in today_check["per_gpu"])))
@@ -747,7 +755,7 @@ def plan_fleet(trace_path: Path, profile_name: str, *, slo_ttft_p99_s: float | N
     return {
         "plan": plan, "today": today, "verdict": verdict, "today_verdict": today_check, "search": search,
         "summary": summary, "explanations": explanations, "elapsed_s": elapsed, "model_s": t_model, "twin_s": twin_s,
-        "twin_plan_runs": runs, "twin_gpu_runs": gpu_runs, "recommend": {k: v for k, v in rec.items() if k != "gpu_adapters"}, "class_slots": slots,
+        "twin_plan_runs": runs, "twin_gpu_runs": gpu_runs, "recommend": {k: v for k, v in rec.items() if k != "gpu_adapters"}, "class_slots": slots or None,
     }
 
 

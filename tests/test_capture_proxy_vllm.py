@@ -21,6 +21,7 @@ import pytest
 from vllm_support import VllmServer, gauges, hang_up, measure_speed, start_proxy
 
 from tracekit import schema
+from tracekit.capture.proxy import CUT_WAIT_S
 
 pytestmark = pytest.mark.vllm
 
@@ -43,7 +44,7 @@ def test_stop_with_requests_in_flight_gives_each_its_row(tmp_path: Path, tiny_mo
                                                          tiny_adapters: dict[str, Path]) -> None:
     """48 requests on 16 seats, SIGTERM mid-burst, --drain-timeout 5: every request has
     its row, the served ones with their full token count, the others cut and marked,
-    the server idle at once afterwards, and the proxy gone within the drain + 5 s."""
+    the server idle at once afterwards, and the proxy gone within the drain, the cut wait + 5 s."""
     rng = random.Random(3)
     names = [*sorted(tiny_adapters), None]
     with VllmServer(tiny_model, tiny_adapters, max_loras=2, max_cpu_loras=4, max_num_seqs=16,
@@ -83,7 +84,9 @@ def test_stop_with_requests_in_flight_gives_each_its_row(tmp_path: Path, tiny_mo
         out = proxy.stdout.read() if proxy.stdout else ""
         idle = asyncio.run(wait_gauge(srv.url, "running", 0, timeout=5))
     assert proxy.returncode == 0, out + (proxy.stderr.read() if proxy.stderr else "")
-    assert gone < DRAIN_S + 5, gone
+    # The drain, then up to CUT_WAIT_S for the cut handlers to record themselves, then the
+    # last part and the summary (a CI run on a loaded machine: 13.2 s, past drain + 5).
+    assert gone < DRAIN_S + CUT_WAIT_S + 5, (gone, out)
     df, _ = schema.read(tmp_path / "cap", "results")
     assert df.height == 48 and df["request_id"].n_unique() == 48
     ok, cut = df.filter(pl.col("status") == "ok"), df.filter(pl.col("status") == "unfinished")

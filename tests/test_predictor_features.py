@@ -9,7 +9,7 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from predictor import features as F
@@ -57,8 +57,21 @@ def test_poisson_burstiness_is_one_and_gamma_is_bursty() -> None:
     assert F.compute(df, ctx)["burstiness"] > 2.0
 
 
+def reference_burstiness(df: pl.DataFrame) -> float:
+    """The definition, directly: each adapter's inter-arrival CV (n-1), weighted by its
+    requests, over adapters with 3 requests or more (1.0 when there is none)."""
+    cvs, weights = [], []
+    for _, g in df.filter(pl.col("adapter").is_not_null()).group_by("adapter"):
+        gaps = np.diff(np.sort(g["arrival_s"].to_numpy()))
+        if g.height >= 3 and gaps.mean() > 0:
+            cvs.append(gaps.std(ddof=1) / gaps.mean())
+            weights.append(g.height)
+    return float(np.average(cvs, weights=weights)) if cvs else 1.0
+
+
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 10_000), n=st.integers(1, 6), copies=st.integers(2, 3))
+@example(seed=328, n=3, copies=2)  # an outlier gap between copies (found by CI, stop 18)
 def test_longer_trace_same_features(seed: int, n: int, copies: int) -> None:
     """Repeating a trace back to back (window x copies) keeps every intensive feature."""
     df, ctx = synthesize(10 * n, [0.4, 0.05, 0.0125], [8, 16, 32], 300.0, lengths="sharegpt", seed=seed)
@@ -67,8 +80,15 @@ def test_longer_trace_same_features(seed: int, n: int, copies: int) -> None:
     f1 = F.compute(df, ctx)
     f2 = F.compute(long, dict(ctx, window_s=w * copies))
     for name in INTENSIVE + ["n_adapters", "total_req_s", "offered_tok_s"]:
-        if name in ("burstiness", "prompt_std", "output_std", "rate_std", "rate_cv"):
-            # Sample statistics: one extra gap per copy, n-1 denominators.
+        if name == "burstiness":
+            # Not intensive to the bit: each copy adds a gap from an adapter's last arrival
+            # to its first in the next copy, which a rare adapter of the short trace can
+            # make an outlier (seed 328: 39 s against a mean gap of 2.1 s, CV 0.93 -> 1.35).
+            # Both are what the definition gives.
+            assert f1[name] == pytest.approx(reference_burstiness(df), rel=1e-9), name
+            assert f2[name] == pytest.approx(reference_burstiness(long), rel=1e-9), name
+        elif name in ("prompt_std", "output_std", "rate_std", "rate_cv"):
+            # Sample statistics: n-1 denominators.
             assert f2[name] == pytest.approx(f1[name], rel=0.05, abs=1e-6), name
         else:
             assert f2[name] == pytest.approx(f1[name], rel=1e-9, abs=1e-12), name
