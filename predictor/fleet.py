@@ -118,23 +118,6 @@ def adapter_loads(trace: pl.DataFrame, window_s: float, ranks: Mapping[str, int]
     return out
 
 
-def gpus_by_rank(class_load: Mapping[int, float], gpus: int) -> dict[int, int]:
-    """How many GPUs of each rank for `gpus` in all: the rank-r GPUs are as many as the
-    adapters of rank >= r need at the fleet's mean load per GPU (rounded up), so every
-    GPU can end up with about the same load."""
-    total = sum(class_load.values())
-    ranks = sorted(class_load, reverse=True)
-    out: dict[int, int] = {}
-    above = 0.0
-    used = 0
-    for i, r in enumerate(ranks):
-        above += class_load[r]
-        want = gpus if i == len(ranks) - 1 else min(gpus, max(used + 1, math.ceil(above / total * gpus - 1e-9)))
-        out[r] = want - used
-        used = want
-    return {r: n for r, n in out.items() if n > 0}
-
-
 def pack(loads: pl.DataFrame, gpus: int, slots: Mapping[int, Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Adapters onto `gpus` GPUs, GPUs of one rank class each (rank classes get GPUs by
     the larger of their share of the load and of the adapters); within a class, recommend's split: busiest adapter first onto
@@ -340,19 +323,17 @@ class TwinCheck:
     def _slo_missed(self, row: Mapping[str, Any]) -> bool:
         return self.slo is not None and (row.get("p99_ttft_ms") or 0.0) > self.slo * 1e3
 
-    def run(self, plan: Any, only: list[int] | None = None) -> dict[str, Any]:
-        """The plan's verdict in the twin; `only`: run just these GPUs (their verdict)."""
-        from twin.fleet import simulate_fleet
-        from twin.fleet_plan import FleetPlan
+    def ok(self, fleet_row: Mapping[str, Any], gpu_rows: Sequence[Mapping[str, Any]]) -> bool:
+        """The verdict: no starving adapter, no GPU starved, every GPU within the SLO."""
+        return fleet_row["starving_adapters"] == 0 and not any(g.get("starved") or self._slo_missed(g) for g in gpu_rows)
 
-        trace = self.trace
-        if only is not None:
-            gpus = tuple(plan.gpus[i] for i in only)
-            plan = FleetPlan(gpus=gpus, profile=plan.profile, router=plan.router)
-            trace = trace.filter(pl.col("adapter").is_in([a for g in gpus for a in g.adapters]))
+    def run(self, plan: Any) -> dict[str, Any]:
+        """The plan's verdict in the twin, every GPU of it run (or reused)."""
+        from twin.fleet import simulate_fleet
+
         t0 = time.perf_counter()
         before = len(self.cache)
-        res = simulate_fleet(trace, self.profile, plan, "placement", trace_context=self.context, pool=self.pool,
+        res = simulate_fleet(self.trace, self.profile, plan, "placement", trace_context=self.context, pool=self.pool,
                              cache=self.cache)
         self.runs += 1
         self.gpu_runs += len(self.cache) - before
@@ -361,8 +342,7 @@ class TwinCheck:
         fleet = s["fleet"]
         slo_miss = [g["name"] for g in s["gpus"] if self._slo_missed(g)]
         starving_gpus = [g["name"] for g in s["gpus"] if g.get("starved")]
-        ok = fleet["starving_adapters"] == 0 and not starving_gpus and not slo_miss
-        return {"gpus": len(plan.gpus), "ok": ok, "gpus_run": [g.name for g in plan.gpus] if only is not None else "all", "starving_adapters": fleet["starving_adapters"],
+        return {"gpus": len(plan.gpus), "ok": self.ok(fleet, s["gpus"]), "gpus_run": "all", "starving_adapters": fleet["starving_adapters"],
                 "starving_adapters_at_cut": fleet.get("starving_adapters_at_cut"),
                 "min_adapter_served_frac": fleet["min_adapter_served_frac"], "served_frac": fleet["served_frac"],
                 "throughput_tok_s": fleet["throughput_tok_s"], "offered_tok_s": fleet["offered_tok_s"],
@@ -431,8 +411,7 @@ class TwinCheck:
                 self.cache[key] = part
                 fleet_row, row = summary["fleet"], summary["gpus"][0]
                 self.judged[key] = {
-                    "name": row["name"], "ok": fleet_row["starving_adapters"] == 0 and not row.get("starved")
-                    and not self._slo_missed(row), "requests": row.get("requests"),
+                    "name": row["name"], "ok": self.ok(fleet_row, [row]), "requests": row.get("requests"),
                     "starving_adapters": fleet_row["starving_adapters"],
                     "min_adapter_served_frac": fleet_row["min_adapter_served_frac"],
                     "served_frac": row.get("served_frac"), "starved": bool(row.get("starved")),
@@ -548,7 +527,7 @@ def plan_fleet(trace_path: Path, profile_name: str, *, slo_ttft_p99_s: float | N
         risk: dict[tuple[str, ...], float] = {}  # adapter set -> worst served fraction seen alone
         critical_of: dict[Cand, set[int]] = {}
 
-        def report(c: Cand, v: dict[str, Any], whole: bool) -> None:
+        def report(c: Cand, v: dict[str, Any]) -> None:
             search.append({k: x for k, x in v.items() if k != "per_gpu"})
             if progress:
                 what = "no starving adapter" if v["ok"] else f"{v['starving_adapters']} starving adapter(s)"
@@ -561,14 +540,18 @@ def plan_fleet(trace_path: Path, profile_name: str, *, slo_ttft_p99_s: float | N
             return tuple(sorted(a for a in plan_c.gpus[i].adapters if a is not None))
 
         def units(c: Cand, whole: bool) -> list[Any]:
-            """The GPUs `c` is judged on, each alone, likeliest to fail first: those whose
-            adapters fared worst alone before, then the critical ones; only those unless
-            `whole`. A plan with adapters on several GPUs: all its GPUs together, once."""
+            """The GPUs `c` is judged on, each alone (`evaluate` orders them): every one
+            if `whole`, else its critical ones. A plan with adapters on several GPUs: all
+            its GPUs together, once."""
             plan_c = candidate(c)
             if not check.static(plan_c):
                 return [tuple(range(len(plan_c.gpus)))]
-            crit = critical(plan_c, load_of)
-            return sorted(range(len(plan_c.gpus)) if whole else crit, key=lambda u: unit_score(c, u))
+            return list(range(len(plan_c.gpus))) if whole else sorted(critical_of_c(c))
+
+        def critical_of_c(c: Cand) -> set[int]:
+            if c not in critical_of:
+                critical_of[c] = set(critical(candidate(c), load_of))
+            return critical_of[c]
 
         def unit_score(c: Cand, u: Any) -> tuple[float, float]:
             """Likeliest to fail first: the worst served fraction its adapters had alone
@@ -577,8 +560,7 @@ def plan_fleet(trace_path: Path, profile_name: str, *, slo_ttft_p99_s: float | N
                 return (0.0, 0.0)
             plan_c = candidate(c)
             load = sum(load_of.get(a, 0.0) for a in plan_c.gpus[u].adapters)
-            crit = critical_of.setdefault(c, set(critical(plan_c, load_of)))
-            return (risk.get(set_of(plan_c, u), 0.95 if u in crit else 1.0), -load)
+            return (risk.get(set_of(plan_c, u), 0.95 if u in critical_of_c(c) else 1.0), -load)
 
         def evaluate(cands: Sequence[Cand], whole: bool, probe_all: bool = False) -> Cand | None:
             """The first of `cands` whose GPUs (every one if `whole`, else its critical
@@ -635,7 +617,7 @@ def plan_fleet(trace_path: Path, profile_name: str, *, slo_ttft_p99_s: float | N
                              "slo_missed_by": [r["name"] for r in rows[c] if r.get("slo_missed")],
                              "starving_gpus": [r["name"] for r in rows[c] if r.get("starved")]}
                         verdicts[(c, whole)] = v
-                        report(c, v, whole)
+                        report(c, v)
 
         def first_passing(g: int, tries: Sequence[tuple[str, int]], probe_all: bool) -> tuple[Cand, dict[str, Any]] | None:
             """The first of `tries` at `g` GPUs whose every GPU passes, with its fleet
@@ -657,7 +639,7 @@ def plan_fleet(trace_path: Path, profile_name: str, *, slo_ttft_p99_s: float | N
         # fails it bounds the search from below and its served share gives the first guess.
         today_check = check.run(today)
         today_check.update(packing=TODAY, max_loras=m0)
-        report((len(today.gpus), TODAY, m0), today_check, True)
+        report((len(today.gpus), TODAY, m0), today_check)
         lo, hi = 1, None
         if today_check["ok"]:
             g = first_guess(loads, class_slots_once())
