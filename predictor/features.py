@@ -26,9 +26,9 @@ import pyarrow as pa
 
 from tracekit import schema
 from tracekit.cliutil import console, user_errors
+from tracekit.metrics import BASE_ADAPTER as BASE
 from tracekit.schema import TracekitError
 
-BASE = "<base>"
 # Share of the busiest adapters reported by `top_share`: 10% of the fleet.
 TOP_FRACTION = 0.10
 GAP_SAMPLE = 200_000  # requests: past this, burstiness is estimated on the first part of the window

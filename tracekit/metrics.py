@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     Results = pl.DataFrame | pa.Table
 
 STARVING_THRESHOLD = 0.10
+BASE_ADAPTER = "<base>"  # the base model's requests, in per-adapter tables
 PERCENTILES = (50, 90, 99)
 _OK, _ERROR, _TIMEOUT, _UNFINISHED, _CANCELLED = (RESULT_STATUSES.index(s) for s in
                                                   ("ok", "error", "timeout", "unfinished", "cancelled"))
@@ -253,7 +254,7 @@ def per_adapter(results: pl.DataFrame, context: Mapping[str, Any] | None = None)
     results, window = measured(results, context)
     ok = pl.col("status") == "ok"
     return (
-        results.with_columns(pl.col("adapter").fill_null("<base>"))
+        results.with_columns(pl.col("adapter").fill_null(BASE_ADAPTER))
         .group_by("adapter")
         .agg(
             pl.len().alias("requests"),
@@ -290,7 +291,7 @@ def adapter_service(results: pl.DataFrame, context: Mapping[str, Any] | None = N
     tokens = pl.col("prompt_tokens").cast(pl.Int64) + pl.col("generated_tokens").fill_null(pl.col("output_tokens")).cast(pl.Int64)
     offered = (pl.col("prompt_tokens").cast(pl.Int64) + pl.col("output_tokens").cast(pl.Int64)).filter(pl.col("arrival_s") <= window_end)
     out = (
-        results.with_columns(pl.col("adapter").fill_null("<base>"))
+        results.with_columns(pl.col("adapter").fill_null(BASE_ADAPTER))
         .group_by("adapter")
         .agg(
             pl.len().alias("requests"),

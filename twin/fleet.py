@@ -30,7 +30,7 @@ import polars as pl
 import pyarrow as pa
 
 from tracekit import parallel
-from tracekit.metrics import adapter_service, summarize
+from tracekit.metrics import BASE_ADAPTER, adapter_service, summarize
 from tracekit.schema import TracekitError, adapter_ranks, conform
 from twin.config import ServingConfig
 from twin.fleet_plan import FleetPlan, GpuPlan, ResolvedFleet, resolve
@@ -442,7 +442,7 @@ def _fleet_service(df: pl.DataFrame, ctx: dict[str, Any], services: dict[str, pl
     GPUs that served it (one GPU each: those GPUs' own services)."""
     if not services or "replica" not in df.columns:
         return adapter_service(df, ctx, tail_s=default_tail)
-    names = pl.col("adapter").fill_null("<base>")
+    names = pl.col("adapter").fill_null(BASE_ADAPTER)
     spread = df.select(names.alias("adapter"), "replica").unique().group_by("adapter").agg(
         pl.col("replica").replace_strict(tails, default=default_tail, return_dtype=pl.Float64).max().alias("tail"),
         pl.len().alias("gpus"))
