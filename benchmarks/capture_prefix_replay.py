@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shutil
 import signal
 import statistics
@@ -42,8 +41,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
 
-from capture_proxy_overhead import cpu_seconds, machine_line  # noqa: E402
-from vllm_support import VllmServer, build_adapters, build_model, cli, native_dtype, start_proxy  # noqa: E402
+from capture_proxy_overhead import cpu_seconds, save_part  # noqa: E402
+from vllm_support import VllmServer, build_adapters, build_model, cli, start_proxy  # noqa: E402
 
 from tracekit import schema  # noqa: E402
 
@@ -235,17 +234,7 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=60.0)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    res = run(args)
-    res["meta"] = {"machine": machine_line(), "dtype": native_dtype(), "load_avg_1min": os.getloadavg()[0],
-                   "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                   "command": "flock /tmp/tracekit-heavy.lock .venv/bin/python benchmarks/capture_prefix_replay.py "
-                   + " ".join(sys.argv[1:])}
-    path = RESULTS / "capture_prefix_replay.json"
-    data = json.loads(path.read_text()) if path.exists() else {}
-    data[args.variant] = res
-    path.write_text(json.dumps(data, indent=2))
-    (RESULTS / "capture_prefix_replay.md").write_text(render(data))
-    print(render(data))
+    save_part(RESULTS, "capture_prefix_replay", args.variant, run(args), render, "capture_prefix_replay.py")
 
 
 if __name__ == "__main__":

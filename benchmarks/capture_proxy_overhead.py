@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -71,6 +72,22 @@ except ImportError:
     pass
 web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
 '''
+
+
+def save_part(results: Path, name: str, part: str, res: dict, render: Any, script: str) -> None:
+    """Stamp `res` (machine, dtype, date, command), store it as `part` of
+    results/`name`.json next to the parts run before, and write and print the report."""
+    from vllm_support import native_dtype
+
+    res["meta"] = {"machine": machine_line(), "dtype": native_dtype(), "load_avg_1min": os.getloadavg()[0],
+                   "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                   "command": f"flock /tmp/tracekit-heavy.lock .venv/bin/python benchmarks/{script} " + " ".join(sys.argv[1:])}
+    path = results / f"{name}.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data[part] = res
+    path.write_text(json.dumps(data, indent=2))
+    (results / f"{name}.md").write_text(render(data))
+    print(render(data))
 
 
 def machine_line() -> str:

@@ -41,7 +41,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
 
-from capture_proxy_overhead import machine_line  # noqa: E402
+from capture_proxy_overhead import save_part  # noqa: E402
 from vllm_support import (  # noqa: E402
     VllmServer,
     build_adapters,
@@ -271,18 +271,9 @@ def main() -> None:
     ap.add_argument("--drain", type=float, default=5.0)
     ap.add_argument("--stop-after", type=float, default=3.0)
     args = ap.parse_args()
-    from vllm_support import native_dtype
-
     work = Path(tempfile.mkdtemp(prefix="capture-stop-"))
     res = part_stop(args, work) if args.part == "stop" else part_hangup(args, work)
-    res["meta"] = {"machine": machine_line(), "dtype": native_dtype(), "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                   "command": "flock /tmp/tracekit-heavy.lock .venv/bin/python benchmarks/capture_stop.py " + " ".join(sys.argv[1:])}
-    path = RESULTS / "capture_stop.json"
-    data = json.loads(path.read_text()) if path.exists() else {}
-    data[args.part] = res
-    path.write_text(json.dumps(data, indent=2))
-    (RESULTS / "capture_stop.md").write_text(render(data))
-    print(render(data))
+    save_part(RESULTS, "capture_stop", args.part, res, render, "capture_stop.py")
 
 
 if __name__ == "__main__":
