@@ -478,7 +478,7 @@ def plan_fleet(trace_path: Path, profile_name: str, *, slo_ttft_p99_s: float | N
     """The plan (and today's, both checked in the twin) as a dict; see the module doc."""
     from tracekit import parallel
     from tracekit.schema import adapter_ranks, read_trace
-    from twin.fleet import default_jobs
+    from twin.fleet import WORKER_MODULES, default_jobs
     from twin.fleet_plan import FleetPlan
     from twin.profile import load_profile
 
@@ -490,14 +490,23 @@ def plan_fleet(trace_path: Path, profile_name: str, *, slo_ttft_p99_s: float | N
     context = {k: v for k, v in meta.context.items() if k != "parts"}
     window = float(context.get("window_s") or trace["arrival_s"].max() or 1.0)
     context["window_s"] = window
-    ranks = adapter_ranks(context)
-    loads = adapter_loads(trace, window, ranks)
-    if loads.height == 0:
-        raise TracekitError(f"{trace_path}: no request uses an adapter; a plan places adapters")
-    load_of = dict(zip(loads["adapter"].to_list(), loads["load"].to_list(), strict=True))
-    rank_of = dict(zip(loads["adapter"].to_list(), loads["rank"].to_list(), strict=True))
-    rec = recommend_answer(trace_path, profile_name)
-    today = today_plan(rec, profile.name)
+    n_jobs = max(1, default_jobs(trace.height) if jobs is None else jobs)
+    # The workers start now (spawn, imports: 1-2 s here), while this process asks
+    # `recommend` and sets the search up.
+    pool = parallel.Pool(executor, n_jobs, ray_address)
+    pool.start(WORKER_MODULES)
+    try:
+        ranks = adapter_ranks(context)
+        loads = adapter_loads(trace, window, ranks)
+        if loads.height == 0:
+            raise TracekitError(f"{trace_path}: no request uses an adapter; a plan places adapters")
+        load_of = dict(zip(loads["adapter"].to_list(), loads["load"].to_list(), strict=True))
+        rank_of = dict(zip(loads["adapter"].to_list(), loads["rank"].to_list(), strict=True))
+        rec = recommend_answer(trace_path, profile_name)
+        today = today_plan(rec, profile.name)
+    except BaseException:
+        pool.close()
+        raise
     # `recommend` per rank class: only the rank-grouped packing and a passing today's
     # plan need it (three more answers, a few hundred ms), so it is asked when they do.
     slots: dict[int, dict[str, Any]] = {}
@@ -520,8 +529,7 @@ def plan_fleet(trace_path: Path, profile_name: str, *, slo_ttft_p99_s: float | N
                              if kind == RANK_GROUPED else recommend_split(load_of, g, dict(rec, max_loras=m), profile.name))
         return candidates[c]
 
-    n_jobs = max(1, default_jobs(trace.height) if jobs is None else jobs)
-    with parallel.Pool(executor, n_jobs, ray_address) as pool:
+    with pool:
         check = TwinCheck(trace, context, profile, slo_ttft_p99_s, pool)
         verdicts: dict[tuple[Cand, bool], dict[str, Any]] = {}  # (candidate, every GPU) -> verdict
         risk: dict[tuple[str, ...], float] = {}  # adapter set -> worst served fraction seen alone
