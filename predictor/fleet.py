@@ -627,6 +627,12 @@ def plan_fleet(trace_path: Path, profile_name: str, *, slo_ttft_p99_s: float | N
                         verdicts[(c, whole)] = v
                         report(c, v)
 
+        def full_check(c: Cand) -> dict[str, Any]:
+            """Candidate `c` judged with every GPU of it run (or reused), as a fleet."""
+            v = check.run(candidate(c))
+            v.update(gpus=c[0], packing=c[1], max_loras=c[2])
+            return v
+
         def first_passing(g: int, tries: Sequence[tuple[str, int]], probe_all: bool) -> tuple[Cand, dict[str, Any]] | None:
             """The first of `tries` at `g` GPUs whose every GPU passes, with its fleet
             verdict (its GPUs' runs reused)."""
@@ -635,8 +641,7 @@ def plan_fleet(trace_path: Path, profile_name: str, *, slo_ttft_p99_s: float | N
                 c = evaluate(left, True, probe_all)
                 if c is None:
                     return None
-                v = check.run(candidate(c))
-                v.update(gpus=c[0], packing=c[1], max_loras=c[2])
+                v = full_check(c)
                 if v["ok"]:
                     return c, v
                 verdicts[(c, True)] = v  # judged together it fails (an adapter shared by GPUs)
@@ -693,9 +698,7 @@ def plan_fleet(trace_path: Path, profile_name: str, *, slo_ttft_p99_s: float | N
             best += 1
         if win is None:
             c = (best - 1, RECOMMEND_SPLIT, m0)
-            v = check.run(candidate(c))
-            v.update(gpus=c[0], packing=c[1], max_loras=c[2])
-            win = (c, v)
+            win = (c, full_check(c))
         (best, kind, chosen_m), verdict = win
         if today_check["ok"] and len(today.gpus) <= best:
             best, kind, chosen_m, verdict = len(today.gpus), TODAY, m0, today_check

@@ -68,9 +68,13 @@ def _ints(results: Results, name: str, rows: np.ndarray | None = None, fill: np.
     return x
 
 
+def _arrow(results: Results, name: str) -> pa.ChunkedArray | pa.Array:
+    """Column `name` as Arrow (a polars column converted)."""
+    return results.column(name) if isinstance(results, pa.Table) else results.get_column(name).to_arrow()
+
+
 def _status_codes(results: Results) -> np.ndarray:
-    col = results.column("status") if isinstance(results, pa.Table) else results.get_column("status").to_arrow()
-    return status_codes(col)
+    return status_codes(_arrow(results, "status"))
 
 
 def window_of(results: Results, context: Mapping[str, Any] | None = None) -> float:
@@ -195,7 +199,7 @@ def _has_itl(results: Results, ok: np.ndarray) -> bool:
     """Whether some request counted recorded its inter-token gaps (`itl_s`)."""
     if "itl_s" not in (results.column_names if isinstance(results, pa.Table) else results.columns):
         return False
-    col = results.column("itl_s") if isinstance(results, pa.Table) else results.get_column("itl_s").to_arrow()
+    col = _arrow(results, "itl_s")
     if not col.null_count:
         return bool(ok.any())
     valid = np.asarray(col.is_valid().to_numpy(zero_copy_only=False))
@@ -206,7 +210,7 @@ def _recorded_itl(results: Results, ok: np.ndarray) -> np.ndarray:
     """Every recorded gap of the requests `ok` selects, in row order (null gaps dropped)."""
     import pyarrow.compute as pc
 
-    col = results.column("itl_s") if isinstance(results, pa.Table) else results.get_column("itl_s").to_arrow()
+    col = _arrow(results, "itl_s")
     gaps = pc.list_flatten(col.filter(pa.array(ok)))
     return np.asarray(gaps.drop_null().to_numpy(), dtype=np.float64)
 
