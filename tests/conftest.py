@@ -50,3 +50,23 @@ def tiny_adapters(tiny_model: Path, vllm_cache_dir: Path) -> dict[str, Path]:
 def medium_model(vllm_cache_dir: Path) -> Path:
     """A ~30M-parameter random Llama: step time grows with batch and tokens."""
     return vllm_support.build_model(vllm_cache_dir, size="medium")
+
+
+@pytest.fixture
+def on_source_twin(request: pytest.FixtureRequest) -> bool:
+    """For a test that patches the twin's internals (a spy on a method): a compiled class
+    takes no patch, so with the compiled twin (`twin.NATIVE`) the test runs in a pytest
+    subprocess on the twin's source (TWIN_PURE_PYTHON=1), must pass there, and the fixture
+    returns True (the caller returns). False: this process runs the source already."""
+    import os
+    import subprocess
+
+    import twin
+
+    if twin.NATIVE != "compiled":
+        return False
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", request.node.nodeid],
+                       cwd=request.config.rootpath, env={**os.environ, "TWIN_PURE_PYTHON": "1"},
+                       capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert r.returncode == 0 and " passed" in r.stdout, f"on the source twin:\n{r.stdout[-4000:]}{r.stderr[-2000:]}"
+    return True

@@ -61,6 +61,7 @@ MIN_STRETCH = 12  # below this the plain steps (~10 us each) beat numpy's fixed 
 # Stretches up to this many steps go step by step in plain floats (a microsecond a step,
 # no numpy set-up); longer ones in numpy.
 SCALAR_STRETCH = 128
+NEVER = 1 << 62  # a step number no run reaches (an int: compares with steps stay integer ones)
 
 
 def _resolve_adapters(
@@ -139,7 +140,7 @@ class _Steps:
         self.cols: dict[str, list[Any]] = {c: [] for c in self.COLS}
         self.loaded: dict[int, list[int]] = {}  # step -> adapters loaded
         self.adapter_sets: list[tuple[int, ...]] = []
-        self._set_key: tuple[int, int] | None = None
+        self._set_key: int | None = None
 
     def adapters_id(self, version: int, current: Any) -> int:
         if self._set_key != version:
@@ -389,7 +390,7 @@ class _Loop:
         # Arrival times stay a numpy array: a Python list of a million floats costs
         # more (memory, page faults) than the per-step search it would speed up.
         arrivals = self.arrival
-        view, size = memoryview(arrivals), len(arrivals)
+        view, size = arrivals.data, len(arrivals)
         n = self.num_requests
         async_ = self.async_scheduling
         if self._resume is None:
@@ -409,7 +410,7 @@ class _Loop:
         intake = self.intake
         prefill_total = self.prefill_tokens
         # The next step at which a fast-forward may be tried (a local: one compare per step).
-        ff_at: float = self._ff_retry_step if fast_forward else math.inf
+        ff_at: int = self._ff_retry_step if fast_forward else NEVER
         while t < window:
             # Arrivals up to t: near the last count first (t only grows); bisect on a
             # view, a third of numpy's per-call cost.
@@ -829,7 +830,9 @@ def _results(
     if too_long.any() and not oom:
         status[too_long] = 2
         msg = f"prompt + output tokens exceed the model length ({max_len - 1} tokens)"
-        error = pa.array(np.where(too_long, msg, None).astype(object), type=pa.string())
+        messages = np.full(n, None, dtype=object)
+        messages[too_long] = msg
+        error = pa.array(messages, type=pa.string())
         gen[too_long] = 0
     # The arrival itself when every request arrived inside the window (no copy).
     dispatch = arrival if bool((arrival <= window).all()) else np.where(arrival <= window, arrival, np.nan)

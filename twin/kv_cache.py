@@ -137,10 +137,10 @@ def prefix_keys(
         names = adapter_names() if adapter_names is not None else trace.column("adapter").to_pylist()
         lists = [[] if x is None else block_hashes(x, a, block_size) for x, a in zip(ids, names, strict=True)]
         lens = np.fromiter((len(h) for h in lists), dtype=np.int64, count=n)
-        flat = np.fromiter((v for h in lists for v in h), dtype=np.int64, count=int(lens.sum()))
+        keys = np.fromiter((v for h in lists for v in h), dtype=np.int64, count=int(lens.sum()))
         offsets = np.zeros(n, np.int64)
         np.cumsum(lens[:-1], out=offsets[1:])
-        return PrefixKeys(offsets, lens, flat, block_size, block_size)
+        return PrefixKeys(offsets, lens, keys, block_size, block_size)
     return None
 
 

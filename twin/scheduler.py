@@ -75,10 +75,11 @@ from collections import deque
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from itertools import repeat
+from typing import Protocol
 
 import numpy as np
 
-from twin.kv_cache import BlockPool, PrefixKeys
+from twin.kv_cache import BlockPool
 
 BASE = -1  # adapter index of base-model requests (no LoRA)
 DEFAULT_CPU_MISS_FACTOR = 2.0
@@ -119,14 +120,21 @@ def int_view(values: Sequence[int] | np.ndarray, dtype: type = np.int64) -> memo
     a = np.asarray(values)
     if a.dtype.kind not in "iu":
         a = a.astype(dtype)
-    return memoryview(np.ascontiguousarray(a))
+    return np.ascontiguousarray(a).data
 
 
 def _column(n: int, fill: int, dtype: type, growable: bool) -> IntColumn:
     """A per-request state column of `n` entries equal to `fill`."""
     if growable:
         return array("q" if dtype is np.int64 else "i", [fill]) * n
-    return memoryview(np.zeros(n, dtype) if fill == 0 else np.full(n, fill, dtype))
+    return (np.zeros(n, dtype) if fill == 0 else np.full(n, fill, dtype)).data
+
+
+class PrefixUnits(Protocol):
+    """Request r's prefix units: (keys, engine-block ends); `twin.kv_cache.PrefixKeys`,
+    or a coupled fleet engine's view of it (`twin.cosim`)."""
+
+    def of(self, r: int) -> tuple[list[int], list[int]]: ...
 
 
 class WaitingQueue:
@@ -143,12 +151,20 @@ class WaitingQueue:
     Heap entries are checked lazily: one is stale when its key is no longer the head's or
     its queue moved to the other heap."""
 
-    def __init__(self, adapter_idx: np.ndarray, valid: np.ndarray, num_adapters: int):
-        # Queue `num_adapters` holds base-model requests (BASE); it is always admissible.
-        self.num_queues = num_adapters + 1
-        self.base_queue = num_adapters
+    def __init__(self, reqs: IntColumn, starts: np.ndarray, counts: np.ndarray):
+        """Queue q holds `reqs[starts[q]:starts[q] + counts[q]]` (request ids, arrival
+        order); the last queue is the base model's, always admissible."""
+        self.num_queues = len(starts)
+        self.base_queue = self.num_queues - 1
+        self._setup(reqs, starts, counts)
+
+    @classmethod
+    def for_trace(cls, adapter_idx: np.ndarray, valid: np.ndarray, num_adapters: int) -> WaitingQueue:
+        """Every valid request of a trace, queued by adapter (`adapter_idx`, BASE: the
+        base model's queue, number `num_adapters`)."""
+        num_queues = num_adapters + 1
         # numpy's stable sort is a radix sort on 16 bits.
-        small = np.int16 if self.num_queues < 2**15 else np.int64
+        small = np.int16 if num_queues < 2**15 else np.int64
         keys = np.where(adapter_idx < 0, num_adapters, adapter_idx).astype(small)
         if valid.all():
             order = np.argsort(keys, kind="stable")
@@ -156,23 +172,19 @@ class WaitingQueue:
             idx = np.flatnonzero(valid)
             keys = keys[idx]
             order = idx[np.argsort(keys, kind="stable")]
-        counts = np.bincount(keys, minlength=self.num_queues)
+        counts = np.bincount(keys, minlength=num_queues)
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
         # Request ids grouped by queue, in arrival order (a view: no Python int per request).
-        self._setup(memoryview(order), starts, counts)
+        return cls(order.data, starts, counts)
 
     @classmethod
     def for_arrivals(cls, capacity: np.ndarray) -> WaitingQueue:
         """An empty queue that requests join as they arrive (`append`), at most
         `capacity[q]` in queue q (the last queue is the base model's): an engine of a
         coupled fleet (`twin.cosim`) takes requests as the router sends them."""
-        self = cls.__new__(cls)
-        self.num_queues = len(capacity)
-        self.base_queue = self.num_queues - 1
         capacity = np.asarray(capacity, dtype=np.int64)
         starts = np.concatenate([[0], np.cumsum(capacity)[:-1]]).astype(np.int64)
-        self._setup(int_array(np.zeros(int(capacity.sum()), dtype=np.int64)), starts, np.zeros_like(capacity))
-        return self
+        return cls(int_array(np.zeros(int(capacity.sum()), dtype=np.int64)), starts, np.zeros_like(capacity))
 
     def append(self, q: int, r: int) -> None:
         """Request `r` (the latest arrival: keys stay in arrival order) joins queue `q`."""
@@ -214,6 +226,7 @@ class WaitingQueue:
             key, q = heap[0]
             # The queue's current head key (inlined `_head_key`: this is the hot path).
             front = fronts[q]
+            head_key: int | None
             if front:
                 head_key = front[0][0]
             else:
@@ -559,7 +572,7 @@ class Scheduler:
         enable_prefix_caching: bool = False,
         scheduler_reserve_full_isl: bool = False,
         async_scheduling: bool = False,
-        prefix: PrefixKeys | None = None,
+        prefix: PrefixUnits | None = None,
         waiting_capacity: np.ndarray | None = None,
     ):
         n = len(prompt)
@@ -596,8 +609,10 @@ class Scheduler:
 
         # `waiting_capacity` also turns on the finish log (the step of each finish, for a
         # router's count of outstanding requests).
-        self.waiting = (WaitingQueue.for_arrivals(waiting_capacity) if growable
-                        else WaitingQueue(adapter_idx, valid, self.num_adapters))
+        if waiting_capacity is not None:
+            self.waiting = WaitingQueue.for_arrivals(waiting_capacity)
+        else:
+            self.waiting = WaitingQueue.for_trace(adapter_idx, valid, self.num_adapters)
         self.finish_log: list[int] | None = [] if growable else None
         # Valid requests among the first k (None: all are): how many have arrived.
         self._valid_upto: IntColumn | None = None if valid.all() else ints(np.concatenate([[0], np.cumsum(valid)]))
@@ -650,18 +665,18 @@ class Scheduler:
         runs past it); returns its index. An invalid one (too long) is kept for the
         results but never queued."""
         r = len(self.prompt)
-        self.prompt.append(prompt)
-        self.output.append(output)
-        self.adapter.append(adapter)
-        for col in (self.gen, self.computed, self.dbase):
-            col.append(0)
+        for col, v in ((self.prompt, prompt), (self.output, output), (self.adapter, adapter), (self.gen, 0),
+                       (self.computed, 0), (self.dbase, 0), (self.first_token_step, -1), (self.end_step, -1),
+                       (self.cached_tokens, -1)):  # fmt: skip
+            assert isinstance(col, array)  # a growable engine's columns are arrays
+            col.append(v)
         self.in_decode.append(0)
-        for col in (self.first_token_step, self.end_step, self.cached_tokens):
-            col.append(-1)
-        if not valid and self._valid_upto is None:
-            self._valid_upto = array("q", range(r + 1))
-        if self._valid_upto is not None:
-            self._valid_upto.append(self._valid_upto[-1] + valid)
+        upto = self._valid_upto
+        if not valid and upto is None:
+            upto = self._valid_upto = array("q", range(r + 1))
+        if upto is not None:
+            assert isinstance(upto, array)
+            upto.append(upto[-1] + valid)
         if valid:
             self.waiting.append(self._queue(r), r)
         return r

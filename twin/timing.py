@@ -109,7 +109,8 @@ def features(
     slots = np.asarray(max_loras, dtype=np.float64)
     mr = np.asarray(max_lora_rank, dtype=np.float64)
     unit = np.eye(len(FEATURES))
-    out = [np.broadcast_to(_formula(unit[i], *args[:5], args[5], slots, mr), shape) for i in range(len(FEATURES))]
+    p, d, x, a, r, n = args
+    out = [np.broadcast_to(_formula(unit[i], p, d, x, a, r, n, slots, mr), shape) for i in range(len(FEATURES))]
     return np.stack([np.ravel(col) for col in out], axis=1)
 
 
