@@ -570,12 +570,38 @@ def plan_fleet(trace_path: Path, profile_name: str, *, slo_ttft_p99_s: float | N
             load = sum(load_of.get(a, 0.0) for a in plan_c.gpus[u].adapters)
             return (risk.get(set_of(plan_c, u), 0.95 if u in critical_of_c(c) else 1.0), -load)
 
+        def spares(live: Sequence[Cand], k: int, taken: set[tuple[str, ...]]) -> list[tuple[Cand, int]]:
+            """Up to `k` GPUs for a round's idle workers: the critical GPUs, likeliest to
+            fail first, of the candidate tried next should a live one pass (one GPU fewer,
+            same packing and max_loras: `next_if_passing`), not judged yet. Their verdicts
+            are kept (`check.judged`) for when that candidate's turn comes; a failing one
+            then fails it at no cost."""
+            out: list[tuple[Cand, int]] = []
+            for c in live:
+                nxt = next_if_passing(c)
+                if nxt is None or (nxt, False) in verdicts or (nxt, True) in verdicts:
+                    continue
+                plan_n = candidate(nxt)
+                if not check.static(plan_n):
+                    continue
+                for u in sorted(critical_of_c(nxt), key=lambda u, n=nxt: unit_score(n, u)):
+                    key = set_of(plan_n, u)
+                    if len(out) < k and key not in taken and not check.judged_alone(plan_n, u):
+                        out.append((nxt, u))
+                        taken.add(key)
+            return out
+
+        def next_if_passing(c: Cand) -> Cand | None:
+            """What the search tries after `c` passes: the same with one GPU fewer."""
+            return (c[0] - 1, c[1], c[2]) if c[0] > 1 else None
+
         def evaluate(cands: Sequence[Cand], whole: bool, probe_all: bool = False) -> Cand | None:
             """The first of `cands` whose GPUs (every one if `whole`, else its critical
             ones) all pass alone in the twin: a GPU of a static placement is judged as in
             the fleet, so one failing GPU fails the candidate. Each round runs as many GPUs
             as there are workers, in candidate order; `probe_all`: each candidate's
-            likeliest-to-fail GPU first, where most candidates are expected to fail."""
+            likeliest-to-fail GPU first, where most candidates are expected to fail. Idle
+            workers of a round run GPUs of the candidate likely next (`spares`)."""
             for c in cands:  # failing on its critical GPUs fails it
                 if (c, True) not in verdicts and not verdicts.get((c, False), {"ok": True})["ok"]:
                     verdicts[(c, True)] = verdicts[(c, False)]
@@ -605,8 +631,12 @@ def plan_fleet(trace_path: Path, profile_name: str, *, slo_ttft_p99_s: float | N
                 for c, u in batch:
                     todo[c].remove(u)
                 alone = [(c, u) for c, u in batch if isinstance(u, int)]
-                for (c, u), v in zip(alone, check.alone([(candidate(c), u) for c, u in alone]), strict=True):
-                    rows[c].append(v)
+                extra = (spares(live, n_jobs - len(batch), {set_of(candidate(c), u) for c, u in alone})
+                         if len(alone) == len(batch) < n_jobs else [])  # fmt: skip
+                ran = check.alone([(candidate(c), u) for c, u in alone + extra])
+                for i, ((c, u), v) in enumerate(zip(alone + extra, ran, strict=True)):
+                    if i < len(alone):
+                        rows[c].append(v)
                     key = set_of(candidate(c), u)
                     risk[key] = min(risk.get(key, 1.0), v["min_adapter_served_frac"] if v["ok"] else 0.0)
                 for c, u in batch:

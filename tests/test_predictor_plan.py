@@ -102,3 +102,19 @@ def test_a_ttft_slo_is_met_by_every_gpu(tmp_path: Path, trace_path: Path) -> Non
     # A candidate that served every adapter but missed the SLO failed the search.
     assert all(s["ok"] == (s["starving_adapters"] == 0 and not s["slo_missed_by"] and not s["starving_gpus"])
                for s in d["search"])
+
+
+def test_workers_and_their_idle_slots_change_no_answer(tmp_path: Path, trace_path: Path) -> None:
+    # Two workers run a round's GPUs at once, and an idle one runs a GPU of the candidate
+    # likely next (`spares`): the search may run more GPUs, but its verdicts and the plan
+    # are those of one worker.
+    plans = {}
+    for jobs in ("1", "2"):
+        out = tmp_path / f"plan{jobs}.json"
+        r = CliRunner().invoke(predictor_main, ["plan", str(trace_path), "--profile", PROFILE, "--out", str(out),
+                                                "--json", "--jobs", jobs])
+        assert r.exit_code == 0, r.output
+        d = json.loads(r.stdout)
+        plans[jobs] = ([(g["adapters"], g["max_loras"], g["max_lora_rank"]) for g in json.loads(out.read_text())["gpus"]],
+                       [(s["gpus"], s["packing"], s["max_loras"], s["ok"]) for s in d["search"]])
+    assert plans["1"] == plans["2"]
