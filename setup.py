@@ -4,12 +4,11 @@ can be, else left as pure Python: the same source either way, and the same resul
 
 The compiled modules are optional extensions: without a C compiler the install goes on
 with the pure-Python twin. `TWIN_PURE_PYTHON=1` at install time skips the compilation.
-`twin/_native.json` records each compiled source's SHA-256, so that a source edited
+`twin/_native.json` records each compiled source's CRC-32, so that a source edited
 after the build runs as source, never as a stale binary (`twin/__init__.py`)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -19,7 +18,7 @@ from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
-from twin import NATIVE_MODULES, NATIVE_RECORD  # noqa: E402 (the list has one owner: twin/__init__.py)
+from twin import NATIVE_MODULES, NATIVE_RECORD, source_digest  # noqa: E402 (the list has one owner: twin/__init__.py)
 
 sys.path.pop(0)
 
@@ -48,7 +47,7 @@ def ext_modules() -> list:
         return []
     for ext in exts:
         ext.optional = True  # no C compiler: the pure-Python twin
-    digests = {m: hashlib.sha256((ROOT / "twin" / f"{m}.py").read_bytes()).hexdigest() for m in NATIVE_MODULES}
+    digests = {m: source_digest((ROOT / "twin" / f"{m}.py").read_bytes()) for m in NATIVE_MODULES}
     record.write_text(json.dumps(digests, indent=1) + "\n")
     return exts
 

@@ -3,22 +3,28 @@
 The step loop's modules (`NATIVE_MODULES`) are compiled with mypyc at install time where
 a C compiler is at hand (setup.py): the same source, 1.3-1.5x faster. They run as
 source instead when `TWIN_PURE_PYTHON` is set, or when any of them changed since the
-build (its SHA-256 differs from `_native.json`): a stale binary never runs. The four go
+build (its CRC-32 differs from `_native.json`'s): a stale binary never runs. The four go
 together: compiled code reaches into the others' classes directly."""
 
 from __future__ import annotations
 
-import hashlib
 import importlib.machinery
 import importlib.util
 import json
 import os
 import sys
+import zlib
 from pathlib import Path
 
 NATIVE_MODULES = ("timing", "kv_cache", "scheduler", "engine")
-NATIVE_RECORD = "_native.json"  # written by setup.py: module -> SHA-256 of the compiled source
+NATIVE_RECORD = "_native.json"  # written by setup.py: module -> source_digest of the compiled source
 _HERE = Path(__file__).resolve().parent
+
+
+def source_digest(data: bytes) -> str:
+    """A source file's fingerprint (CRC-32: it only has to tell an edited file from the
+    one compiled; hashlib's import alone costs every process 14 ms)."""
+    return f"{zlib.crc32(data):08x}"
 
 
 class _SourceFinder:
@@ -44,9 +50,9 @@ def native_status() -> str:
     except (OSError, ValueError):
         return "pure: not compiled at install"
     changed = [m for m in NATIVE_MODULES
-               if hashlib.sha256((_HERE / f"{m}.py").read_bytes()).hexdigest() != built.get(m)]
+               if source_digest((_HERE / f"{m}.py").read_bytes()) != built.get(m)]
     if changed:
-        return f"pure: {', '.join(f'twin/{m}.py' for m in changed)} changed since the build (pip install -e . rebuilds)"
+        return f"pure: {', '.join(f'twin/{m}.py' for m in changed)} changed since the build (`make setup` or `pip install -e .` rebuilds)"
     suffixes = importlib.machinery.EXTENSION_SUFFIXES
     if not all(any((_HERE / f"{m}{s}").exists() for s in suffixes) for m in NATIVE_MODULES):
         return "pure: the compiled modules are missing (no C compiler at install?)"
