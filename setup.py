@@ -42,7 +42,7 @@ def ext_modules() -> list:
         # One shared library inside the package (twin/_step_loop__mypyc.*.so), not at the top level.
         exts = mypycify(["--ignore-missing-imports", "--follow-imports=silent", *sources], opt_level="3",
                         group_name="twin._step_loop")
-    except (ImportError, Exception, SystemExit) as e:  # no mypy (a build without isolation), or it refused
+    except (Exception, SystemExit) as e:  # no mypy (a build without isolation), or it refused
         print(f"twin: building the pure-Python twin (mypyc: {e!r})", file=sys.stderr)
         return []
     for ext in exts:
