@@ -397,7 +397,7 @@ def fleet_summary(
         if sub is None or sub.height == 0:
             row.update(requests=0, adapters=0, starving_adapters=0, starved=False)
         else:
-            s = summarize(sub, ctx)
+            s = whole if sub.height == df.height else summarize(sub, ctx)  # one GPU served all: the same rows
             tails[gpu.name] = judged_tail(s.get("mean_itl_ms"))
             svc = services[gpu.name] = adapter_service(sub, ctx, tail_s=tails[gpu.name])
             row.update({k: s.get(k) for k in SUMMARY_KEYS})
