@@ -16,6 +16,8 @@ $(VENV)/.installed: pyproject.toml
 
 # The twin's step loop, compiled with mypyc (setup.py); rebuilt when its source changes
 # (until then the twin runs that source as Python: twin/__init__.py).
+# The modules are `twin.NATIVE_MODULES` (their owner); a stale one would run as source
+# and fail tests/test_twin_native.py, so a list left behind here shows.
 NATIVE_SRC := setup.py twin/__init__.py twin/timing.py twin/kv_cache.py twin/scheduler.py twin/engine.py
 $(VENV)/.native: $(VENV)/.installed $(NATIVE_SRC)
 	$(PY) -m pip install -q --no-deps -e .
