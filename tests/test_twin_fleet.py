@@ -95,6 +95,39 @@ def test_a_gpu_alone_is_judged_as_in_the_fleet(small_trace) -> None:  # type: ig
         assert alone["fleet"]["starving_adapters"] == f["starving_adapters"]
 
 
+def test_a_gpus_judged_metrics_are_kept_with_its_run(small_trace, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A GPU judged alone (`run_alone`, a planner's screening) keeps its metrics with its
+    run: a fleet that reuses the run gives the summary the fleet computes afresh, without
+    summarising that GPU's requests again."""
+    import twin.fleet as tf
+    from twin.fleet import JUDGED_MEMO, gpu_key
+
+    df, ctx = small_trace
+    names = sorted(df["adapter"].unique().to_list())
+    plan = plan_of(split(names, 3), max_loras=1, max_num_seqs=8)
+    prof = load_profile(PROFILE)
+    ctx = dict(ctx, window_s=120.0)
+    fresh = simulate_fleet(df, prof, plan, "placement", trace_context=ctx, jobs=1).summary
+    fleet = resolve(plan, prof, names, schema.adapter_ranks(ctx), "placement")
+    ordered = df.sort("arrival_s", maintain_order=True)
+    longest = int(df["output_tokens"].max())
+    cache = {}
+    for g, gpu in enumerate(plan.gpus):
+        sub = ordered.filter(pl.col("adapter").is_in(list(gpu.adapters)))
+        part, _ = run_alone(gpu, sub, prof, fleet.configs[g], fleet.kv_capacity_tokens[g], ctx, 120.0, True, longest)
+        assert JUDGED_MEMO in part[1]
+        cache[gpu_key(gpu.adapters, fleet.configs[g], 120.0, False, True)] = part
+    calls = []
+    monkeypatch.setattr(tf, "summarize", lambda *a, **k: calls.append(1) or summarize(*a, **k))
+    reused = simulate_fleet(df, prof, plan, "placement", trace_context=ctx, jobs=1, cache=cache).summary
+    assert len(calls) == 1  # the fleet's own rows only
+    run_facts = ("twin_wall_s", "pid", "peak_rss_mib", "engine_loop_s")  # of each GPU's run: another run here
+    for a, b in zip(reused["gpus"], fresh["gpus"], strict=True):
+        diff = {k: (a.get(k), b.get(k)) for k in a.keys() | b.keys() if k not in run_facts and a.get(k) != b.get(k)}
+        assert not diff, diff
+    assert reused["fleet"] == fresh["fleet"]
+
+
 def test_split_does_not_change_a_bit(small_trace) -> None:  # type: ignore[no-untyped-def]
     df, ctx = small_trace
     names = sorted(df["adapter"].unique().to_list())

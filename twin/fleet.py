@@ -48,6 +48,8 @@ GPU_COUNTERS = ("steps", "preemptions", "adapter_loads", "kv_capacity_tokens", "
 # was under a second; in a 10-minute window, one 1,700-token answer 35 s before the cut
 # made an adapter of three requests starve on a GPU at 94 ms p99 TTFT.
 JUDGED_TAIL_FRACTION = 0.05
+# A part's run summary keeps its GPU's judged metrics under this key (`fleet_summary`).
+JUDGED_MEMO = "_judged_metrics"
 SUMMARY_KEYS = ("requests", "completed", "unfinished", "throughput_tok_s", "offered_tok_s", "served_frac", "starved",
                 "req_s", "mean_ttft_ms", "p50_ttft_ms", "p90_ttft_ms", "p99_ttft_ms", "mean_tpot_ms",
                 "mean_itl_ms", "p50_itl_ms", "p90_itl_ms", "p99_itl_ms", "mean_e2e_ms", "p50_e2e_ms", "p99_e2e_ms", "window_s")
@@ -329,12 +331,14 @@ def _assemble(
     if tables:
         merged = pa.concat_tables(tables)
         pos = np.concatenate(positions)
-        if pos.size == trace.height:  # every request routed: invert the permutation, O(n)
+        if pos.size and bool((pos[1:] > pos[:-1]).all()):
+            pass  # in trace order already (one GPU judged alone): no copy of every column
+        elif pos.size == trace.height:  # every request routed: invert the permutation, O(n)
             order = np.empty_like(pos)
             order[pos] = np.arange(pos.size, dtype=pos.dtype)
+            merged = merged.take(pa.array(order))
         else:
-            order = np.argsort(pos, kind="stable")
-        merged = merged.take(pa.array(order))
+            merged = merged.take(pa.array(np.argsort(pos, kind="stable")))
     else:
         raise TracekitError("the fleet served no request")
     merged = conform(merged, "results", source="twin fleet")
@@ -376,7 +380,10 @@ def fleet_summary(
     at its mean ITL), an adapter on several GPUs is judged over the longest of theirs:
     so under static placement a GPU's verdict does not depend on the other GPUs, and a
     GPU run alone is judged as in the fleet. `longest_output_tokens`: the longest answer
-    the tail allows for (default: these results' longest)."""
+    the tail allows for (default: these results' longest). A GPU's metrics are kept in its
+    part's summary (`JUDGED_MEMO`) and reused when the part comes back with as many rows,
+    the same window and longest answer: a part is reused (`simulate_fleet(cache=...)`)
+    only where a GPU's requests are its own adapters', so those are the same rows."""
     df = _metrics_frame(results)
     whole = summarize(df, ctx)
     window = whole["window_s"]
@@ -397,10 +404,23 @@ def fleet_summary(
         if sub is None or sub.height == 0:
             row.update(requests=0, adapters=0, starving_adapters=0, starved=False)
         else:
-            s = whole if sub.height == df.height else summarize(sub, ctx)  # one GPU served all: the same rows
-            tails[gpu.name] = judged_tail(s.get("mean_itl_ms"))
-            svc = services[gpu.name] = adapter_service(sub, ctx, tail_s=tails[gpu.name])
-            row.update({k: s.get(k) for k in SUMMARY_KEYS})
+            # A GPU run once and judged alone (a planner's screening) and then in a fleet
+            # (its run reused): its metrics are those of the same rows, judged over the same
+            # window and longest answer, so they are kept with its run and not made again.
+            memo = parts[g][1] if parts is not None and parts[g] is not None else {}
+            key = (window, longest_output_tokens, sub.height)
+            known = memo.get(JUDGED_MEMO)
+            if known is not None and known[0] == key:
+                s, tails[gpu.name], svc = known[1], known[2], known[3]
+            else:
+                s = whole if sub.height == df.height else summarize(sub, ctx)  # one GPU served all: the same rows
+                s = {k: s.get(k) for k in SUMMARY_KEYS}
+                tails[gpu.name] = judged_tail(s.get("mean_itl_ms"))
+                svc = adapter_service(sub, ctx, tail_s=tails[gpu.name])
+                if memo:
+                    memo[JUDGED_MEMO] = (key, s, tails[gpu.name], svc)
+            services[gpu.name] = svc
+            row.update(s)
             row.update(adapters=int(svc.height), starving_adapters=int(svc["starved"].sum()),
                        min_adapter_served_frac=float(svc["served_frac"].min()), judged_tail_s=tails[gpu.name])
         if fleet is not None:
