@@ -21,7 +21,8 @@ memory is the `twin run` process's own maximum resident set (GNU time's %M; a ch
 this process would report this process's size as its own).
 
 Usage: .venv/bin/python benchmarks/twin_speed.py [--repeats 3] [--cases heavy,moderate,sparse,mooncake] [--baseline DIR]
-Writes benchmarks/results/twin_speed.md and .json.
+Writes benchmarks/results/twin_speed.md and .json (`--name`: another stem, e.g. for a
+before/after against another checkout).
 """
 
 from __future__ import annotations
@@ -236,6 +237,7 @@ def main() -> None:
                     help="another checkout (e.g. `git worktree add /tmp/main main`) whose twin runs the heavy and "
                          "mooncake cases interleaved with this one, for a before/after in the same conditions; "
                          "`source`: this checkout's twin as pure Python (TWIN_PURE_PYTHON=1), against its compiled step loop")
+    ap.add_argument("--name", default="twin_speed", help="results file stem")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     os.environ.pop("TWIN_PURE_PYTHON", None)
@@ -323,9 +325,10 @@ def main() -> None:
     load = "load average at the end {:.1f} / {:.1f} / {:.1f} (1/5/15 min)".format(*os.getloadavg())
     RESULTS.mkdir(parents=True, exist_ok=True)
     base = f" --baseline {args.baseline}" if args.baseline else ""
+    base += f" --name {args.name}" if args.name != "twin_speed" else ""  # the command that wrote this file
     meta = {"machine": machine, "twin": twin.NATIVE, "command": f".venv/bin/python benchmarks/twin_speed.py --repeats {args.repeats} --cases {args.cases}{base}",
             "profile": PROFILE, "load": load, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    (RESULTS / "twin_speed.json").write_text(json.dumps({"meta": meta, "rows": rows, "heavy_phases": breakdown}, indent=2) + "\n")
+    (RESULTS / f"{args.name}.json").write_text(json.dumps({"meta": meta, "rows": rows, "heavy_phases": breakdown}, indent=2) + "\n")
     lines = [
         "# twin speed: `twin run`, whole process (Parquet in and out included)",
         "",
@@ -372,7 +375,7 @@ def main() -> None:
         + "; ".join(f"{r['case']}: {r['arrivals'] / r['wall_s_plain']:,.0f} arrivals/s, {r['completed'] / r['wall_s_plain']:,.0f} "
                     f"completions/s, {r['steps'] / r['wall_s_plain']:,.0f} steps/s" for r in rows) + ".",
     ]
-    (RESULTS / "twin_speed.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
