@@ -148,8 +148,9 @@ class WaitingQueue:
 
     Keys: a request's index in arrival order; a preempted request gets a negative key
     that decreases with each preemption, so the latest preempted is the global front.
-    Heap entries are checked lazily: one is stale when its key is no longer the head's or
-    its queue moved to the other heap."""
+    A heap entry is one int, `key * num_queues + q` (ordered as the pair (key, q), and
+    an int compares and sifts faster than a tuple). Entries are checked lazily: one is
+    stale when its key is no longer the head's or its queue moved to the other heap."""
 
     def __init__(self, reqs: IntColumn, starts: np.ndarray, counts: np.ndarray):
         """Queue q holds `reqs[starts[q]:starts[q] + counts[q]]` (request ids, arrival
@@ -192,7 +193,7 @@ class WaitingQueue:
         self._reqs[e] = r
         self._end[q] = e + 1
         if not self._front[q] and self._head[q] == e:  # the queue's new head
-            heapq.heappush(self._heaps[self._admissible[q]], (r, q))
+            heapq.heappush(self._heaps[self._admissible[q]], r * self.num_queues + q)
 
     def _setup(self, reqs: IntColumn, starts: np.ndarray, counts: np.ndarray) -> None:
         self._reqs = reqs
@@ -201,10 +202,11 @@ class WaitingQueue:
         self._front: list[deque[tuple[int, int]]] = [deque() for _ in range(self.num_queues)]
         self._admissible = [False] * self.num_queues
         self._admissible[self.base_queue] = True
-        self._heaps: tuple[list[tuple[int, int]], list[tuple[int, int]]] = ([], [])
-        for q in range(self.num_queues):
+        self._heaps: tuple[list[int], list[int]] = ([], [])
+        nq = self.num_queues
+        for q in range(nq):
             if counts[q] > 0:
-                self._heaps[self._admissible[q]].append((self._reqs[self._head[q]], q))
+                self._heaps[self._admissible[q]].append(self._reqs[self._head[q]] * nq + q)
         for h in self._heaps:
             heapq.heapify(h)
         self._prepend_key = 0
@@ -222,8 +224,9 @@ class WaitingQueue:
     def _top(self, which: bool) -> tuple[int, int] | None:
         heap = self._heaps[which]
         admissible, fronts, heads, ends, reqs = self._admissible, self._front, self._head, self._end, self._reqs
+        nq = self.num_queues
         while heap:
-            key, q = heap[0]
+            key, q = divmod(heap[0], nq)
             # The queue's current head key (inlined `_head_key`: this is the hot path).
             front = fronts[q]
             head_key: int | None
@@ -260,7 +263,7 @@ class WaitingQueue:
         self._admissible[q] = running
         key = self._head_key(q)
         if key is not None:
-            heapq.heappush(self._heaps[running], (key, q))
+            heapq.heappush(self._heaps[running], key * self.num_queues + q)
 
     def pop(self, q: int) -> None:
         """Take the head of queue `q` (just returned by `peek`)."""
@@ -274,9 +277,10 @@ class WaitingQueue:
             self._head[q] += 1
             self.num_taken += 1
         heap = self._heaps[self._admissible[q]]
+        nq = self.num_queues
         # The taken head's entry is normally its heap's top (`peek` just returned it):
         # replace it by the new head's in one sift rather than push now and pop it stale.
-        top = bool(heap) and heap[0][1] == q and heap[0][0] == taken
+        top = bool(heap) and heap[0] == taken * nq + q
         if front:
             key = front[0][0]
         else:
@@ -287,9 +291,9 @@ class WaitingQueue:
                 return
             key = self._reqs[h]
         if top:
-            heapq.heapreplace(heap, (key, q))
+            heapq.heapreplace(heap, key * nq + q)
         else:
-            heapq.heappush(heap, (key, q))
+            heapq.heappush(heap, key * nq + q)
 
     def prepend(self, q: int, req: int) -> None:
         """A preempted request goes back to the front of `waiting`."""
@@ -297,7 +301,7 @@ class WaitingQueue:
         self._prepend_key -= 1
         self._front[q].appendleft((self._prepend_key, req))
         self.num_front += 1
-        heapq.heappush(self._heaps[self._admissible[q]], (self._prepend_key, q))
+        heapq.heappush(self._heaps[self._admissible[q]], self._prepend_key * self.num_queues + q)
 
     def next_key(self, q: int) -> int | None:
         return self._head_key(q)
