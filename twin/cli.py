@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
-import click
+import os
 
-from tracekit import __version__
-from tracekit.cliutil import LazyGroup, user_errors
+# The twin does no linear algebra, yet numpy's OpenBLAS starts a thread per core that
+# spins for tens of ms after import: 14% of a heavy hour's `twin run` CPU time on 2 cores
+# (benchmarks/results/twin_speed.md). Set before anything imports numpy; a user's own
+# setting stands. Fleet workers inherit it.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import click  # noqa: E402
+
+from tracekit import __version__  # noqa: E402
+from tracekit.cliutil import LazyGroup, user_errors  # noqa: E402
 
 
 @click.group(
