@@ -53,14 +53,17 @@ async def relay_stream(up: Any, resp: Any, rec: Any, strip_usage: bool, clock: C
     buf = b""
     async for chunk in up.content.iter_any():
         now = clock()
-        buf += chunk
+        buf = buf + chunk if buf else chunk
         out = []
-        # SSE events end with a blank line; vLLM writes "\n\n".
+        # SSE events end with a blank line; vLLM writes "\n\n". Walk an offset, cut the
+        # buffer once: a proxy that falls behind reads many events per chunk, and
+        # re-slicing the rest after each would make catching up quadratic.
+        start = 0
         while True:
-            cut = buf.find(b"\n\n")
+            cut = buf.find(b"\n\n", start)
             if cut < 0:
                 break
-            event, buf = buf[: cut + 2], buf[cut + 2 :]
+            event, start = buf[start : cut + 2], cut + 2
             usage = usage_of(event)
             if usage is not None:
                 rec.usage = usage  # the last one wins (continuous_usage_stats sends many)
@@ -77,6 +80,7 @@ async def relay_stream(up: Any, resp: Any, rec: Any, strip_usage: bool, clock: C
                     rec.gaps.append(now - (rec.last_chunk or now))
                 rec.last_chunk = now
             out.append(event)
+        buf = buf[start:]
         if out:
             await resp.write(b"".join(out))
             if out[-1].startswith(b"data: [DONE]"):
