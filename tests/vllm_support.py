@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -340,6 +341,45 @@ def start_proxy(
             time.sleep(0.1)
     p.kill()
     raise TimeoutError("proxy did not start")
+
+
+def run_delay_s(pid: int, tid: int | None = None) -> float:
+    """Seconds task `tid` of process `pid` (its main thread by default) has spent runnable
+    but off the CPU: schedstat's run_delay; 0 where the kernel does not keep it.
+
+    Why: the 2-core VMs here, with a vLLM worker spinning on one core, can keep a runnable
+    process off the CPU for tens of seconds (a stopping proxy waited 21 s, once 80 s, and
+    a probe process beside it stalled at the same moments). A wall-clock bound on a
+    process's own work adds the time the machine did not give it."""
+    path = Path(f"/proc/{pid}/task/{tid}/schedstat" if tid else f"/proc/{pid}/schedstat")
+    try:
+        return int(path.read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def wait_exit(
+    proc: subprocess.Popen[Any], timeout: float, run_delay_from: float
+) -> tuple[float, float]:
+    """Wait up to `timeout` s for `proc` to exit (else TimeoutExpired); then reap it.
+
+    Returns (the perf_counter when its exit was seen, the seconds it or this thread spent
+    runnable but off the CPU meanwhile, the larger of the two: the machine stalls them
+    together), its own counted from `run_delay_from` (a `run_delay_s(proc.pid)` taken
+    before). Its run delay is read while it is still a zombie (waitid WNOWAIT), so it
+    covers the whole of its exit."""
+    me = threading.get_native_id()
+    mine0 = run_delay_s(os.getpid(), me)
+    deadline = time.monotonic() + timeout
+    while os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG) is None:
+        if time.monotonic() > deadline:
+            raise subprocess.TimeoutExpired(proc.args, timeout)
+        time.sleep(0.02)
+    seen = time.perf_counter()
+    theirs = run_delay_s(proc.pid) - run_delay_from
+    mine = run_delay_s(os.getpid(), me) - mine0
+    proc.wait()
+    return seen, max(theirs, mine, 0.0)
 
 
 def hang_up(req: asyncio.Task[Any]) -> None:
