@@ -358,10 +358,21 @@ def run_delay_s(pid: int, tid: int | None = None) -> float:
         return 0.0
 
 
-def wait_exit(
-    proc: subprocess.Popen[Any], timeout: float, run_delay_from: float
-) -> tuple[float, float]:
-    """Wait up to `timeout` s for `proc` to exit (else TimeoutExpired); then reap it.
+class Stalls:
+    """From now on, the time the machine kept any of `pids` (their main threads)
+    runnable off the CPU: the largest over them (`run_delay_s`)."""
+
+    def __init__(self, *pids: int) -> None:
+        self.pids = pids
+        self.start = [run_delay_s(p) for p in pids]
+
+    def since(self) -> float:
+        return max([run_delay_s(p) - s for p, s in zip(self.pids, self.start, strict=True)] + [0.0])
+
+
+def wait_exit(proc: subprocess.Popen[Any], timeout: float, run_delay_from: float) -> tuple[float, float]:
+    """Wait for `proc` to exit, `timeout` s of the time the machine gave it (wall time
+    less its run delay, at most 10x `timeout` in all; else TimeoutError); then reap it.
 
     Returns (the perf_counter when its exit was seen, the seconds it or this thread spent
     runnable but off the CPU meanwhile, the larger of the two: the machine stalls them
@@ -370,10 +381,15 @@ def wait_exit(
     covers the whole of its exit."""
     me = threading.get_native_id()
     mine0 = run_delay_s(os.getpid(), me)
-    deadline = time.monotonic() + timeout
+    t0 = time.monotonic()
     while os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG) is None:
-        if time.monotonic() > deadline:
-            raise subprocess.TimeoutExpired(proc.args, timeout)
+        waited = time.monotonic() - t0
+        if waited - (run_delay_s(proc.pid) - run_delay_from) > timeout or waited > 10 * timeout:
+            stat = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[-1].split()
+            raise TimeoutError(
+                f"pid {proc.pid} did not exit in {timeout:g} s: waited {waited:.1f} s, "
+                f"{run_delay_s(proc.pid) - run_delay_from:.1f} s of it runnable off the CPU; "
+                f"state {stat[0]}, {int(stat[11]) / os.sysconf('SC_CLK_TCK'):.1f} s of user CPU in all")
         time.sleep(0.02)
     seen = time.perf_counter()
     theirs = run_delay_s(proc.pid) - run_delay_from
