@@ -109,11 +109,13 @@ def int_array(values: Sequence[int] | np.ndarray) -> array:
     return array("q", values)
 
 
-# Per-request integers of a fixed-size run: a memoryview of a numpy array, read and
-# written as plain ints as fast as an `array.array`, but sharing the caller's array
+# Per-request outcome columns (int32: first-token step, end step, cached tokens) and the
+# valid-request prefix sums of a fixed-size run: a memoryview of a numpy array, read
+# and written as plain ints as fast as an `array.array`, but sharing the caller's array
 # (no copy) and, for state, allocated as numpy does (zero pages left untouched until a
 # request is admitted, huge pages): a million requests' set-up cost a tenth of a second
-# of page faults as arrays. A coupled fleet's engine, which appends, keeps arrays.
+# of page faults as arrays. A coupled fleet's engine, which appends, keeps arrays. The
+# columns the step loop reads most are `vec[i64]` instead (`int_vec`).
 IntColumn = array | memoryview
 
 
@@ -144,6 +146,12 @@ def _column(n: int, fill: int, dtype: type, growable: bool) -> IntColumn:
     if growable:
         return array("q" if dtype is np.int64 else "i", [fill]) * n
     return (np.zeros(n, dtype) if fill == 0 else np.full(n, fill, dtype)).data
+
+
+def _entry(key: int, q: int, num_queues: int) -> int:
+    """A `WaitingQueue` heap entry: (key, queue) as one int, ordered as the pair (queues
+    are numbered below `num_queues`); `divmod(entry, num_queues)` reads it back."""
+    return key * num_queues + q
 
 
 class PrefixUnits(Protocol):
@@ -209,7 +217,7 @@ class WaitingQueue:
         self._reqs[e] = r
         self._end[q] = e + 1
         if not self._front[q] and self._head[q] == e:  # the queue's new head
-            heapq.heappush(self._heaps[self._admissible[q]], r * self.num_queues + q)
+            heapq.heappush(self._heaps[self._admissible[q]], _entry(r, q, self.num_queues))
 
     def _setup(self, reqs: vec[i64], starts: np.ndarray, counts: np.ndarray) -> None:
         self._reqs = reqs
@@ -222,7 +230,7 @@ class WaitingQueue:
         nq = self.num_queues
         for q in range(nq):
             if counts[q] > 0:
-                self._heaps[self._admissible[q]].append(self._reqs[self._head[q]] * nq + q)
+                self._heaps[self._admissible[q]].append(_entry(self._reqs[self._head[q]], q, nq))
         for h in self._heaps:
             heapq.heapify(h)
         self._prepend_key = 0
@@ -242,7 +250,7 @@ class WaitingQueue:
         admissible, fronts, heads, ends, reqs = self._admissible, self._front, self._head, self._end, self._reqs
         nq = self.num_queues
         while heap:
-            key, q = divmod(heap[0], nq)
+            key, q = divmod(heap[0], nq)  # `_entry` read back
             # The queue's current head key (inlined `_head_key`: this is the hot path).
             front = fronts[q]
             head_key: int | None
@@ -279,7 +287,7 @@ class WaitingQueue:
         self._admissible[q] = running
         key = self._head_key(q)
         if key is not None:
-            heapq.heappush(self._heaps[running], key * self.num_queues + q)
+            heapq.heappush(self._heaps[running], _entry(key, q, self.num_queues))
 
     def pop(self, q: int) -> None:
         """Take the head of queue `q` (just returned by `peek`)."""
@@ -296,7 +304,7 @@ class WaitingQueue:
         nq = self.num_queues
         # The taken head's entry is normally its heap's top (`peek` just returned it):
         # replace it by the new head's in one sift rather than push now and pop it stale.
-        top = bool(heap) and heap[0] == taken * nq + q
+        top = bool(heap) and heap[0] == _entry(taken, q, nq)
         if front:
             key = front[0][0]
         else:
@@ -307,9 +315,9 @@ class WaitingQueue:
                 return
             key = self._reqs[h]
         if top:
-            heapq.heapreplace(heap, key * nq + q)
+            heapq.heapreplace(heap, _entry(key, q, nq))
         else:
-            heapq.heappush(heap, key * nq + q)
+            heapq.heappush(heap, _entry(key, q, nq))
 
     def prepend(self, q: int, req: int) -> None:
         """A preempted request goes back to the front of `waiting`."""
@@ -317,7 +325,7 @@ class WaitingQueue:
         self._prepend_key -= 1
         self._front[q].appendleft((self._prepend_key, req))
         self.num_front += 1
-        heapq.heappush(self._heaps[self._admissible[q]], self._prepend_key * self.num_queues + q)
+        heapq.heappush(self._heaps[self._admissible[q]], _entry(self._prepend_key, q, self.num_queues))
 
     def next_key(self, q: int) -> int | None:
         return self._head_key(q)
