@@ -26,7 +26,6 @@ from vllm_support import (
     gauges,
     hang_up,
     measure_speed,
-    run_delay_s,
     start_proxy,
     wait_exit,
 )
@@ -102,9 +101,9 @@ def test_stop_with_requests_in_flight_gives_each_its_row(tmp_path: Path, tiny_mo
                     if all(t.done() for t in tasks[:8]) and g["running"] + g["waiting"] >= 40:
                         break
                     await asyncio.sleep(0.05)
-                t, starved0 = time.perf_counter(), run_delay_s(proxy.pid)
+                t, stalls = time.perf_counter(), Stalls(proxy.pid)
                 proxy.send_signal(signal.SIGTERM)
-                seen, starved = await asyncio.to_thread(wait_exit, proxy, DRAIN_S + 30, starved0)
+                seen, starved = await asyncio.to_thread(wait_exit, proxy, DRAIN_S + 30, stalls)
                 return await asyncio.gather(*tasks), seen - t, starved
 
         try:
@@ -150,7 +149,8 @@ def test_client_hang_up_reaches_the_server_at_once(tmp_path: Path, tiny_model: P
         # How long the machine kept the proxy, the server or this test off the CPU
         # meanwhile: a hang-up reaches the server "at once" in the time they were given.
         def stalls() -> Stalls:
-            return Stalls(proxy.pid, srv.proc.pid if srv.proc else os.getpid(), os.getpid())
+            assert srv.proc is not None
+            return Stalls(proxy.pid, srv.proc.pid, os.getpid())
 
         stalled: dict[str, float] = {}
 

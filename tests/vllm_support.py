@@ -359,43 +359,42 @@ def run_delay_s(pid: int, tid: int | None = None) -> float:
 
 
 class Stalls:
-    """From now on, the time the machine kept any of `pids` (their main threads)
-    runnable off the CPU: the largest over them (`run_delay_s`)."""
+    """From now on, the time the machine kept any of `pids` (their main threads), and
+    with `this_thread` the calling thread, runnable off the CPU: the largest over them
+    (`run_delay_s`; they stall together)."""
 
-    def __init__(self, *pids: int) -> None:
-        self.pids = pids
-        self.start = [run_delay_s(p) for p in pids]
+    def __init__(self, *pids: int, this_thread: bool = False) -> None:
+        self.tasks: list[tuple[int, int | None]] = [(p, None) for p in pids]
+        if this_thread:
+            self.tasks.append((os.getpid(), threading.get_native_id()))
+        self.start = [run_delay_s(p, t) for p, t in self.tasks]
 
     def since(self) -> float:
-        return max([run_delay_s(p) - s for p, s in zip(self.pids, self.start, strict=True)] + [0.0])
+        return max([run_delay_s(p, t) - s for (p, t), s in zip(self.tasks, self.start, strict=True)] + [0.0])
 
 
-def wait_exit(proc: subprocess.Popen[Any], timeout: float, run_delay_from: float) -> tuple[float, float]:
+def wait_exit(proc: subprocess.Popen[Any], timeout: float, stalls: Stalls) -> tuple[float, float]:
     """Wait for `proc` to exit, `timeout` s of the time the machine gave it (wall time
-    less its run delay, at most 10x `timeout` in all; else TimeoutError); then reap it.
+    less `stalls`, started on `proc` before, at most 10x `timeout` in all; else
+    TimeoutError); then reap it.
 
     Returns (the perf_counter when its exit was seen, the seconds it or this thread spent
-    runnable but off the CPU meanwhile, the larger of the two: the machine stalls them
-    together), its own counted from `run_delay_from` (a `run_delay_s(proc.pid)` taken
-    before). Its run delay is read while it is still a zombie (waitid WNOWAIT), so it
-    covers the whole of its exit."""
-    me = threading.get_native_id()
-    mine0 = run_delay_s(os.getpid(), me)
+    runnable but off the CPU meanwhile, the larger of the two). Its run delay is read
+    while it is still a zombie (waitid WNOWAIT), so it covers the whole of its exit."""
+    mine = Stalls(this_thread=True)
     t0 = time.monotonic()
     while os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG) is None:
-        waited = time.monotonic() - t0
-        if waited - (run_delay_s(proc.pid) - run_delay_from) > timeout or waited > 10 * timeout:
+        waited, stalled = time.monotonic() - t0, stalls.since()
+        if waited - stalled > timeout or waited > 10 * timeout:
             stat = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[-1].split()
             raise TimeoutError(
-                f"pid {proc.pid} did not exit in {timeout:g} s: waited {waited:.1f} s, "
-                f"{run_delay_s(proc.pid) - run_delay_from:.1f} s of it runnable off the CPU; "
-                f"state {stat[0]}, {int(stat[11]) / os.sysconf('SC_CLK_TCK'):.1f} s of user CPU in all")
+                f"pid {proc.pid} did not exit in {timeout:g} s: waited {waited:.1f} s, {stalled:.1f} s of it "
+                f"runnable off the CPU; state {stat[0]}, {int(stat[11]) / os.sysconf('SC_CLK_TCK'):.1f} s of user CPU in all")
         time.sleep(0.02)
     seen = time.perf_counter()
-    theirs = run_delay_s(proc.pid) - run_delay_from
-    mine = run_delay_s(os.getpid(), me) - mine0
+    stalled = max(stalls.since(), mine.since())
     proc.wait()
-    return seen, max(theirs, mine, 0.0)
+    return seen, stalled
 
 
 def hang_up(req: asyncio.Task[Any]) -> None:
