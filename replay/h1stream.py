@@ -47,6 +47,7 @@ class _Conn(asyncio.Protocol):
         self.left = 0
         self.keep_alive = True
         self.closed = False
+        self.idle_since = 0.0  # pool clock when it last went idle
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -222,14 +223,19 @@ class _Waiter:
 
 # Connects in flight at once when requests wait for a connection.
 MAX_CONNECTING = 4
+# An idle connection older than this is closed, not reused: the server closes idle ones
+# after its keep-alive (vLLM's VLLM_HTTP_TIMEOUT_KEEP_ALIVE, 5 s by default), and a
+# request written as its close crosses on the wire is lost ("Server disconnected"; seen
+# on 3 requests of a real two-server replay that sat idle between bursts).
+MAX_IDLE_S = 4.0
 
 
 class ConnPool:
     """Keep-alive connections to one host; `send` writes at once on an idle connection and
     only opens a new one (asynchronously) when none is idle."""
 
-    def __init__(self, host: str, port: int, clock: Callable[[], float]):
-        self.host, self.port, self.clock = host, port, clock
+    def __init__(self, host: str, port: int, clock: Callable[[], float], max_idle_s: float = MAX_IDLE_S):
+        self.host, self.port, self.clock, self.max_idle_s = host, port, clock, max_idle_s
         self.idle: list[_Conn] = []
         self.all: set[_Conn] = set()
         self.connecting: set[asyncio.Task[Any]] = set()
@@ -246,6 +252,9 @@ class ConnPool:
         """Open k idle connections before the replay starts, so early requests do not pay
         a connect."""
         conns = await asyncio.gather(*(self._open() for _ in range(k)))
+        now = self.clock()
+        for conn in conns:
+            conn.idle_since = now
         self.idle.extend(conns)
 
     def send(self, data: Callable[[], bytes], sink: ResponseSink, on_write: Callable[[], None]) -> Callable[[], None]:
@@ -257,9 +266,20 @@ class ConnPool:
         one connect per waiting request would burst SYNs at a busy server, and a dropped SYN
         costs a 1 s (then 3 s) retransmit."""
         w = _Waiter(data, sink, on_write)
-        while self.idle:
-            conn = self.idle.pop()
-            if not conn.closed:
+        if self.idle:
+            # The most recently idle first; past one too old, all the rest are older.
+            oldest_ok = self.clock() - self.max_idle_s
+            while self.idle:
+                conn = self.idle.pop()
+                if conn.closed:
+                    continue
+                if conn.idle_since < oldest_ok:
+                    for old in (conn, *self.idle):
+                        old.closed = True
+                        if old.transport is not None:
+                            old.transport.close()
+                    self.idle.clear()
+                    break
                 w.write(conn)
                 return w.abort
         self.waiting.append(w)
@@ -294,6 +314,7 @@ class ConnPool:
             if not w.cancelled:
                 w.write(conn)
                 return
+        conn.idle_since = self.clock()
         self.idle.append(conn)
 
     def discard(self, conn: _Conn) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -115,3 +118,46 @@ def test_drop_mid_stream_reports_lost_and_read_until_close_reports_end() -> None
     conn.data_received(b"HTTP/1.0 200 OK\r\n\r\nall of it")
     conn.connection_lost(None)
     assert s.ended == 1 and s.lost == [] and s.body == b"all of it"
+
+
+def test_an_idle_connection_past_the_servers_keep_alive_is_not_reused() -> None:
+    """A connection idle for up to `max_idle_s` carries the next request; one idle longer
+    (the server may be closing it: vLLM's keep-alive is 5 s) is closed and the request
+    goes on a new connection. A real local server counts the connections."""
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+    async def run() -> tuple[list[int], list[int]]:
+        conns: list[int] = []  # per request served: the server-side connection number
+
+        opened = [0]
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            n, opened[0] = opened[0], opened[0] + 1
+            with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+                while await reader.readuntil(b"\r\n\r\n"):
+                    conns.append(n)
+                    writer.write(answer)
+                    await writer.drain()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        now = [0.0]
+        pool = ConnPool("127.0.0.1", port, clock=lambda: now[0], max_idle_s=4.0)
+        await pool.prewarm(1)
+        ended: list[int] = []
+        for t in (0.0, 3.9, 8.0, 8.5):  # reuse at 3.9 s idle; at 4.1 s idle, a new one
+            now[0] = t
+            s = Sink()
+            pool.send(lambda: b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", s, lambda: None)
+            for _ in range(200):
+                await asyncio.sleep(0.005)
+                if s.ended:
+                    break
+            ended.append(s.ended)
+        pool.close()
+        server.close()
+        return conns, ended
+
+    conns, ended = asyncio.run(run())
+    assert ended == [1, 1, 1, 1]
+    assert conns == [0, 0, 1, 1], conns
