@@ -14,6 +14,7 @@ chunked transfer encoding, Content-Length, or read-until-close.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -48,6 +49,7 @@ class _Conn(asyncio.Protocol):
         self.keep_alive = True
         self.closed = False
         self.idle_since = 0.0  # pool clock when it last went idle
+        self.refresh: asyncio.TimerHandle | None = None  # its replacement, if it stays idle
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -223,19 +225,24 @@ class _Waiter:
 
 # Connects in flight at once when requests wait for a connection.
 MAX_CONNECTING = 4
-# An idle connection older than this is closed, not reused: the server closes idle ones
-# after its keep-alive (vLLM's VLLM_HTTP_TIMEOUT_KEEP_ALIVE, 5 s by default), and a
-# request written as its close crosses on the wire is lost ("Server disconnected"; seen
-# on 3 requests of a real two-server replay that sat idle between bursts).
-MAX_IDLE_S = 4.0
+# The server closes idle connections after its keep-alive (vLLM's
+# VLLM_HTTP_TIMEOUT_KEEP_ALIVE, 5 s by default), and a request written as that close
+# crosses on the wire is lost ("Server disconnected"; seen on 3 requests of a real
+# two-server replay). So a connection idle MAX_IDLE_S gets a replacement, opened ahead of
+# need (a request that waits for a connect is dispatched late: over a second once, on a
+# busy server) and swapped in once open; one idle REUSE_LIMIT_S is never written to.
+MAX_IDLE_S = 3.5
+REUSE_LIMIT_S = 4.5
 
 
 class ConnPool:
     """Keep-alive connections to one host; `send` writes at once on an idle connection and
     only opens a new one (asynchronously) when none is idle."""
 
-    def __init__(self, host: str, port: int, clock: Callable[[], float], max_idle_s: float = MAX_IDLE_S):
-        self.host, self.port, self.clock, self.max_idle_s = host, port, clock, max_idle_s
+    def __init__(self, host: str, port: int, clock: Callable[[], float], max_idle_s: float = MAX_IDLE_S,
+                 reuse_limit_s: float = REUSE_LIMIT_S):
+        self.host, self.port, self.clock = host, port, clock
+        self.max_idle_s, self.reuse_limit_s = max_idle_s, reuse_limit_s
         self.idle: list[_Conn] = []
         self.all: set[_Conn] = set()
         self.connecting: set[asyncio.Task[Any]] = set()
@@ -252,10 +259,8 @@ class ConnPool:
         """Open k idle connections before the replay starts, so early requests do not pay
         a connect."""
         conns = await asyncio.gather(*(self._open() for _ in range(k)))
-        now = self.clock()
         for conn in conns:
-            conn.idle_since = now
-        self.idle.extend(conns)
+            self._idle(conn)
 
     def send(self, data: Callable[[], bytes], sink: ResponseSink, on_write: Callable[[], None]) -> Callable[[], None]:
         """Send a request (bytes built by `data()`); `on_write` runs right before the bytes
@@ -268,23 +273,63 @@ class ConnPool:
         w = _Waiter(data, sink, on_write)
         if self.idle:
             # The most recently idle first; past one too old, all the rest are older.
-            oldest_ok = self.clock() - self.max_idle_s
+            oldest_ok = self.clock() - self.reuse_limit_s
             while self.idle:
                 conn = self.idle.pop()
                 if conn.closed:
                     continue
-                if conn.idle_since < oldest_ok:
+                if conn.idle_since < oldest_ok:  # its replacement is late (a starved loop)
                     for old in (conn, *self.idle):
-                        old.closed = True
-                        if old.transport is not None:
-                            old.transport.close()
+                        self._retire(old)
                     self.idle.clear()
                     break
+                if conn.refresh is not None:
+                    conn.refresh.cancel()
+                    conn.refresh = None
                 w.write(conn)
                 return w.abort
         self.waiting.append(w)
         self._maybe_connect()
         return w.abort
+
+    def _idle(self, conn: _Conn) -> None:
+        conn.idle_since = self.clock()
+        self.idle.append(conn)
+        with contextlib.suppress(RuntimeError):  # no running loop: a connection driven by hand
+            conn.refresh = asyncio.get_running_loop().call_later(self.max_idle_s, self._refresh, conn)
+
+    def _refresh(self, conn: _Conn) -> None:
+        """`conn` stayed idle `max_idle_s`: open its replacement (at most MAX_CONNECTING
+        at once, like every connect), which takes its place once open."""
+        conn.refresh = None
+        if conn.closed or conn not in self.idle:
+            return
+        loop = asyncio.get_running_loop()
+        if len(self.connecting) >= MAX_CONNECTING:
+            conn.refresh = loop.call_later(0.05, self._refresh, conn)
+            return
+        task = loop.create_task(self._replace(conn))
+        self.connecting.add(task)
+        task.add_done_callback(self.connecting.discard)
+
+    async def _replace(self, old: _Conn) -> None:
+        try:
+            new = await self._open()
+        except OSError:
+            return  # `old` stays until the reuse limit; a request then connects itself
+        if old in self.idle:
+            self.idle.remove(old)
+            self._retire(old)
+        self.release(new)
+
+    @staticmethod
+    def _retire(conn: _Conn) -> None:
+        conn.closed = True
+        if conn.refresh is not None:
+            conn.refresh.cancel()
+            conn.refresh = None
+        if conn.transport is not None:
+            conn.transport.close()
 
     def _maybe_connect(self) -> None:
         live = sum(1 for x in self.waiting if not x.cancelled)
@@ -314,8 +359,7 @@ class ConnPool:
             if not w.cancelled:
                 w.write(conn)
                 return
-        conn.idle_since = self.clock()
-        self.idle.append(conn)
+        self._idle(conn)
 
     def discard(self, conn: _Conn) -> None:
         self.all.discard(conn)
@@ -326,6 +370,5 @@ class ConnPool:
         for t in list(self.connecting):
             t.cancel()
         for conn in list(self.all):
-            if conn.transport is not None:
-                conn.transport.close()
+            self._retire(conn)
         self.idle.clear()

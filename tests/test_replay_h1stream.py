@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -120,40 +121,50 @@ def test_drop_mid_stream_reports_lost_and_read_until_close_reports_end() -> None
     assert s.ended == 1 and s.lost == [] and s.body == b"all of it"
 
 
-def test_an_idle_connection_past_the_servers_keep_alive_is_not_reused() -> None:
-    """A connection idle for up to `max_idle_s` carries the next request; one idle longer
-    (the server may be closing it: vLLM's keep-alive is 5 s) is closed and the request
-    goes on a new connection. A real local server counts the connections."""
+async def _serve_counting(conns: list[int]) -> tuple[asyncio.AbstractServer, int]:
+    """A keep-alive HTTP server on a free port answering every request "ok"; appends to
+    `conns` the number of the connection that served each request."""
     answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    opened = [0]
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        n, opened[0] = opened[0], opened[0] + 1
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while await reader.readuntil(b"\r\n\r\n"):
+                conns.append(n)
+                writer.write(answer)
+                await writer.drain()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def _get(pool: ConnPool) -> int:
+    s = Sink()
+    pool.send(lambda: b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", s, lambda: None)
+    for _ in range(400):
+        await asyncio.sleep(0.005)
+        if s.ended:
+            break
+    return s.ended
+
+
+def test_an_idle_connection_past_the_servers_keep_alive_is_not_reused() -> None:
+    """A connection idle for up to `reuse_limit_s` carries the next request; one idle
+    longer (the server may be closing it: vLLM's keep-alive is 5 s) is closed and the
+    request goes on a new connection (the pool's clock, set by hand: no replacement timer
+    fires)."""
 
     async def run() -> tuple[list[int], list[int]]:
-        conns: list[int] = []  # per request served: the server-side connection number
-
-        opened = [0]
-
-        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            n, opened[0] = opened[0], opened[0] + 1
-            with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
-                while await reader.readuntil(b"\r\n\r\n"):
-                    conns.append(n)
-                    writer.write(answer)
-                    await writer.drain()
-
-        server = await asyncio.start_server(serve, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
+        conns: list[int] = []
+        server, port = await _serve_counting(conns)
         now = [0.0]
-        pool = ConnPool("127.0.0.1", port, clock=lambda: now[0], max_idle_s=4.0)
+        pool = ConnPool("127.0.0.1", port, clock=lambda: now[0], max_idle_s=60.0, reuse_limit_s=4.5)
         await pool.prewarm(1)
-        ended: list[int] = []
-        for t in (0.0, 3.9, 8.0, 8.5):  # reuse at 3.9 s idle; at 4.1 s idle, a new one
+        ended = []
+        for t in (0.0, 4.4, 9.0, 9.5):  # reuse at 4.4 s idle; at 4.6 s idle, a new one
             now[0] = t
-            s = Sink()
-            pool.send(lambda: b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", s, lambda: None)
-            for _ in range(200):
-                await asyncio.sleep(0.005)
-                if s.ended:
-                    break
-            ended.append(s.ended)
+            ended.append(await _get(pool))
         pool.close()
         server.close()
         return conns, ended
@@ -161,3 +172,27 @@ def test_an_idle_connection_past_the_servers_keep_alive_is_not_reused() -> None:
     conns, ended = asyncio.run(run())
     assert ended == [1, 1, 1, 1]
     assert conns == [0, 0, 1, 1], conns
+
+
+def test_an_idle_connection_is_replaced_ahead_of_the_next_request() -> None:
+    """After `max_idle_s` idle, the pool opens a connection's replacement and swaps it in
+    once open, so the next request finds a fresh idle connection and waits for no
+    connect."""
+
+    async def run() -> tuple[list[int], int, bool]:
+        conns: list[int] = []
+        server, port = await _serve_counting(conns)
+        pool = ConnPool("127.0.0.1", port, clock=time.perf_counter, max_idle_s=0.2)
+        await pool.prewarm(1)
+        first = pool.idle[0]
+        await asyncio.sleep(0.5)  # past max_idle_s: replaced
+        fresh = len(pool.idle) == 1 and pool.idle[0] is not first and first.closed
+        ended = await _get(pool)
+        pool.close()
+        server.close()
+        return conns, ended, fresh
+
+    conns, ended, fresh = asyncio.run(run())
+    assert fresh and ended == 1
+    # Served on a replacement (one every 0.2 s idle), not on the first connection.
+    assert len(conns) == 1 and conns[0] >= 1, conns
