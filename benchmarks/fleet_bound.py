@@ -15,6 +15,7 @@ Writes benchmarks/results/fleet_bound.{md,json}. Run under `flock /tmp/tracekit-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -56,8 +57,8 @@ def main() -> None:
         load_of = dict(zip(loads["adapter"], loads["load"], strict=True))
         base = recommend_split(load_of, args.gpus, rec, PROFILE)
         budget = int(rec["serving"]["max_num_batched_tokens"])
-        with parallel.Pool("local", args.jobs) as pool:
-            check = TwinCheck(tr, dict(ctx), load_profile(PROFILE), None, pool)
+        with parallel.Pool("local", args.jobs) as pool, \
+                contextlib.closing(TwinCheck(tr, dict(ctx), load_profile(PROFILE), None, pool)) as check:
             for ml in [int(x) for x in args.max_loras.split(",")]:
                 gpus = tuple(dataclasses.replace(g, settings={**g.settings, "max_loras": min(ml, len(g.adapters))})
                              for g in base.gpus)

@@ -25,6 +25,7 @@ Writes benchmarks/results/fleet_plan.{md,json}. Run under `flock /tmp/tracekit-h
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -96,8 +97,8 @@ def main() -> None:
             today_ok = None
             tries = []
             t1 = time.perf_counter()
-            with parallel.Pool("local", args.jobs) as pool:
-                check = TwinCheck(tr, dict(ctx), load_profile(PROFILE), None, pool)
+            with parallel.Pool("local", args.jobs) as pool, \
+                    contextlib.closing(TwinCheck(tr, dict(ctx), load_profile(PROFILE), None, pool)) as check:
                 for g in range(d["today_gpus"] + 1, d["today_gpus"] + 1 + args.max_extra):
                     v = check.run(recommend_split(load_of, g, rec, PROFILE))
                     tries.append({"gpus": v["gpus"], "starving_adapters": v["starving_adapters"], "ok": v["ok"]})

@@ -43,6 +43,7 @@ of offered, on requests that arrived before the window's last 5%.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import tempfile
@@ -319,6 +320,17 @@ class TwinCheck:
         self.runs = 0
         self.gpu_runs = 0
         self.wall_s = 0.0
+        # Workers on this machine read each GPU's requests from one shared file (a remote
+        # Ray cluster's may not see it: its tasks carry them).
+        self.shared = None
+        if pool is not None and pool.jobs > 1 and (pool.executor == "local" or not pool.ray_address):
+            from twin.fleet import SharedTrace
+
+            self.shared = SharedTrace(self.trace)
+
+    def close(self) -> None:
+        if self.shared is not None:
+            self.shared.close()
 
     def _slo_missed(self, row: Mapping[str, Any]) -> bool:
         return self.slo is not None and (row.get("p99_ttft_ms") or 0.0) > self.slo * 1e3
@@ -399,13 +411,13 @@ class TwinCheck:
                                     "p99_ttft_ms": None,
                                     "worst_adapter_names": []}
                 continue
-            tasks.append((plan.gpus[g], self.trace[rows], portable, fleet.configs[g], fleet.kv_capacity_tokens[g],
+            tasks.append((plan.gpus[g], self.trace[rows] if self.shared is None else self.shared.rows(rows), portable, fleet.configs[g], fleet.kv_capacity_tokens[g],
                           self.context, self.window_s, True, self.longest))
             task_keys.append(key)
         if tasks:
             t0 = time.perf_counter()
             # Largest first: with fewer workers than tasks, the longest does not start last.
-            order = sorted(range(len(tasks)), key=lambda k: -tasks[k][1].height)
+            order = sorted(range(len(tasks)), key=lambda k: -len(tasks[k][1]))
             for j, (part, summary) in self.pool.run(run_alone, [tasks[k] for k in order], help=True, warm=WORKER_MODULES):
                 key = task_keys[order[j]]
                 self.cache[key] = part
@@ -529,8 +541,7 @@ def plan_fleet(trace_path: Path, profile_name: str, *, slo_ttft_p99_s: float | N
                              if kind == RANK_GROUPED else recommend_split(load_of, g, dict(rec, max_loras=m), profile.name))
         return candidates[c]
 
-    with pool:
-        check = TwinCheck(trace, context, profile, slo_ttft_p99_s, pool)
+    with pool, contextlib.closing(TwinCheck(trace, context, profile, slo_ttft_p99_s, pool)) as check:
         verdicts: dict[tuple[Cand, bool], dict[str, Any]] = {}  # (candidate, every GPU) -> verdict
         risk: dict[tuple[str, ...], float] = {}  # adapter set -> worst served fraction seen alone
         critical_of: dict[Cand, set[int]] = {}
