@@ -317,6 +317,7 @@ class TwinCheck:
         self.cache: dict[Any, Any] = {}  # gpu_key -> its run (`twin.fleet.run_gpu`)
         self.judged: dict[Any, dict[str, Any]] = {}  # gpu_key -> its verdict alone
         self._resolved: dict[int, tuple[Any, Any, Any, Any]] = {}
+        self._verdicts: dict[int, tuple[Any, dict[str, Any]]] = {}
         self.runs = 0
         self.gpu_runs = 0
         self.wall_s = 0.0
@@ -340,9 +341,13 @@ class TwinCheck:
         return fleet_row["starving_adapters"] == 0 and not any(g.get("starved") or self._slo_missed(g) for g in gpu_rows)
 
     def run(self, plan: Any) -> dict[str, Any]:
-        """The plan's verdict in the twin, every GPU of it run (or reused)."""
+        """The plan's verdict in the twin, every GPU of it run (or reused; a plan asked
+        again: its verdict, since GPUs that share adapters run together, not cached)."""
         from twin.fleet import simulate_fleet
 
+        got = self._verdicts.get(id(plan))
+        if got is not None and got[0] is plan:
+            return dict(got[1])
         t0 = time.perf_counter()
         before = len(self.cache)
         res = simulate_fleet(self.trace, self.profile, plan, "placement", trace_context=self.context, pool=self.pool,
@@ -354,15 +359,17 @@ class TwinCheck:
         fleet = s["fleet"]
         slo_miss = [g["name"] for g in s["gpus"] if self._slo_missed(g)]
         starving_gpus = [g["name"] for g in s["gpus"] if g.get("starved")]
-        return {"gpus": len(plan.gpus), "ok": self.ok(fleet, s["gpus"]), "gpus_run": "all", "starving_adapters": fleet["starving_adapters"],
-                "starving_adapters_at_cut": fleet.get("starving_adapters_at_cut"),
-                "min_adapter_served_frac": fleet["min_adapter_served_frac"], "served_frac": fleet["served_frac"],
-                "throughput_tok_s": fleet["throughput_tok_s"], "offered_tok_s": fleet["offered_tok_s"],
-                "p99_ttft_ms": fleet["p99_ttft_ms"], "mean_itl_ms": fleet["mean_itl_ms"], "p50_e2e_ms": fleet["p50_e2e_ms"],
-                "window_s": fleet["window_s"],
-                "starving_gpus": starving_gpus, "slo_missed_by": slo_miss, "per_gpu": s["gpus"],
-                "starving_adapter_names": fleet["starving_adapter_names"][:10],
-                "worst_adapter_names": fleet.get("worst_adapter_names", [])}
+        v = {"gpus": len(plan.gpus), "ok": self.ok(fleet, s["gpus"]), "gpus_run": "all", "starving_adapters": fleet["starving_adapters"],
+             "starving_adapters_at_cut": fleet.get("starving_adapters_at_cut"),
+             "min_adapter_served_frac": fleet["min_adapter_served_frac"], "served_frac": fleet["served_frac"],
+             "throughput_tok_s": fleet["throughput_tok_s"], "offered_tok_s": fleet["offered_tok_s"],
+             "p99_ttft_ms": fleet["p99_ttft_ms"], "mean_itl_ms": fleet["mean_itl_ms"], "p50_e2e_ms": fleet["p50_e2e_ms"],
+             "window_s": fleet["window_s"],
+             "starving_gpus": starving_gpus, "slo_missed_by": slo_miss, "per_gpu": s["gpus"],
+             "starving_adapter_names": fleet["starving_adapter_names"][:10],
+             "worst_adapter_names": fleet.get("worst_adapter_names", [])}
+        self._verdicts[id(plan)] = (plan, v)
+        return dict(v)
 
     def static(self, plan: Any) -> bool:
         """Every adapter on one GPU: each GPU can run alone."""
@@ -380,19 +387,34 @@ class TwinCheck:
         from twin.routing import Router
 
         fleet = resolve(plan, self.profile, self.names, adapter_ranks(self.context), "placement")
-        replica = Router("placement", len(plan.gpus), plan.placement()).route_static(self.codes, self.names)
+        # A GPU sharing no adapter gets exactly its adapters' requests; the rest (-1) go
+        # to GPUs that share adapters, which run together (`units`).
+        replica = Router("placement", len(plan.gpus), plan.placement()).route_static(self.codes, self.names, shared=-1)
         keys = [gpu_key(g.adapters, c, self.window_s, False, True) for g, c in zip(plan.gpus, fleet.configs, strict=True)]
         self._resolved[id(plan)] = (plan, fleet, replica, keys)
         return fleet, replica, keys
+
+    def singles(self, plan: Any) -> list[int]:
+        """The GPUs of `plan` that share no adapter with another: each runs, and is
+        judged, alone as in the fleet."""
+        from twin.routing import Router
+
+        comps = Router("placement", len(plan.gpus), plan.placement()).components(self.names)
+        return [c[0] for c in comps if len(c) == 1]
 
     def judged_alone(self, plan: Any, g: int) -> bool:
         """Whether GPU `g` of `plan` was judged alone already (same adapters, configuration)."""
         return self._prepared(plan)[2][g] in self.judged
 
+    def verdict_alone(self, plan: Any, g: int) -> dict[str, Any] | None:
+        """GPU `g` of `plan`'s verdict alone, if it was judged."""
+        return self.judged.get(self._prepared(plan)[2][g])
+
     def alone(self, items: Sequence[tuple[Any, int]]) -> list[dict[str, Any]]:
-        """Each (static plan, GPU index) run and judged alone in the twin, all at once on
-        the pool: per GPU, ok (no starving adapter, not starved, SLO met), its starving
-        adapters, worst served fraction, served fraction and p99 TTFT."""
+        """Each (plan, index of a GPU sharing no adapter: any GPU of a static plan) run
+        and judged alone in the twin, all at once on the pool: per GPU, ok (no starving
+        adapter, not starved, SLO met), its starving adapters, worst served fraction,
+        served fraction, throughput and p99 TTFT."""
         from twin.fleet import WORKER_MODULES, run_alone
         from twin.profile import Profile
 
@@ -428,6 +450,7 @@ class TwinCheck:
                     "min_adapter_served_frac": fleet_row["min_adapter_served_frac"],
                     "served_frac": row.get("served_frac"), "starved": bool(row.get("starved")),
                     "p99_ttft_ms": row.get("p99_ttft_ms"), "slo_missed": self._slo_missed(row), "worst_adapter_names": fleet_row.get("worst_adapter_names", []),
+                    "throughput_tok_s": row.get("throughput_tok_s"),
                     "twin_wall_s": row.get("twin_wall_s")}
             self.runs += 1
             self.gpu_runs += len(tasks)
@@ -560,12 +583,14 @@ def plan_fleet(trace_path: Path, profile_name: str, *, slo_ttft_p99_s: float | N
 
         def units(c: Cand, whole: bool) -> list[Any]:
             """The GPUs `c` is judged on, each alone (`evaluate` orders them): every one
-            if `whole`, else its critical ones. A plan with adapters on several GPUs: all
-            its GPUs together, once."""
+            if `whole`, else its critical ones. A plan with adapters on several GPUs: its
+            GPUs that share none alone, then the whole plan once (those reused), so that
+            one failing alone spares the co-simulation of the rest."""
             plan_c = candidate(c)
-            if not check.static(plan_c):
-                return [tuple(range(len(plan_c.gpus)))]
-            return list(range(len(plan_c.gpus))) if whole else sorted(critical_of_c(c))
+            if check.static(plan_c):
+                return list(range(len(plan_c.gpus))) if whole else sorted(critical_of_c(c))
+            singles = check.singles(plan_c)
+            return [*(singles if whole else sorted(critical_of_c(c) & set(singles))), tuple(range(len(plan_c.gpus)))]
 
         def critical_of_c(c: Cand) -> set[int]:
             if c not in critical_of:
@@ -576,7 +601,7 @@ def plan_fleet(trace_path: Path, profile_name: str, *, slo_ttft_p99_s: float | N
             """Likeliest to fail first: the worst served fraction its adapters had alone
             (failed: 0), unknown critical GPUs next, then the rest, most loaded first."""
             if not isinstance(u, int):
-                return (0.0, 0.0)
+                return (2.0, 0.0)  # the whole plan, last: its GPUs alone go first
             plan_c = candidate(c)
             load = sum(load_of.get(a, 0.0) for a in plan_c.gpus[u].adapters)
             return (risk.get(set_of(plan_c, u), 0.95 if u in critical_of_c(c) else 1.0), -load)
@@ -635,9 +660,10 @@ def plan_fleet(trace_path: Path, profile_name: str, *, slo_ttft_p99_s: float | N
                         rows[c] += check.alone([(candidate(c), u) for u in known])
                         todo[c] = [u for u in todo[c] if u not in known]
                 # Probing: a candidate's first GPU before any candidate's second.
+                # A whole plan runs once its GPUs alone have all passed (it reuses them).
                 pending = [(probe_all and (j > 0 or bool(rows[c])), k, j, c, u)
                            for k, c in enumerate(live) if all(r["ok"] for r in rows[c])
-                           for j, u in enumerate(todo[c])]
+                           for j, u in enumerate(todo[c]) if isinstance(u, int) or len(todo[c]) == 1]
                 batch = [(c, u) for *_, c, u in sorted(pending, key=lambda x: x[:3])[:n_jobs]]
                 for c, u in batch:
                     todo[c].remove(u)
@@ -653,8 +679,8 @@ def plan_fleet(trace_path: Path, profile_name: str, *, slo_ttft_p99_s: float | N
                 for c, u in batch:
                     if not isinstance(u, int):  # GPUs that share adapters: together
                         group = check.run(candidate(c))
-                        rows[c] += [{**r, "ok": group["ok"], "slo_missed": r["name"] in group["slo_missed_by"]}
-                                    for r in group["per_gpu"]]
+                        rows[c] = [{**r, "ok": group["ok"], "slo_missed": r["name"] in group["slo_missed_by"]}
+                                   for r in group["per_gpu"]]
                 for c in live:
                     bad = [r for r in rows[c] if not r["ok"]]
                     if bad or not todo[c]:
@@ -700,12 +726,30 @@ def plan_fleet(trace_path: Path, profile_name: str, *, slo_ttft_p99_s: float | N
         else:
             lo = len(today.gpus) + 1
             g = max(lo, guess_after(len(today.gpus), min(r["served_frac"] for r in today_check["per_gpu"])))
+        busiest, busiest_load = str(loads["adapter"][0]), float(loads["load"][0])
+
+        def busiest_unservable(c: Cand) -> bool:
+            """Whether the GPU of `c` holding the busiest adapter failed alone having
+            served, in all, less than that one adapter offers: then no count of
+            recommend's split (each adapter on one GPU) passes."""
+            plan_c = candidate(c)
+            i = next(k for k, gpu in enumerate(plan_c.gpus) if busiest in gpu.adapters)
+            v = check.verdict_alone(plan_c, i)
+            return v is not None and not v["ok"] and (v.get("throughput_tok_s") or 0.0) < busiest_load
+
         # 1. The GPU count with recommend's split at recommend's max_loras, on each
-        # candidate's critical GPUs.
+        # candidate's critical GPUs. Where one adapter offers more than its GPU served
+        # (seen at R = 300: the busiest adapter 12% of the load, recommend's split grew to
+        # 38 GPUs, its GPU failing at every count), the rank-grouped packing, which
+        # spreads such an adapter over several GPUs, from there on.
+        kind = RECOMMEND_SPLIT
         for _ in range(MAX_SEARCH_STEPS):
-            c = (g, RECOMMEND_SPLIT, m0)
+            c = (g, kind, m0)
             if evaluate([c], False) == c:
                 hi = g
+            elif kind == RECOMMEND_SPLIT and hi is None and busiest_unservable(c):
+                kind = RANK_GROUPED  # the same count again, spread (a split's failure bounds nothing)
+                continue
             else:
                 lo = g + 1
             if hi is not None and lo >= hi:
@@ -718,7 +762,7 @@ def plan_fleet(trace_path: Path, profile_name: str, *, slo_ttft_p99_s: float | N
         best = hi if hi is not None else g
         # More slots first: at the loads measured (benchmarks/results/fleet_plan.md) a GPU
         # holding hundreds of adapters waits for slots, not for compute or KV cache.
-        split_cands = [(RECOMMEND_SPLIT, m) for m in sorted(grid, reverse=True)]
+        split_cands = [(kind, m) for m in sorted(grid, reverse=True)]
         win: tuple[Cand, dict[str, Any]] | None = None
         # 2. Fewer GPUs than that, with more slots: every max_loras at one GPU fewer (each
         # one's likeliest-to-fail GPU first), and below that the one that won, while it passes.
@@ -733,12 +777,12 @@ def plan_fleet(trace_path: Path, profile_name: str, *, slo_ttft_p99_s: float | N
         # packing (at 2,000 adapters it never passed where recommend's split failed), then
         # one GPU more.
         for _ in range(MAX_FULL_STEPS if win is None else 0):
-            win = first_passing(best, [*split_cands, (RANK_GROUPED, m0)], False)
+            win = first_passing(best, [*split_cands, *([(RANK_GROUPED, m0)] if kind == RECOMMEND_SPLIT else [])], False)
             if win is not None:
                 break
             best += 1
         if win is None:
-            c = (best - 1, RECOMMEND_SPLIT, m0)
+            c = (best - 1, kind, m0)
             win = (c, full_check(c))
         (best, kind, chosen_m), verdict = win
         if today_check["ok"] and len(today.gpus) <= best:

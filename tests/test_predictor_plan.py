@@ -118,3 +118,64 @@ def test_workers_and_their_idle_slots_change_no_answer(tmp_path: Path, trace_pat
         plans[jobs] = ([(g["adapters"], g["max_loras"], g["max_lora_rank"]) for g in json.loads(out.read_text())["gpus"]],
                        [(s["gpus"], s["packing"], s["max_loras"], s["ok"]) for s in d["search"]])
     assert plans["1"] == plans["2"]
+
+
+@pytest.fixture(scope="module")
+def hot_trace_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # 30 adapters, Zipf 2: the busiest offers ~15k tok/s, more than one H100 GPU serves.
+    df, ctx = synthesize(adapters=30, rates=None, total_rate=60.0, popularity="zipf:2.0", arrivals="gamma:2",
+                         ranks=[8, 16, 32], duration_s=300.0, seed=7)
+    return schema.write(tmp_path_factory.mktemp("hot") / "trace.parquet", df, "trace", ctx)
+
+
+def test_an_adapter_busier_than_a_gpu_is_spread_not_given_ever_more_gpus(tmp_path: Path, hot_trace_path: Path) -> None:
+    # recommend's split keeps each adapter on one GPU: its GPU holding the busiest adapter
+    # starves at any count (the search once grew it to one GPU per adapter, 30). Once that
+    # GPU served less than the adapter offers, the search spreads it (rank-grouped).
+    out = tmp_path / "plan.json"
+    r = CliRunner().invoke(predictor_main, ["plan", str(hot_trace_path), "--profile", PROFILE, "--out", str(out),
+                                            "--json", "--jobs", "1"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["ok"], d["search"]
+    plan = json.loads(out.read_text())
+    df = schema.read_trace(hot_trace_path)[0]
+    busiest = adapter_loads(df, 300.0, {})["adapter"][0]
+    assert sum(busiest in g["adapters"] for g in plan["gpus"]) >= 2
+    split = [s for s in d["search"] if s["packing"] == "recommend's split"]
+    assert split and not any(s["ok"] for s in split)
+    first = d["search"].index(split[0])
+    assert d["search"][first + 1]["packing"] == "rank-grouped" and d["search"][first + 1]["gpus"] == split[0]["gpus"]
+    assert len(split) == 1 and d["gpus"] < 8, d["search"]
+
+
+def test_gpus_sharing_no_adapter_are_judged_alone_as_in_the_fleet(hot_trace_path: Path) -> None:
+    # A plan with an adapter on several GPUs: the planner judges its other GPUs alone
+    # first (`TwinCheck.singles`), and the fleet run reuses them; alone or in the fleet,
+    # the same verdict for each.
+    from predictor.fleet import TwinCheck, class_slots, engine_of, make_plan, recommend_answer
+    from tracekit import parallel
+    from twin.profile import load_profile
+
+    df, meta = schema.read_trace(hot_trace_path)
+    ctx = dict(meta.context, window_s=300.0)
+    loads = adapter_loads(df, 300.0, schema.adapter_ranks(ctx))
+    rec = recommend_answer(hot_trace_path, PROFILE)
+    plan = make_plan(pack(loads, 4, class_slots(hot_trace_path, df, ctx, loads, PROFILE)), 16, PROFILE,
+                     schema.adapter_ranks(ctx), engine_of(rec))
+    with parallel.Pool("local", 1) as pool:
+        alone = TwinCheck(df, ctx, load_profile(PROFILE), None, pool)
+        singles = alone.singles(plan)
+        assert 0 < len(singles) < len(plan.gpus)  # some GPUs share the busiest adapter
+        verdicts = alone.alone([(plan, g) for g in singles])
+        fleet = TwinCheck(df, ctx, load_profile(PROFILE), None, pool).run(plan)
+    rows = {r["name"]: r for r in fleet["per_gpu"]}
+    for v in verdicts:
+        row = rows[v["name"]]
+        assert (v["requests"], v["starving_adapters"]) == (row["requests"], row["starving_adapters"])
+        assert v["min_adapter_served_frac"] == row["min_adapter_served_frac"]
+    again = alone.run(plan)  # the singles reused: the same fleet
+    assert {k: v for k, v in again.items() if k != "per_gpu"} == {k: v for k, v in fleet.items() if k != "per_gpu"}
+    timing = {"twin_wall_s", "engine_loop_s", "peak_rss_mib", "pid", "wall_s"}
+    assert ([{k: v for k, v in r.items() if k not in timing} for r in again["per_gpu"]]
+            == [{k: v for k, v in r.items() if k not in timing} for r in fleet["per_gpu"]])

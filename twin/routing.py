@@ -134,9 +134,11 @@ class Router:
             groups.setdefault(find(g), []).append(g)
         return sorted(groups.values())
 
-    def route_static(self, adapter_codes: np.ndarray, names: Sequence[str | None]) -> np.ndarray:
+    def route_static(self, adapter_codes: np.ndarray, names: Sequence[str | None], shared: int | None = None) -> np.ndarray:
         """Replica per request for a static router: `adapter_codes[i]` indexes `names`
-        (requests in arrival order). Same answer as calling `route` request by request."""
+        (requests in arrival order). Same answer as calling `route` request by request.
+        `shared`: the placement is not static, and requests of an adapter on several GPUs
+        get this value (the rest are routed as ever)."""
         n = len(adapter_codes)
         if self.name == "round-robin":
             out = (np.arange(n, dtype=np.int64) + self._next) % self.num_replicas
@@ -146,7 +148,7 @@ class Router:
         table = np.empty(len(names), dtype=np.int64)
         for k, a in enumerate(names):
             cands = self.candidates(a)
-            if len(cands) != 1:
+            if len(cands) != 1 and shared is None:
                 raise ValueError(f"router {self.name} is not static for adapter {a!r}")
-            table[k] = cands[0]
+            table[k] = cands[0] if len(cands) == 1 else shared
         return table[adapter_codes] if n else np.zeros(0, dtype=np.int64)
