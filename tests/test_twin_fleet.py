@@ -18,7 +18,7 @@ from tracekit.synth import synthesize
 from twin.api import ServingConfig
 from twin.cli import main as twin_main
 from twin.engine import simulate
-from twin.fleet import WORKER_MODULES, run_alone, simulate_fleet
+from twin.fleet import SUMMARY_KEYS, WORKER_MODULES, run_alone, simulate_fleet
 from twin.fleet_plan import FleetPlan, resolve
 from twin.profile import load_profile
 from twin.routing import Router
@@ -90,9 +90,12 @@ def test_a_gpu_alone_is_judged_as_in_the_fleet(small_trace) -> None:  # type: ig
         sub = ordered.filter(pl.col("adapter").is_in(list(gpu.adapters)))
         part, alone = run_alone(gpu, sub, prof, fleet.configs[g], fleet.kv_capacity_tokens[g], ctx, 120.0, True, longest)
         a, f = alone["gpus"][0], rows[g]
-        for k in ("starving_adapters", "min_adapter_served_frac", "served_frac", "judged_tail_s", "p99_ttft_ms"):
+        for k in ("starving_adapters", "min_adapter_served_frac", "judged_tail_s", *SUMMARY_KEYS):
             assert a[k] == pytest.approx(f[k], rel=1e-12), k
         assert alone["fleet"]["starving_adapters"] == f["starving_adapters"]
+        # Alone, the GPU's metrics are its run's own summary (not made again): the fleet's.
+        assert {k: alone["fleet"][k] for k in SUMMARY_KEYS} == {k: part[1][k] for k in SUMMARY_KEYS}
+        assert {k: part[1][k] for k in SUMMARY_KEYS} == {k: summarize(pl.from_arrow(part[0]), ctx)[k] for k in SUMMARY_KEYS}
 
 
 def test_a_gpus_judged_metrics_are_kept_with_its_run(small_trace, monkeypatch) -> None:  # type: ignore[no-untyped-def]

@@ -428,7 +428,11 @@ def fleet_summary(
     the same window and longest answer: a part is reused (`simulate_fleet(cache=...)`)
     only where a GPU's requests are its own adapters', so those are the same rows."""
     df = _metrics_frame(results)
-    whole = summarize(df, ctx)
+    # One GPU's run is the whole fleet (a GPU judged alone): its run's own summary is
+    # `summarize` of the same rows, window and warm-up (the engine's `_finish`), not made again.
+    mine = [p for p in parts or () if p is not None]
+    one = len(plan.gpus) == 1 and len(mine) == 1 and mine[0][0].num_rows == df.height
+    whole = {k: mine[0][1].get(k) for k in SUMMARY_KEYS} if one else summarize(df, ctx)
     window = whole["window_s"]
     if longest_output_tokens is None:
         longest_output_tokens = int(df["output_tokens"].max() or 0)
@@ -437,7 +441,10 @@ def fleet_summary(
         return judged_tail_s(window, longest_output_tokens, mean_itl_ms)
 
     gpus = []
-    by_replica = df.partition_by("replica", as_dict=True, maintain_order=True) if "replica" in df.columns else {}
+    if one:
+        by_replica = {(plan.gpus[0].name,): df}
+    else:
+        by_replica = df.partition_by("replica", as_dict=True, maintain_order=True) if "replica" in df.columns else {}
     services: dict[str, pl.DataFrame] = {}
     tails: dict[str, float] = {}
     starving_gpus = 0
