@@ -434,7 +434,7 @@ class TwinCheck:
                                     "worst_adapter_names": []}
                 continue
             tasks.append((plan.gpus[g], self.trace[rows] if self.shared is None else self.shared.rows(rows), portable, fleet.configs[g], fleet.kv_capacity_tokens[g],
-                          self.context, self.window_s, True, self.longest))
+                          self.context, self.window_s, True, self.longest, False))
             task_keys.append(key)
         if tasks:
             t0 = time.perf_counter()
@@ -442,7 +442,8 @@ class TwinCheck:
             order = sorted(range(len(tasks)), key=lambda k: -len(tasks[k][1]))
             for j, (part, summary) in self.pool.run(run_alone, [tasks[k] for k in order], help=True, warm=WORKER_MODULES):
                 key = task_keys[order[j]]
-                self.cache[key] = part
+                if part is not None:  # a failing GPU fails every plan holding it: its run is not reused
+                    self.cache[key] = part
                 fleet_row, row = summary["fleet"], summary["gpus"][0]
                 self.judged[key] = {
                     "name": row["name"], "ok": self.ok(fleet_row, [row]), "requests": row.get("requests"),
