@@ -179,9 +179,17 @@ def share(need: Mapping[int, float], gpus: int) -> dict[int, int]:
     return base
 
 
+def spread_load(adapters: Sequence[str], load_of: Mapping[str, float]) -> float:
+    """A GPU's load less its busiest adapter's: the load that contends for its LoRA
+    slots (one adapter's requests share one slot, however many)."""
+    loads = [load_of.get(a, 0.0) for a in adapters if a is not None]
+    return sum(loads) - max(loads, default=0.0)
+
+
 def critical(plan: Any, load_of: Mapping[str, float]) -> list[int]:
     """The GPUs of a plan most likely to fail first, before anything is known of them:
-    in each rank class the most loaded and the one holding the most adapters, the two
+    in each rank class the most loaded, the one holding the most adapters and the one
+    with the most load over its other adapters than its busiest (`spread_load`), the two
     most loaded of the fleet, and the one holding the busiest adapter. (In a split with
     even loads and adapter counts, which GPU starves depends on its adapters, not its
     load: the search then goes by how each adapter set fared alone before.)"""
@@ -201,6 +209,7 @@ def critical(plan: Any, load_of: Mapping[str, float]) -> list[int]:
         if alone:
             out.add(max(alone, key=lambda i: loads[i]))
         out.add(max(mine, key=lambda i: len(plan.gpus[i].adapters)))
+        out.add(max(mine, key=lambda i: spread_load(plan.gpus[i].adapters, load_of)))
     return sorted(out)
 
 
@@ -600,12 +609,14 @@ def plan_fleet(trace_path: Path, profile_name: str, *, slo_ttft_p99_s: float | N
 
         def unit_score(c: Cand, u: Any) -> tuple[float, float]:
             """Likeliest to fail first: the worst served fraction its adapters had alone
-            (failed: 0), unknown critical GPUs next, then the rest, most loaded first."""
+            (failed: 0), critical GPUs next (passing at another max_loras does not put
+            one behind: the busiest GPU may pass with fewer slots and fail with more), then
+            the rest; in a tie the most load contending for slots first (`spread_load`)."""
             if not isinstance(u, int):
                 return (2.0, 0.0)  # the whole plan, last: its GPUs alone go first
             plan_c = candidate(c)
-            load = sum(load_of.get(a, 0.0) for a in plan_c.gpus[u].adapters)
-            return (risk.get(set_of(plan_c, u), 0.95 if u in critical_of_c(c) else 1.0), -load)
+            tier = 0.95 if u in critical_of_c(c) else 1.0
+            return (min(risk.get(set_of(plan_c, u), tier), tier), -spread_load(plan_c.gpus[u].adapters, load_of))
 
         def spares(live: Sequence[Cand], k: int, taken: set[tuple[str, ...]]) -> list[tuple[Cand, int]]:
             """Up to `k` GPUs for a round's idle workers: the critical GPUs, likeliest to
