@@ -171,6 +171,9 @@ class SteppedEngine:
 
     def run_until(self, t: float) -> None:
         """Execute every step that starts before `t`."""
+        resume = self.loop._resume
+        if resume is not None and resume[0] >= t:
+            return  # the next step starts at or after `t`: the loop would run none (most routing instants)
         t0 = time.perf_counter()
         self.loop.run(self.fast_forward, until=t)
         self.loop_s += time.perf_counter() - t0
