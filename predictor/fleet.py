@@ -650,9 +650,10 @@ def plan_fleet(trace_path: Path, profile_name: str, *, slo_ttft_p99_s: float | N
             as there are workers, in candidate order; `probe_all`: each candidate's
             likeliest-to-fail GPU first, where most candidates are expected to fail. Idle
             workers of a round run GPUs of the candidate likely next (`spares`)."""
-            for c in cands:  # failing on its critical GPUs fails it
-                if (c, True) not in verdicts and not verdicts.get((c, False), {"ok": True})["ok"]:
-                    verdicts[(c, True)] = verdicts[(c, False)]
+            for c in cands:  # failing on its critical GPUs fails it; passing on all of them passes
+                v = verdicts.get((c, False))
+                if (c, True) not in verdicts and v is not None and (not v["ok"] or v["gpus_run"] == "all"):
+                    verdicts[(c, True)] = v
             todo = {c: units(c, whole) for c in cands if (c, whole) not in verdicts}
             rows: dict[Cand, list[dict[str, Any]]] = {c: [] for c in todo}
             while True:
@@ -754,13 +755,17 @@ def plan_fleet(trace_path: Path, profile_name: str, *, slo_ttft_p99_s: float | N
         # (seen at R = 300: the busiest adapter 12% of the load, recommend's split grew to
         # 38 GPUs, its GPU failing at every count), the rank-grouped packing, which
         # spreads such an adapter over several GPUs, from there on.
-        kind = RECOMMEND_SPLIT
+        kind, m1 = RECOMMEND_SPLIT, m0
         for _ in range(MAX_SEARCH_STEPS):
-            c = (g, kind, m0)
+            c = (g, kind, m1)
             if evaluate([c], False) == c:
                 hi = g
             elif kind == RECOMMEND_SPLIT and hi is None and busiest_unservable(c):
-                kind = RANK_GROUPED  # the same count again, spread (a split's failure bounds nothing)
+                # The same count again, spread (a split's failure bounds nothing), with the
+                # most slots the grid has: spread GPUs hold hundreds of adapters each, and
+                # such a GPU waits for slots (R = 300: at recommend's 16 the search grew
+                # to 18 GPUs and came back down to 15 at 32, 14 candidates in all).
+                kind, m1 = RANK_GROUPED, max(grid)
                 continue
             else:
                 lo = g + 1
