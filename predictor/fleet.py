@@ -357,10 +357,15 @@ class TwinCheck:
         got = self._verdicts.get(id(plan))
         if got is not None and got[0] is plan:
             return dict(got[1])
+        if self.static(plan):
+            # Its GPUs not run yet run as screenings do, their runs kept: each GPU's
+            # metrics are then made in the worker that ran it, not one after another here.
+            keys = self._prepared(plan)[2]
+            self.alone([(plan, g) for g in range(len(plan.gpus)) if keys[g] not in self.cache], keep=True)
         t0 = time.perf_counter()
         before = len(self.cache)
         res = simulate_fleet(self.trace, self.profile, plan, "placement", trace_context=self.context, pool=self.pool,
-                             cache=self.cache)
+                             cache=self.cache, results=False)
         self.runs += 1
         self.gpu_runs += len(self.cache) - before
         self.wall_s += time.perf_counter() - t0
@@ -419,11 +424,12 @@ class TwinCheck:
         """GPU `g` of `plan`'s verdict alone, if it was judged."""
         return self.judged.get(self._prepared(plan)[2][g])
 
-    def alone(self, items: Sequence[tuple[Any, int]]) -> list[dict[str, Any]]:
+    def alone(self, items: Sequence[tuple[Any, int]], keep: bool = False) -> list[dict[str, Any]]:
         """Each (plan, index of a GPU sharing no adapter: any GPU of a static plan) run
         and judged alone in the twin, all at once on the pool: per GPU, ok (no starving
         adapter, not starved, SLO met), its starving adapters, worst served fraction,
-        served fraction, throughput and p99 TTFT."""
+        served fraction, throughput and p99 TTFT. `keep`: failing GPUs' runs are kept too
+        (a whole plan's check, next, reuses them)."""
         from twin.fleet import WORKER_MODULES, run_alone
         from twin.profile import Profile
 
@@ -433,7 +439,7 @@ class TwinCheck:
         for plan, g in items:
             fleet, replica, keys = self._prepared(plan)
             key = keys[g]
-            if key in self.judged or key in task_keys:
+            if (key in self.judged and (not keep or key in self.cache)) or key in task_keys:
                 continue
             rows = np.flatnonzero(replica == g)
             if rows.size == 0:
@@ -443,7 +449,7 @@ class TwinCheck:
                                     "worst_adapter_names": []}
                 continue
             tasks.append((plan.gpus[g], self.trace[rows] if self.shared is None else self.shared.rows(rows), portable, fleet.configs[g], fleet.kv_capacity_tokens[g],
-                          self.context, self.window_s, True, self.longest, False))
+                          self.context, self.window_s, True, self.longest, keep))
             task_keys.append(key)
         if tasks:
             t0 = time.perf_counter()

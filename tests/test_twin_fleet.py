@@ -131,6 +131,36 @@ def test_a_gpus_judged_metrics_are_kept_with_its_run(small_trace, monkeypatch) -
     assert reused["fleet"] == fresh["fleet"]
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_summary_only_fleet_run_gives_the_full_runs_summary(small_trace, shared) -> None:  # type: ignore[no-untyped-def]
+    """`results=False` (a planner's check) summarises the GPUs' rows as they come, not in
+    the trace's order: every GPU's metrics and the fleet's counts and percentiles are
+    the ordered table's; a fleet-wide mean may differ in its last digits. Static, and with
+    the busiest adapter on two GPUs (co-simulated)."""
+    df, ctx = small_trace
+    names = df["adapter"].value_counts(sort=True)["adapter"].to_list()
+    groups = split(names, 3)
+    if shared:
+        groups[1] = [*groups[1], names[0]]
+    plan = plan_of(groups, max_loras=1, max_num_seqs=8)
+    prof = load_profile(PROFILE)
+    ctx = dict(ctx, window_s=120.0)
+    full = simulate_fleet(df, prof, plan, "placement", trace_context=ctx, jobs=1)
+    brief = simulate_fleet(df, prof, plan, "placement", trace_context=ctx, jobs=1, results=False)
+    assert brief.results is None and full.results is not None
+    assert full.summary["static"] is not shared and full.summary["fleet"]["starving_adapters"] > 0
+    run_facts = ("twin_wall_s", "pid", "peak_rss_mib", "engine_loop_s", "fleet_wall_s")
+    for a, b in zip(brief.summary["gpus"], full.summary["gpus"], strict=True):
+        assert {k: v for k, v in a.items() if k not in run_facts} == {k: v for k, v in b.items() if k not in run_facts}
+    fa, fb = brief.summary["fleet"], full.summary["fleet"]
+    assert fa.keys() == fb.keys()
+    for k in fa:
+        if isinstance(fb[k], float):
+            assert fa[k] == pytest.approx(fb[k], rel=1e-12), k
+        else:
+            assert fa[k] == fb[k], k
+
+
 def test_split_does_not_change_a_bit(small_trace) -> None:  # type: ignore[no-untyped-def]
     df, ctx = small_trace
     names = sorted(df["adapter"].unique().to_list())
