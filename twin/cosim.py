@@ -67,7 +67,7 @@ class Engine(Protocol):
 
     def holds(self, adapter: str | None) -> bool: ...
 
-    def finish(self) -> tuple[Any, dict[str, Any], Any]: ...
+    def finish(self) -> SimResult: ...
 
 
 class _RoutedPrefix:
@@ -106,8 +106,9 @@ class SteppedEngine:
         sub = trace[candidates]
         codes, self.names, ranks = _resolve_adapters(sub.get_column("adapter").to_arrow(), self.ctx_in, config)
         self.code_of = {n: i for i, n in enumerate(self.names)}
-        self.prompt_all = trace.get_column("prompt_tokens").cast(pl.Int64).to_numpy()
-        self.output_all = trace.get_column("output_tokens").cast(pl.Int64).to_numpy()
+        # Python lists: the driver reads one request at a time (a numpy scalar costs more).
+        self.prompt_all = trace.get_column("prompt_tokens").cast(pl.Int64).to_list()
+        self.output_all = trace.get_column("output_tokens").cast(pl.Int64).to_list()
         self.adapter_all = trace.get_column("adapter").to_list()
         self.kv_tokens = int(self.prof.kv_capacity_tokens(config))
         self.num_blocks = self.kv_tokens // config.block_size - 1
@@ -152,7 +153,7 @@ class SteppedEngine:
 
     def add(self, request: int, arrival_s: float) -> None:
         """Row `request` of the fleet's trace, arriving at `arrival_s` (in arrival order)."""
-        p, o = int(self.prompt_all[request]), int(self.output_all[request])
+        p, o = self.prompt_all[request], self.output_all[request]
         a = self.adapter_all[request]
         code = BASE if a is None or not self.config.enable_lora else self.code_of[a]
         ok = p + o <= self.max_len
@@ -238,23 +239,31 @@ def cosimulate(
         for g, c in enumerate(fleet.configs)
     ]
     n = trace.height
-    arrival = trace.get_column("arrival_s").cast(pl.Float64).to_numpy()
-    replica = np.empty(n, dtype=np.int64)
+    arrival = trace.get_column("arrival_s").cast(pl.Float64).to_list()
+    replica_of = [0] * n
     routed = [0] * len(engines)
     state = _State(engines, routed)
-    window = np.inf if window_s is None else float(window_s)
+    window = math.inf if window_s is None else float(window_s)
+    # Per adapter code: its candidate GPUs (a router's candidates do not change) and,
+    # where there is one, the GPU itself. Python lists: this loop runs once per request.
+    cands_of = [router.candidates(a) for a in names]
+    only_of = [c[0] if len(c) == 1 else -1 for c in cands_of]
+    code_list = codes.tolist()
     for i in range(n):
-        t = float(arrival[i])
-        adapter = names[int(codes[i])]
-        cands = router.candidates(adapter)
-        if t < window and len(cands) > 1:
-            state.t = t
-            for r in cands:
-                engines[r].run_until(t)
-        r = router.route(adapter, state) if len(cands) > 1 else cands[0]
-        replica[i] = r
+        t = arrival[i]
+        code = code_list[i]
+        r = only_of[code]
+        if r < 0:
+            cands = cands_of[code]
+            if t < window:
+                state.t = t
+                for g in cands:
+                    engines[g].run_until(t)
+            r = router.route(names[code], state)
+        replica_of[i] = r
         routed[r] += 1
         engines[r].add(i, t)
+    replica = np.asarray(replica_of, dtype=np.int64)
     parts: list[Any] = []
     for g, e in enumerate(engines):
         if not routed[g]:

@@ -92,9 +92,11 @@ def adapter_codes(trace: pl.DataFrame) -> tuple[np.ndarray, list[str | None]]:
 
 def run_gpu(
     name: str, trace: pl.DataFrame, profile: Profile, config: ServingConfig, context: dict[str, Any],
-    window_s: float | None, record_steps: bool, fast_forward: bool,
+    window_s: float | None, record_steps: bool, fast_forward: bool, longest_output_tokens: int | None = None,
 ) -> tuple[pa.Table, dict[str, Any], pa.Table | None]:
-    """One GPU's twin run (in a worker or in this process)."""
+    """One GPU's twin run (in a worker or in this process). `longest_output_tokens` (the
+    fleet trace's): its metrics as the fleet's summary judges it are made here too
+    (`judge_part`), so a fleet's GPUs are summarised in the workers that ran them."""
     from twin.engine import simulate
 
     t0 = time.perf_counter()
@@ -107,7 +109,30 @@ def run_gpu(
     summary["pid"] = os.getpid()
     # Peak memory of the process that ran this GPU (a worker, or this process).
     summary["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return res.results, summary, res.steps
+    part = (res.results, summary, res.steps)
+    if longest_output_tokens is not None:
+        judge_part(part, context, longest_output_tokens)
+    return part
+
+
+def judge_part(part: tuple[pa.Table, dict[str, Any], Any], context: dict[str, Any] | None,
+               longest_output_tokens: int) -> None:
+    """Keep with a GPU's run the metrics a fleet summary judges that GPU by (`JUDGED_MEMO`,
+    `_judged`), over the window its run measured: `fleet_summary` reuses them where the
+    fleet's window is the same (a trace context's `window_s`), else makes them again."""
+    results, summary = part[0], part[1]
+    if results.num_rows:
+        s = {k: summary.get(k) for k in SUMMARY_KEYS}
+        summary[JUDGED_MEMO] = _judged(_metrics_frame(results), s, context or {}, float(s["window_s"]),
+                                       longest_output_tokens)
+
+
+def _judged(rows: pl.DataFrame, s: dict[str, Any], ctx: dict[str, Any], window: float,
+            longest_output_tokens: int) -> tuple[Any, dict[str, Any], float, pl.DataFrame]:
+    """One GPU's judged metrics from its rows and their summary `s`: (their key: window,
+    longest answer and rows; `s`; its judged tail; its adapters' service over that tail)."""
+    tail = judged_tail_s(window, longest_output_tokens, s.get("mean_itl_ms"))
+    return (window, longest_output_tokens, rows.height), s, tail, adapter_service(rows, ctx, tail_s=tail)
 
 
 def gpu_key(adapters: Any, config: ServingConfig, window_s: float | None, record_steps: bool,
@@ -228,13 +253,16 @@ def simulate_fleet(
     try:
         use = pool if pool is not None else own
         assert use is not None
+        # Each GPU's metrics are made where it ran (its judged tail allows for the fleet's longest answer).
+        longest = int(trace.get_column("output_tokens").max() or 0)  # type: ignore[arg-type]
         if static:
             replica = rt.route_static(codes, names)
             parts = _run_static(trace, replica, prof, resolved, ctx_in, window_s, use, record_steps, fast_forward,
-                                progress, cache if router_name == "placement" else None)
+                                progress, cache if router_name == "placement" else None, longest)
         else:
             replica, parts = _run_coupled(trace, codes, names, rt, comps, prof, resolved, ctx_in, window_s, use,
-                                          record_steps, fast_forward, cache if router_name == "placement" else None)
+                                          record_steps, fast_forward, cache if router_name == "placement" else None,
+                                          longest)
     finally:
         if own is not None:
             own.close()
@@ -253,21 +281,27 @@ def run_task(kind: str, args: tuple[Any, ...]) -> Any:
 def run_group(
     names: list[str], trace: pl.DataFrame, profile: Profile, plan: FleetPlan, router: str,
     configs: list[ServingConfig], kvs: list[int], context: dict[str, Any], window_s: float | None, record_steps: bool,
-    fast_forward: bool = True,
+    fast_forward: bool = True, longest_output_tokens: int | None = None,
 ) -> tuple[np.ndarray, list[Any]]:
-    """A coupled group of GPUs (in a worker or in this process): co-simulated."""
+    """A coupled group of GPUs (in a worker or in this process): co-simulated, each GPU's
+    metrics made here with `longest_output_tokens` (`judge_part`)."""
     from twin.cosim import cosimulate
 
     codes, anames = adapter_codes(trace)
     fleet = ResolvedFleet(plan=plan, configs=configs, kv_capacity_tokens=kvs, warnings=[])
     rt = Router(router, len(plan.gpus), plan.placement())
-    return cosimulate(trace, codes, anames, rt, profile, fleet, context, window_s, record_steps, fast_forward)
+    replica, parts = cosimulate(trace, codes, anames, rt, profile, fleet, context, window_s, record_steps, fast_forward)
+    if longest_output_tokens is not None:
+        for part in parts:
+            if part is not None:
+                judge_part(part, context, longest_output_tokens)
+    return replica, parts
 
 
 def _run_coupled(
     trace: pl.DataFrame, codes: np.ndarray, names: list[str | None], rt: Router, comps: list[list[int]], prof: Profile,
     fleet: ResolvedFleet, ctx: dict[str, Any], window_s: float | None, pool: parallel.Pool, record_steps: bool,
-    fast_forward: bool, cache: dict[Any, Any] | None,
+    fast_forward: bool, cache: dict[Any, Any] | None, longest: int | None = None,
 ) -> tuple[np.ndarray, list[Any]]:
     """GPUs in groups that share requests: each group one co-simulation, each GPU alone
     one plain run; all of them independent tasks. The router's decisions depend only on
@@ -297,13 +331,13 @@ def _run_coupled(
                     parts[g] = cache[key]
                     continue
             tasks.append((plan.gpus[g].name, trace[rows], portable, fleet.configs[g], ctx, window_s, record_steps,
-                          fast_forward))
+                          fast_forward, longest))
             kinds.append(("gpu", comp, rows))
         else:
             sub_plan = FleetPlan(gpus=tuple(plan.gpus[g] for g in comp), profile=plan.profile, router=plan.router)
             tasks.append(([plan.gpus[g].name for g in comp], trace[rows], portable, sub_plan, rt.name,
                           [fleet.configs[g] for g in comp], [fleet.kv_capacity_tokens[g] for g in comp], ctx, window_s,
-                          record_steps, fast_forward))
+                          record_steps, fast_forward, longest))
             kinds.append(("group", comp, rows))
     # Largest first, so that the longest task does not start last.
     order = sorted(range(len(tasks)), key=lambda i: -len(kinds[i][2]))
@@ -325,7 +359,7 @@ def _run_coupled(
 def _run_static(
     trace: pl.DataFrame, replica: np.ndarray, prof: Profile, fleet: ResolvedFleet, ctx: dict[str, Any],
     window_s: float | None, pool: parallel.Pool, record_steps: bool, fast_forward: bool, progress: bool,
-    cache: dict[Any, Any] | None,
+    cache: dict[Any, Any] | None, longest: int | None = None,
 ) -> list[tuple[pa.Table, dict[str, Any], pa.Table | None] | None]:
     plan = fleet.plan
     portable = Profile(prof.name, prof.data)  # plain data: pickles to workers
@@ -342,7 +376,7 @@ def _run_static(
         sub = trace.filter(pl.Series(replica == g))
         if sub.height == 0:
             continue
-        tasks.append((gpu.name, sub, portable, fleet.configs[g], ctx, window_s, record_steps, fast_forward))
+        tasks.append((gpu.name, sub, portable, fleet.configs[g], ctx, window_s, record_steps, fast_forward, longest))
         which.append(g)
     # Largest first: with fewer workers than GPUs, the longest run does not start last.
     order = sorted(range(len(tasks)), key=lambda k: -tasks[k][1].height)
@@ -490,19 +524,15 @@ def fleet_summary(
             # A GPU run once and judged alone (a planner's screening) and then in a fleet
             # (its run reused): its metrics are those of the same rows, judged over the same
             # window and longest answer, so they are kept with its run and not made again.
-            key = (window, longest_output_tokens, height)
             known = memo.get(JUDGED_MEMO)
-            if known is not None and known[0] == key:
-                s, tails[gpu.name], svc = known[1], known[2], known[3]
-            else:
+            if known is None or known[0] != (window, longest_output_tokens, height):
                 sub = rows_of(g) if sub is None else sub
                 assert sub is not None
                 s = whole if sub.height == df.height else summarize(sub, ctx)  # one GPU served all: the same rows
-                s = {k: s.get(k) for k in SUMMARY_KEYS}
-                tails[gpu.name] = judged_tail(s.get("mean_itl_ms"))
-                svc = adapter_service(sub, ctx, tail_s=tails[gpu.name])
+                known = _judged(sub, {k: s.get(k) for k in SUMMARY_KEYS}, ctx, window, longest_output_tokens)
                 if memo:
-                    memo[JUDGED_MEMO] = (key, s, tails[gpu.name], svc)
+                    memo[JUDGED_MEMO] = known
+            s, tails[gpu.name], svc = known[1], known[2], known[3]
             services[gpu.name] = svc
             row.update(s)
             row.update(adapters=int(svc.height), starving_adapters=int(svc["starved"].sum()),

@@ -148,7 +148,10 @@ class Router:
         table = np.empty(len(names), dtype=np.int64)
         for k, a in enumerate(names):
             cands = self.candidates(a)
-            if len(cands) != 1 and shared is None:
+            if len(cands) == 1:
+                table[k] = cands[0]
+            elif shared is None:
                 raise ValueError(f"router {self.name} is not static for adapter {a!r}")
-            table[k] = cands[0] if len(cands) == 1 else shared
+            else:
+                table[k] = shared
         return table[adapter_codes] if n else np.zeros(0, dtype=np.int64)
