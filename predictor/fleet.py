@@ -150,14 +150,16 @@ def pack(loads: pl.DataFrame, gpus: int, slots: Mapping[int, Mapping[str, Any]])
             m = min(k, math.ceil(load / target)) if load > target else 1
             entries += [(name, load / m)] * m
         cap = math.ceil(len(entries) / k)
-        mine = [{"rank": r, "adapters": [], "load": 0.0} for _ in range(k)]
+        mine: list[dict[str, Any]] = [{"rank": r, "adapters": [], "load": 0.0} for _ in range(k)]
+        held: list[set[str]] = [set() for _ in range(k)]  # each bin's adapters, for `in`
         for name, load in entries:
-            b = min((x for x in mine if len(x["adapters"]) < cap and name not in x["adapters"]),
-                    key=lambda x: x["load"], default=None)
-            if b is None:  # every GPU with room already holds it: the least loaded without it
-                b = min((x for x in mine if name not in x["adapters"]), key=lambda x: x["load"])
-            b["adapters"].append(name)
-            b["load"] += load
+            i = min((j for j in range(k) if len(mine[j]["adapters"]) < cap and name not in held[j]),
+                    key=lambda j: mine[j]["load"], default=None)
+            if i is None:  # every GPU with room already holds it: the least loaded without it
+                i = min((j for j in range(k) if name not in held[j]), key=lambda j: mine[j]["load"])
+            mine[i]["adapters"].append(name)
+            mine[i]["load"] += load
+            held[i].add(name)
         bins += mine
     return [b for b in bins if b["adapters"]]
 
